@@ -1,0 +1,164 @@
+"""The `moe-offload` command: a thin typer/rich skin over ``moe_offload.load`` and ``Engine``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .errors import MoeOffloadError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run Mixture-of-Experts language models fast on GPUs that cannot hold them.")
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn MoeOffloadError into one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoeOffloadError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class _ProgressBar:
+    """progress(description, done, total) callback drawing one rich bar per description."""
+
+    def __init__(self):
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), console=err, transient=True)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._bar.__exit__(*exc)
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        if description not in self._tasks:
+            self._tasks[description] = self._bar.add_task(description, total=total)
+        self._bar.update(self._tasks[description], completed=done, total=total)
+
+
+def _load(model: str, device: str, dtype: str, max_context: int):
+    from .engine import load
+
+    with _ProgressBar() as progress:
+        return load(model, device=device, dtype=dtype, max_context=max_context, progress=progress)
+
+
+def _params(temperature, top_p, top_k, max_new_tokens, seed, stop):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                          seed=seed, stop=tuple(stop or ()))
+
+
+ModelArg = typer.Argument(..., help="Model directory or Hugging Face Hub repo id.")
+Temperature = typer.Option(0.9, help="Sampling temperature; 0 means greedy.")
+TopP = typer.Option(0.9, "--top-p", help="Nucleus sampling mass.")
+TopK = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off).")
+MaxNew = typer.Option(512, "--max-new-tokens", help="Most tokens to generate.")
+Seed = typer.Option(None, help="Random seed, for reproducible sampling.")
+Device = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
+Dtype = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+MaxContext = typer.Option(4096, "--max-context", help="Context window (prompt + answer) to allocate.")
+Stop = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).")
+
+
+@app.command()
+@user_errors
+def generate(
+    model: str = ModelArg,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the text."),
+    temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
+    seed: Optional[int] = Seed, stop: Optional[list[str]] = Stop, device: str = Device, dtype: str = Dtype,
+    max_context: int = MaxContext,
+):
+    """Continue a prompt and print the completion."""
+    params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
+    engine = _load(model, device, dtype, max_context)
+    generation = engine.stream(prompt, params)
+    if json_out:
+        c = generation.result()
+        print(json.dumps({
+            "text": c.text, "tokens": c.tokens, "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+            "prefill_tok_s": round(c.prefill_tok_s, 3), "decode_tok_s": round(c.decode_tok_s, 3),
+        }))
+        return
+    for event in generation:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    c = generation.completion
+    err.print(f"[dim]{c.prompt_tokens} prompt tokens at {c.prefill_tok_s:.1f} tok/s, "
+              f"{c.completion_tokens} generated at {c.decode_tok_s:.1f} tok/s ({c.finish_reason})[/]")
+
+
+@app.command()
+@user_errors
+def chat(
+    model: str = ModelArg,
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
+    seed: Optional[int] = Seed, device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
+):
+    """Interactive multi-turn chat. /reset starts over, /exit quits; Ctrl-C stops the current answer."""
+    params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
+    engine = _load(model, device, dtype, max_context)
+    conversation = engine.new_chat(system=system)
+    err.print(f"[bold]moe-offload chat[/] {model} on {engine.device}. /reset starts over, /exit quits, "
+              "Ctrl-C stops an answer.", highlight=False)
+    while True:
+        try:
+            user = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
+            return
+        command = user.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            conversation.reset()
+            err.print("[dim](conversation cleared)[/]")
+            continue
+        try:
+            generation = conversation.send(user, params)
+        except MoeOffloadError as e:  # e.g. the conversation outgrew the context: say so and go on
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            continue
+        try:
+            for event in generation:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

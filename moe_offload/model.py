@@ -1,0 +1,221 @@
+"""The MoE transformer (Mixtral architecture), written for control over streams, caches and kernels.
+
+Dimension legend: B batch, S new tokens, P cached + new positions, T = B*S tokens, D hidden,
+H query heads, Hk key/value heads, Dh head dim, E experts, K experts per token, I expert ffn, V vocab.
+
+The model never knows where experts live: the MoE block computes ``weights, indices = router(x)`` and
+calls its ``experts`` provider. Every projection is an ``nn.Linear`` that quantization may swap for a
+module with the same ``forward``; nothing here changes when it does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 like the reference, then scale in the activation dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for ``positions`` [B, S] -> two [B, 1, S, Dh] tensors (half-rotation layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, S, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, Dh]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(start: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [S, P] mask (True = attend) for queries at start..start+S over keys 0..start+S.
+
+    ``None`` when plain causal attention over everything cached is exact (saves building a mask at decode).
+    """
+    total = start + new
+    if window is None or window >= total:
+        if new == 1:
+            return None
+    q = torch.arange(start, total, device=device)[:, None]
+    k = torch.arange(total, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= (q - k) < window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, kv: KVCache, layer: int, start: int, mask) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hk, S, Dh]
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = kv.update(layer, start, k, v)  # [B, Hk, P, Dh]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # [B, H, S, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert: down(silu(gate(x)) * up(x)). Mixtral's w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(Protocol):
+    """Where a layer's experts live (resident, offloaded, ...): ``(x [T, D], indices [T, K], weights [T, K]) -> [T, D]``."""
+
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+def combine_experts(
+    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expert: Callable[[int], nn.Module]
+) -> torch.Tensor:
+    """Weighted sum of the chosen experts' outputs: x [T, D], indices/weights [T, K] -> [T, D].
+
+    Every provider computes through this one function, in ascending expert order, so where an expert
+    lives never changes the arithmetic: offloaded and resident outputs are bit-identical.
+    ``expert(e)`` returns a module ready to run on x's device (it may wait for a copy to land).
+    """
+    out = torch.zeros_like(x)
+    for e in torch.unique(indices).tolist():  # the one host sync per MoE layer: routing must reach the host
+        token_idx, slot = torch.where(indices == e)
+        y = expert(e)(x[token_idx]) * weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+class ResidentExperts(nn.Module):
+    """All experts of a layer held as ordinary modules on the model's device."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size) for _ in range(num_experts))
+
+    def forward(self, x, indices, weights):
+        return combine_experts(x, indices, weights, self.experts.__getitem__)
+
+
+class Router(nn.Module):
+    """Top-k softmax router: probabilities in float32, top-k, optionally renormalized to sum to 1."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.top_k, self.normalize = config.top_k, config.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, indices
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.router = Router(config)
+        self.experts: Experts = ResidentExperts(config.num_experts, config.hidden_size, config.intermediate_size)
+
+    def set_experts(self, experts: Experts) -> None:
+        """Swap the expert provider (a module, or any callable with the Experts signature)."""
+        self._modules.pop("experts", None)
+        if isinstance(experts, nn.Module):
+            self.experts = experts
+        else:
+            object.__setattr__(self, "experts", experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        flat = x.reshape(B * S, D)  # [T, D]
+        weights, indices = self.router(flat)
+        return self.experts(flat, indices, weights).reshape(B, S, D)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = MoEBlock(config)
+
+    def forward(self, x, cos, sin, kv: KVCache, start: int, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.index, start, mask)
+        return x + self.moe(self.post_attention_layernorm(x))
+
+
+class MoeTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, kv: KVCache, start: int, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] at positions start..start+S-1 -> float32 logits [B, S, V] (or [B, 1, V] with last_only).
+
+        Writes the new keys/values into ``kv``; the caller owns ``kv.length``.
+        """
+        B, S = tokens.shape
+        c = self.config
+        positions = torch.arange(start, start + S, device=tokens.device).expand(B, S)
+        x = self.embed_tokens(tokens)  # [B, S, D]
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
+        mask = attention_mask(start, S, c.sliding_window, tokens.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def new_kv_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        c, p = self.config, self.embed_tokens.weight
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, p.dtype, p.device)

@@ -1,0 +1,61 @@
+"""The CLI, run for real: typer's CliRunner in-process, and the installed module as a subprocess."""
+
+import json
+
+from typer.testing import CliRunner
+
+from moe_offload.cli import app
+from test_loading import run_cli
+
+runner = CliRunner()
+
+
+def test_generate_json(tiny_dir, tiny_engine):
+    result = runner.invoke(app, ["generate", str(tiny_dir), "--prompt", "Hello", "--temperature", "0",
+                                 "--max-new-tokens", "8", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) >= {"text", "tokens", "prompt_tokens", "completion_tokens", "prefill_tok_s", "decode_tok_s"}
+    expected = tiny_engine.generate("Hello", max_new_tokens=8)
+    assert data["tokens"] == expected.tokens and data["text"] == expected.text
+    assert data["completion_tokens"] == len(data["tokens"]) and data["prompt_tokens"] == len(tiny_engine.encode("Hello"))
+
+
+def test_generate_streams_text(tiny_dir, tiny_engine):
+    result = runner.invoke(app, ["generate", str(tiny_dir), "-p", "Hello", "--temperature", "0",
+                                 "--max-new-tokens", "8"])
+    assert result.exit_code == 0
+    assert result.stdout == tiny_engine.generate("Hello", max_new_tokens=8).text + "\n"
+
+
+def test_chat_multi_turn_reset_exit(tiny_dir, tiny_engine):
+    result = runner.invoke(app, ["chat", str(tiny_dir), "--temperature", "0", "--max-new-tokens", "6"],
+                           input="Hello\nMore please\n/reset\nHello\n/exit\n")
+    assert result.exit_code == 0, result.output
+    chat = tiny_engine.new_chat()
+    first = chat.send("Hello", tiny_engine_params()).result().text
+    second = chat.send("More please", tiny_engine_params()).result().text
+    # after /reset the conversation starts over, so the third answer repeats the first
+    assert result.stdout == f">>> {first}\n>>> {second}\n>>> >>> {first}\n>>> "
+    assert "cleared" in result.stderr
+
+
+def tiny_engine_params():
+    from moe_offload import SamplingParams
+
+    return SamplingParams(max_new_tokens=6)
+
+
+def test_bad_input_one_line_no_traceback(tmp_path, tiny_dir):
+    cases = [
+        (["generate", str(tmp_path / "missing"), "-p", "x"], "no such model directory"),
+        (["generate", str(tiny_dir), "-p", "x", "--dtype", "float8"], "--dtype"),
+        (["generate", str(tiny_dir), "-p", "x", "--top-p", "2"], "top_p"),
+        (["generate", str(tiny_dir), "-p", "word " * 300, "--max-context", "64"], "context window is 64"),
+    ]
+    for args, fragment in cases:
+        result = run_cli(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
