@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -56,11 +57,12 @@ class _ProgressBar:
         self._bar.update(self._tasks[description], completed=done, total=total)
 
 
-def _load(model: str, device: str, dtype: str, max_context: int):
+def _load(model: str, device: str, dtype: str, max_context: int, quantize: str | None, verify: bool):
     from .engine import load
 
     with _ProgressBar() as progress:
-        return load(model, device=device, dtype=dtype, max_context=max_context, progress=progress)
+        return load(model, device=device, dtype=dtype, max_context=max_context, quantize=quantize, verify=verify,
+                    progress=progress)
 
 
 def _params(temperature, top_p, top_k, max_new_tokens, seed, stop):
@@ -80,6 +82,8 @@ Device = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
 Dtype = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
 MaxContext = typer.Option(4096, "--max-context", help="Context window (prompt + answer) to allocate.")
 Stop = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).")
+Quantize = typer.Option(None, "--quantize", help="Quantize an unquantized checkpoint while loading: 4/2, 4/3, 4/4, 8/8.")
+NoVerify = typer.Option(False, "--no-verify", help="Skip the checksums of a quantized checkpoint (faster).")
 
 
 @app.command()
@@ -90,11 +94,11 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the text."),
     temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
     seed: Optional[int] = Seed, stop: Optional[list[str]] = Stop, device: str = Device, dtype: str = Dtype,
-    max_context: int = MaxContext,
+    max_context: int = MaxContext, quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
 ):
     """Continue a prompt and print the completion."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
-    engine = _load(model, device, dtype, max_context)
+    engine = _load(model, device, dtype, max_context, quantize, not no_verify)
     generation = engine.stream(prompt, params)
     if json_out:
         c = generation.result()
@@ -120,10 +124,11 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
     seed: Optional[int] = Seed, device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
+    quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
 ):
     """Interactive multi-turn chat. /reset starts over, /exit quits; Ctrl-C stops the current answer."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
-    engine = _load(model, device, dtype, max_context)
+    engine = _load(model, device, dtype, max_context, quantize, not no_verify)
     conversation = engine.new_chat(system=system)
     err.print(f"[bold]moe-offload chat[/] {model} on {engine.device}. /reset starts over, /exit quits, "
               "Ctrl-C stops an answer.", highlight=False)
@@ -154,6 +159,42 @@ def chat(
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
+
+
+@app.command("quantize")
+@user_errors
+def quantize_command(
+    src: str = typer.Argument(..., help="Checkpoint to quantize: a model directory or Hub repo id."),
+    out: Path = typer.Argument(..., help="Directory to write (must not exist, unless --overwrite)."),
+    preset: str = typer.Option("4/3", help="4/2 (experts 2-bit g16, 8-bit scales), 4/3 (recommended), 4/4, 8/8."),
+    attn_bits: Optional[int] = typer.Option(None, "--attn-bits", help="Override: attention bits."),
+    attn_group: Optional[int] = typer.Option(None, "--attn-group", help="Override: attention group size."),
+    expert_bits: Optional[int] = typer.Option(None, "--expert-bits", help="Override: expert bits."),
+    expert_group: Optional[int] = typer.Option(None, "--expert-group", help="Override: expert group size."),
+    lm_head_bits: Optional[int] = typer.Option(None, "--lm-head-bits", help="Quantize lm_head too (8 or 4)."),
+    device: str = typer.Option("auto", help="Where to run the quantizer: auto (GPU if present), cpu, cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+):
+    """Quantize a checkpoint with HQQ, layer by layer, into moe-offload's self-describing format."""
+    from .checkpoint import write_checkpoint
+    from .config import ModelConfig
+    from .engine import open_layers, resolve_device
+    from .loading import resolve_model_dir
+    from .quant.presets import make_preset
+
+    chosen = make_preset(preset, attn_bits=attn_bits, attn_group=attn_group, expert_bits=expert_bits,
+                         expert_group=expert_group, lm_head_bits=lm_head_bits)
+    directory = resolve_model_dir(src)
+    config = ModelConfig.from_file(directory / "config.json")
+    if out.exists() and not overwrite:
+        raise MoeOffloadError(f"{out}: already exists; choose another output path or pass --overwrite")
+    with _ProgressBar() as progress:
+        layers, _ = open_layers(directory, config, chosen, progress=progress, quantize_device=resolve_device(device))
+        write_checkpoint(out, layers, directory, config, chosen, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    err.print(f"wrote {out} ({size / 2**20:.1f} MiB, preset {chosen.name}: attention {chosen.attention.bits}-bit "
+              f"g{chosen.attention.group_size}, experts {chosen.experts.bits}-bit g{chosen.experts.group_size}"
+              f"{' with 8-bit scales/zeros' if chosen.experts.quant_meta else ''})", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

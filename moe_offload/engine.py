@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,10 +17,15 @@ from torch import nn
 from .config import ModelConfig
 from .errors import MoeOffloadError
 from .generate import ChatSession, Completion, Generation, Session
-from .loading import EXPERT_KEY, find_checkpoint_files, iter_tensors, resolve_model_dir
+from . import checkpoint
+from .loading import find_checkpoint_files, resolve_model_dir
 from .model import MoeTransformer
+from .quant.hqq import QuantSpec
+from .quant.linear import QuantLinear
+from .quant.presets import QuantPreset, make_preset
 from .sampling import SamplingParams
 from .text import Tokenizer
+from .weights import LayerWeights, build_expert, expert_shapes, iter_layers, quantize_layers
 
 # progress(description, completed, total): the CLI draws a bar with it; the API stays silent by default.
 Progress = Callable[[str, int, int], None]
@@ -52,47 +57,65 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def _module_path(canonical: str) -> str:
-    """Canonical tensor name -> parameter path in MoeTransformer."""
-    m = EXPERT_KEY.match(canonical)
-    if m:
-        layer, expert, proj = m.groups()
-        return f"layers.{layer}.moe.experts.experts.{expert}.{proj}.weight"
-    return canonical
-
-
-def load_weights(model: MoeTransformer, directory: Path, device: torch.device, dtype: torch.dtype,
-                 progress: Progress | None = None) -> None:
-    """Fill a meta-device model with the checkpoint's tensors, one tensor at a time."""
-    files = find_checkpoint_files(directory)
-    total, done = len(files.weight_map), 0
+def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torch.device, dtype: torch.dtype,
+             expert_spec: QuantSpec | None, source: Path) -> None:
+    """Put streamed layer weights into a meta-device model: parameters, quantized linears, experts."""
+    config = model.config
     expected = dict(model.named_parameters())
-
-    def on_read() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress("Loading weights", done, total)
-
-    for name, tensor in iter_tensors(files, on_read):
-        path = _module_path(name)
-        if path not in expected:
-            raise MoeOffloadError(f"{directory}: tensor {name!r} does not fit the architecture in config.json")
-        want = expected[path].shape
-        if tensor.shape != want:
-            raise MoeOffloadError(
-                f"{directory}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {tuple(want)}"
-            )
-        module_path, _, attr = path.rpartition(".")
-        module = model.get_submodule(module_path)
-        setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+    for layer in layers:
+        for name, tensor in layer.params.items():
+            if name not in expected:
+                raise MoeOffloadError(f"{source}: tensor {name!r} does not fit the architecture in config.json")
+            if tensor.shape != expected[name].shape:
+                raise MoeOffloadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} "
+                                      f"but config.json implies {tuple(expected[name].shape)}")
+            module_path, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_path), attr,
+                    nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        for module_path, qt in layer.quantized.items():
+            target = _linear(model, module_path, source)
+            if (target.out_features, target.in_features) != tuple(qt.shape):
+                raise MoeOffloadError(f"{source}: quantized {module_path!r} is {tuple(qt.shape)} but config.json "
+                                      f"implies {(target.out_features, target.in_features)}")
+            model.set_submodule(module_path, QuantLinear(qt.to(device)))
+        if layer.experts:
+            experts = model.layers[layer.index].moe.experts
+            for e, flat in layer.experts.items():
+                if not 0 <= e < config.num_experts:
+                    raise MoeOffloadError(f"{source}: layer {layer.index} has expert {e} but config.json says "
+                                          f"num_local_experts={config.num_experts}")
+                moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and expert_spec is None
+                                  else v.dtype) for k, v in flat.items()}
+                _check_expert(moved, config, expert_spec, source, layer.index, e)
+                experts.experts[e] = build_expert(moved, config, expert_spec)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise MoeOffloadError(
-            f"{directory}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]!r}; "
+            f"{source}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]!r}; "
             "the checkpoint is incomplete"
         )
+
+
+def _linear(model: nn.Module, path: str, source: Path) -> nn.Linear:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise MoeOffloadError(f"{source}: quantized tensor {path!r} does not fit the architecture in config.json")
+    return module
+
+
+def _check_expert(flat, config: ModelConfig, spec: QuantSpec | None, source: Path, layer: int, e: int) -> None:
+    for proj, shape in expert_shapes(config).items():
+        if spec is None:
+            t = flat.get(f"{proj}.weight")
+            if t is None:
+                raise MoeOffloadError(f"{source}: layer {layer} expert {e} has no {proj} weight; the checkpoint is incomplete")
+            if tuple(t.shape) != shape:
+                raise MoeOffloadError(f"{source}: tensor layers.{layer}.experts.{e}.{proj}.weight has shape "
+                                      f"{tuple(t.shape)} but config.json implies {shape}")
 
 
 @dataclass(frozen=True)
@@ -113,6 +136,7 @@ class Engine:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = tuple(eos)
+        self.preset: QuantPreset | None = None  # quantization settings, if quantized
         self._session: Session | None = None  # reused by generate()/stream(): repeated prefixes are free
 
     @property
@@ -162,11 +186,49 @@ def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     return params
 
 
+def _counter(progress: Progress | None, description: str, total: int) -> Callable[[], None]:
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(description, done, total)
+
+    return tick
+
+
+def open_layers(directory: Path, config: ModelConfig, quantize: str | QuantPreset | None = None,
+                verify: bool = True, progress: Progress | None = None,
+                quantize_device: torch.device | None = None) -> tuple[Iterator[LayerWeights], QuantPreset | None]:
+    """Stream a checkpoint's layers: our quantized format as stored, or a Hugging Face checkpoint
+    (quantized on the fly when ``quantize`` names a preset)."""
+    if checkpoint.is_quantized(directory):
+        manifest = checkpoint.read_manifest(directory, config)
+        if quantize is not None:
+            raise MoeOffloadError(f"{directory}: already quantized with preset {manifest.preset.name}; "
+                                  "drop --quantize")
+        if verify:
+            checkpoint.verify_checksums(manifest, progress)
+        tick = _counter(progress, "Loading weights", checkpoint.count_tensors(manifest))
+        return checkpoint.iter_checkpoint_layers(manifest, tick), manifest.preset
+    files = find_checkpoint_files(directory)
+    if quantize is None:
+        return iter_layers(files, _counter(progress, "Loading weights", len(files.weight_map))), None
+    preset = quantize if isinstance(quantize, QuantPreset) else make_preset(quantize)
+    qdev = quantize_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tick = _counter(progress, f"Quantizing ({preset.name})", len(files.weight_map))
+    return quantize_layers(iter_layers(files, tick), preset, qdev), preset
+
+
 def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = "auto", max_context: int = 4096, revision: str | None = None,
+         quantize: str | QuantPreset | None = None, verify: bool = True,
          progress: Progress | None = None) -> Engine:
     """Load MODEL (a local directory or a Hugging Face Hub repo id) for generation.
 
+    A checkpoint written by ``moe-offload quantize`` is recognized by its manifest; ``quantize="4/2"``
+    quantizes an ordinary checkpoint while loading. ``verify=False`` skips shard checksums.
     ``max_context`` sizes the preallocated KV cache (capped at the model's max_position_embeddings).
     """
     directory = resolve_model_dir(model, revision)
@@ -177,9 +239,11 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto"
         raise MoeOffloadError(f"--max-context {max_context} must be at least 2")
     options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings))
     tokenizer = Tokenizer(directory)
+    layers, preset = open_layers(directory, config, quantize, verify, progress)
     with torch.device("meta"):
         net = MoeTransformer(config)
-    load_weights(net, directory, dev, dt, progress)
-    # Buffers and tables created after loading live on the target device.
+    assemble(net, layers, dev, dt, preset.experts if preset else None, directory)
     net.eval()
-    return Engine(config, net, tokenizer, directory, options)
+    engine = Engine(config, net, tokenizer, directory, options)
+    engine.preset = preset
+    return engine

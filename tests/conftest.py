@@ -47,7 +47,7 @@ def build_tokenizer(directory: Path) -> None:
 
 
 TINY = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
     initializer_range=0.15, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
 )

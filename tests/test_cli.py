@@ -59,3 +59,27 @@ def test_bad_input_one_line_no_traceback(tmp_path, tiny_dir):
         assert "Traceback" not in result.stderr
         lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
+
+
+def test_quantize_command_then_generate(tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(tiny_dir), str(out), "--preset", "4/4", "--expert-bits", "3",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "moe_offload.json").read_text())
+    assert manifest["quantization"]["experts"] == {"bits": 3, "group_size": 64, "quant_meta": False}
+    again = runner.invoke(app, ["quantize", str(tiny_dir), str(out)])
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    gen = runner.invoke(app, ["generate", str(out), "-p", "Hello", "--temperature", "0", "--max-new-tokens", "4",
+                              "--json"])
+    assert gen.exit_code == 0, gen.output
+    assert json.loads(gen.stdout)["completion_tokens"] == 4
+
+
+def test_quantize_bad_settings(tiny_dir, tmp_path):
+    bad_preset = runner.invoke(app, ["quantize", str(tiny_dir), str(tmp_path / "a"), "--preset", "3/1"])
+    assert bad_preset.exit_code == 1 and "--preset '3/1' is unknown" in bad_preset.stderr
+    bad_group = runner.invoke(app, ["quantize", str(tiny_dir), str(tmp_path / "b"), "--expert-group", "256",
+                                    "--device", "cpu"])
+    assert bad_group.exit_code == 1 and "group_size=256 must divide K=64" in bad_group.stderr
+    assert not (tmp_path / "b").exists()

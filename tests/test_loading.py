@@ -103,7 +103,7 @@ def test_unsupported_architecture(layouts, tmp_path):
 def test_shape_mismatch_names_tensor(layouts, tmp_path):
     d = copy_checkpoint(layouts["per_expert"], tmp_path / "m")
     config = json.loads((d / "config.json").read_text())
-    config["intermediate_size"] = 128
+    config["intermediate_size"] = 96
     (d / "config.json").write_text(json.dumps(config))
     expect_error(d, "experts", "shape")
 

@@ -1,0 +1,104 @@
+"""Weights in transit, one decoder layer at a time: from a checkpoint, through quantization, to a model
+or to disk. Streaming by layer keeps peak memory at about one layer, not the model.
+
+An expert travels as one flat dict of named tensors (``gate_proj.weight`` or ``gate_proj.qweight``,
+``gate_proj.scale``, ...): the unit the expert store packs into one buffer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import MoeOffloadError
+from .loading import EXPERT_KEY, CheckpointFiles, iter_tensors
+from .model import Expert
+from .quant.hqq import QuantizedTensor, QuantSpec, quantize
+from .quant.linear import QuantLinear
+from .quant.presets import QuantPreset
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights (index None: embeddings, final norm, lm_head)."""
+
+    index: int | None
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> 16/32-bit tensor
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # module path -> quantized weight
+    experts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # expert -> flat tensors
+
+
+def expert_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    d, i = config.hidden_size, config.intermediate_size
+    return {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
+
+
+def iter_layers(files: CheckpointFiles, on_read: Callable[[], None] | None = None) -> Iterator[LayerWeights]:
+    """A Hugging Face checkpoint as LayerWeights, non-layer tensors first, then layer 0, 1, ..."""
+    groups: dict[int | None, dict[str, object]] = {}
+    for name, shard in files.weight_map.items():
+        m = _LAYER.match(name)
+        groups.setdefault(int(m.group(1)) if m else None, {})[name] = shard
+    for index in sorted(groups, key=lambda i: -1 if i is None else i):
+        subset = CheckpointFiles(files.directory, {n: files.weight_map[n] for n in groups[index]})
+        layer = LayerWeights(index)
+        for name, tensor in iter_tensors(subset, on_read):
+            m = EXPERT_KEY.match(name)
+            if m:
+                layer.experts.setdefault(int(m.group(2)), {})[f"{m.group(3)}.weight"] = tensor
+            else:
+                layer.params[name] = tensor
+        yield layer
+
+
+def _quantize_to_cpu(name: str, weight: torch.Tensor, spec: QuantSpec, device: torch.device) -> QuantizedTensor:
+    try:
+        return quantize(weight.to(device), spec).to("cpu")
+    except MoeOffloadError as e:  # name the tensor: "group_size=64 must divide K=96" alone is not enough
+        raise MoeOffloadError(f"{name}: {e}; pick bits/group sizes that fit (--attn-group, --expert-group)") from None
+
+
+def quantize_layers(layers: Iterator[LayerWeights], preset: QuantPreset, device: torch.device,
+                    dtype: torch.dtype = torch.bfloat16) -> Iterator[LayerWeights]:
+    """Quantize each layer's attention projections, experts (and lm_head if the preset says so) on
+    ``device`` (the GPU when there is one); everything else becomes ``dtype``. Outputs live on the CPU."""
+    for layer in layers:
+        out = LayerWeights(layer.index)
+        for name, tensor in layer.params.items():
+            module = name.removesuffix(".weight")
+            if ".self_attn." in name:
+                out.quantized[module] = _quantize_to_cpu(name, tensor, preset.attention, device)
+            elif name == "lm_head.weight" and preset.lm_head is not None:
+                out.quantized[module] = _quantize_to_cpu(name, tensor, preset.lm_head, device)
+            else:
+                out.params[name] = tensor.to(dtype)
+        for e, tensors in layer.experts.items():
+            flat: dict[str, torch.Tensor] = {}
+            for proj in PROJECTIONS:
+                name = f"layers.{layer.index}.experts.{e}.{proj}.weight"
+                qt = _quantize_to_cpu(name, tensors[f"{proj}.weight"], preset.experts, device)
+                flat.update({f"{proj}.{k}": v for k, v in qt.tensors().items()})
+            out.experts[e] = flat
+        yield out
+
+
+def build_expert(flat: dict[str, torch.Tensor], config: ModelConfig, spec: QuantSpec | None) -> Expert:
+    """An Expert module whose weights are exactly the given tensors (views stay views: no copies)."""
+    with torch.device("meta"):
+        expert = Expert(config.hidden_size, config.intermediate_size)
+    for proj, shape in expert_shapes(config).items():
+        if spec is None:
+            linear = getattr(expert, proj)
+            linear.weight = nn.Parameter(flat[f"{proj}.weight"], requires_grad=False)
+        else:
+            parts = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(proj + ".")}
+            setattr(expert, proj, QuantLinear(QuantizedTensor.assemble(parts, shape, spec)))
+    return expert
