@@ -57,12 +57,31 @@ class _ProgressBar:
         self._bar.update(self._tasks[description], completed=done, total=total)
 
 
-def _load(model: str, device: str, dtype: str, max_context: int, quantize: str | None, verify: bool):
+def _load(model: str, device: str, dtype: str, max_context: int, quantize: str | None, verify: bool,
+          offload=None):
     from .engine import load
 
     with _ProgressBar() as progress:
-        return load(model, device=device, dtype=dtype, max_context=max_context, quantize=quantize, verify=verify,
-                    progress=progress)
+        engine = load(model, device=device, dtype=dtype, max_context=max_context, quantize=quantize, verify=verify,
+                      offload=offload, progress=progress)
+    if engine.plan is not None:
+        err.print(f"[dim]{engine.plan}[/]", highlight=False)
+    return engine
+
+
+def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin):
+    from .placement import OffloadOptions
+
+    return OffloadOptions(gpu_memory=gpu_memory, offload_per_layer=offload_per_layer, policy=policy,
+                          prefetch=prefetch, pin=not no_pin)
+
+
+def _cache_summary(engine) -> dict:
+    if engine.cache_stats is None:  # everything resident: nothing is ever copied
+        return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0}
+    s = engine.cache_stats.summary()
+    return {k: s[k] for k in ("hit_rate", "prefetch_recall", "prefetch_precision", "bytes_copied_per_token",
+                              "host_syncs_per_token")}
 
 
 def _params(temperature, top_p, top_k, max_new_tokens, seed, stop):
@@ -84,6 +103,12 @@ MaxContext = typer.Option(4096, "--max-context", help="Context window (prompt + 
 Stop = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).")
 Quantize = typer.Option(None, "--quantize", help="Quantize an unquantized checkpoint while loading: 4/2, 4/3, 4/4, 8/8.")
 NoVerify = typer.Option(False, "--no-verify", help="Skip the checksums of a quantized checkpoint (faster).")
+GpuMemory = typer.Option(None, "--gpu-memory", help="GPU memory budget, e.g. 12GiB (default: free memory minus 1 GiB); "
+                         "experts that do not fit are offloaded to host memory.")
+OffloadPerLayer = typer.Option(None, "--offload-per-layer", help="Keep this many experts per layer off the GPU.")
+Policy = typer.Option("lru", "--policy", help="Expert cache policy: lru (per layer), global-lru, lfu.")
+Prefetch = typer.Option(1, "--prefetch", help="Layers ahead to guess and prefetch experts for (0: off).")
+NoPin = typer.Option(False, "--no-pin", help="Keep offloaded experts in pageable memory (slower copies).")
 
 
 @app.command()
@@ -95,10 +120,13 @@ def generate(
     temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
     seed: Optional[int] = Seed, stop: Optional[list[str]] = Stop, device: str = Device, dtype: str = Dtype,
     max_context: int = MaxContext, quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
+    gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
+    policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
 ):
     """Continue a prompt and print the completion."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
-    engine = _load(model, device, dtype, max_context, quantize, not no_verify)
+    engine = _load(model, device, dtype, max_context, quantize, not no_verify,
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin))
     generation = engine.stream(prompt, params)
     if json_out:
         c = generation.result()
@@ -106,6 +134,7 @@ def generate(
             "text": c.text, "tokens": c.tokens, "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
             "prefill_tok_s": round(c.prefill_tok_s, 3), "decode_tok_s": round(c.decode_tok_s, 3),
+            **_cache_summary(engine),
         }))
         return
     for event in generation:
@@ -125,13 +154,17 @@ def chat(
     temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
     seed: Optional[int] = Seed, device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
     quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
+    gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
+    policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+    stats: bool = typer.Option(False, "--stats", help="After each answer, print speed and expert-cache statistics."),
 ):
     """Interactive multi-turn chat. /reset starts over, /exit quits; Ctrl-C stops the current answer."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
-    engine = _load(model, device, dtype, max_context, quantize, not no_verify)
+    engine = _load(model, device, dtype, max_context, quantize, not no_verify,
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin))
     conversation = engine.new_chat(system=system)
     err.print(f"[bold]moe-offload chat[/] {model} on {engine.device}. /reset starts over, /exit quits, "
-              "Ctrl-C stops an answer.", highlight=False)
+              "Ctrl-C stops an answer.", highlight=False, soft_wrap=True)
     while True:
         try:
             user = input(">>> ")
@@ -159,6 +192,12 @@ def chat(
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
+        if stats and generation.completion is not None:
+            c, s = generation.completion, _cache_summary(engine)
+            err.print(f"[dim]{c.completion_tokens} tokens, prefill {c.prefill_tok_s:.1f} tok/s, decode "
+                      f"{c.decode_tok_s:.1f} tok/s | expert cache: hit rate {s['hit_rate']:.2f}, prefetch recall "
+                      f"{s['prefetch_recall']:.2f}, {s['bytes_copied_per_token'] / 2**20:.1f} MiB copied/token[/]", soft_wrap=True,
+                      highlight=False)
 
 
 @app.command("quantize")

@@ -23,6 +23,10 @@ from .model import MoeTransformer
 from .quant.hqq import QuantSpec
 from .quant.linear import QuantLinear
 from .quant.presets import QuantPreset, make_preset
+from .offload.planner import Plan
+from .offload.stats import CacheStats
+from .offload.store import ExpertStore
+from .placement import OffloadOptions, expert_layout, install_offload, plan_placement, prepare_offload
 from .sampling import SamplingParams
 from .text import Tokenizer
 from .weights import LayerWeights, build_expert, expert_shapes, iter_layers, quantize_layers
@@ -58,8 +62,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torch.device, dtype: torch.dtype,
-             expert_spec: QuantSpec | None, source: Path) -> None:
-    """Put streamed layer weights into a meta-device model: parameters, quantized linears, experts."""
+             expert_spec: QuantSpec | None, source: Path, store: ExpertStore | None = None) -> None:
+    """Put streamed layer weights into a meta-device model: parameters, quantized linears, and experts
+    (into the model, or into the host ``store`` when they are offloaded)."""
     config = model.config
     expected = dict(model.named_parameters())
     for layer in layers:
@@ -84,10 +89,14 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
                 if not 0 <= e < config.num_experts:
                     raise MoeOffloadError(f"{source}: layer {layer.index} has expert {e} but config.json says "
                                           f"num_local_experts={config.num_experts}")
-                moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and expert_spec is None
-                                  else v.dtype) for k, v in flat.items()}
-                _check_expert(moved, config, expert_spec, source, layer.index, e)
-                experts.experts[e] = build_expert(moved, config, expert_spec)
+                _check_expert(flat, config, expert_spec, source, layer.index, e)
+                target = torch.device("cpu") if store is not None else device
+                moved = {k: v.to(device=target, dtype=dtype if v.is_floating_point() and expert_spec is None
+                                 else v.dtype) for k, v in flat.items()}
+                if store is not None:
+                    store.put((layer.index, e), moved)  # straight from the file to host memory
+                else:
+                    experts.experts[e] = build_expert(moved, config, expert_spec)
     model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
@@ -137,6 +146,8 @@ class Engine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = tuple(eos)
         self.preset: QuantPreset | None = None  # quantization settings, if quantized
+        self.plan: Plan | None = None  # the expert placement, if experts are offloaded
+        self.cache_stats: CacheStats | None = None  # expert-cache telemetry, if offloaded
         self._session: Session | None = None  # reused by generate()/stream(): repeated prefixes are free
 
     @property
@@ -224,12 +235,13 @@ def open_layers(directory: Path, config: ModelConfig, quantize: str | QuantPrese
 def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = "auto", max_context: int = 4096, revision: str | None = None,
          quantize: str | QuantPreset | None = None, verify: bool = True,
-         progress: Progress | None = None) -> Engine:
+         offload: OffloadOptions | None = None, progress: Progress | None = None) -> Engine:
     """Load MODEL (a local directory or a Hugging Face Hub repo id) for generation.
 
     A checkpoint written by ``moe-offload quantize`` is recognized by its manifest; ``quantize="4/2"``
     quantizes an ordinary checkpoint while loading. ``verify=False`` skips shard checksums.
     ``max_context`` sizes the preallocated KV cache (capped at the model's max_position_embeddings).
+    ``offload`` places experts: see OffloadOptions (by default, offload only what does not fit the GPU).
     """
     directory = resolve_model_dir(model, revision)
     config = ModelConfig.from_file(directory / "config.json")
@@ -240,10 +252,15 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto"
     options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings))
     tokenizer = Tokenizer(directory)
     layers, preset = open_layers(directory, config, quantize, verify, progress)
+    offload = offload or OffloadOptions()
+    plan = plan_placement(config, preset, dev, dt, options.max_context, offload)
     with torch.device("meta"):
         net = MoeTransformer(config)
-    assemble(net, layers, dev, dt, preset.experts if preset else None, directory)
-    net.eval()
+    store = prepare_offload(net, expert_layout(config, preset, dt), offload) if plan else None
+    assemble(net, layers, dev, dt, preset.experts if preset else None, directory, store)
     engine = Engine(config, net, tokenizer, directory, options)
-    engine.preset = preset
+    engine.preset, engine.plan = preset, plan
+    if plan is not None:
+        engine.cache_stats = install_offload(net, store, plan, preset, dev, offload)
+    net.eval()
     return engine

@@ -1,0 +1,142 @@
+"""ExpertCache: a pool of fixed device slots holding experts, filled by copies from the ExpertStore.
+
+Dimension legend: S slots, B bytes of one expert's flat buffer.
+
+A slot is one [B] byte region of a single [S + scratch, B] device allocation; its module (built once by
+``make_module`` from typed views into the slot) is what computes the expert, so loading an expert is
+one host-to-device copy and never an allocation. Which expert occupies which slot is the policy's
+business; this class only moves bytes and orders streams. It knows nothing about model families.
+
+Stream/event protocol (CUDA):
+  * copies run on ``copy_stream``, so they overlap compute on the current (compute) stream;
+  * before a copy overwrites a slot, the copy stream waits for an event recorded on the compute
+    stream at that moment: every kernel that read the slot's previous expert was enqueued before it,
+    so the overwrite cannot race with them;
+  * after the copy, ``ready[slot]`` is recorded on the copy stream; the compute stream waits on that
+    event (``wait_event``, no host sync) right before it first uses the slot.
+On a CPU "device" the slots are plain memory and a copy is a synchronous memcpy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Collection
+
+import torch
+from torch import nn
+
+from .policy import CachePolicy, Key
+from .stats import CacheStats
+from .store import ExpertStore
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, policy: CachePolicy, device: torch.device,
+                 make_module: Callable[[dict[str, torch.Tensor]], nn.Module], stats: CacheStats,
+                 scratch_slots: int = 1, timing: bool = False):
+        self.store, self.policy, self.device, self.stats = store, policy, device, stats
+        layout = store.layout
+        self.num_slots = policy.num_slots
+        total = self.num_slots + scratch_slots  # scratch: for an expert that gets no slot (all protected)
+        self.slots = torch.empty((total, layout.nbytes), dtype=torch.uint8, device=device)  # [S, B]
+        self.modules = [make_module(layout.views(self.slots[s])) for s in range(total)]
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ready: list[torch.cuda.Event | None] = [None] * total
+        self._scratch = list(range(self.num_slots, total))
+        self._scratch_next = 0
+        self._scratch_key: dict[int, Key] = {}
+        self.prefetched: set[Key] = set()  # resident because of a prefetch, not yet used
+        self.timing = timing and self.cuda
+        self._pending_waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+
+    # -- copies -------------------------------------------------------------------------------
+    def _copy(self, key: Key, slot: int) -> None:
+        src = self.store.buffer(key)
+        if not self.cuda:
+            self.slots[slot].copy_(src)
+            return
+        compute_now = torch.cuda.Event()
+        compute_now.record()  # on the compute stream: every earlier reader of this slot is before it
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(compute_now)
+            self.slots[slot].copy_(src, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        self.ready[slot] = ready
+
+    def _wait(self, slot: int, layer: int) -> None:
+        event = self.ready[slot]
+        if event is None:
+            return
+        if self.timing:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda.current_stream().wait_event(event)
+            end.record()
+            self._pending_waits.append((layer, start, end))
+        else:
+            torch.cuda.current_stream().wait_event(event)
+        self.ready[slot] = None  # one wait per copy is enough: later uses are ordered after it
+
+    # -- the two entry points -----------------------------------------------------------------
+    def load(self, layer: int, experts: list[int]) -> None:
+        """Start copies for this layer's non-resident experts (hits are counted, misses copied)."""
+        protected = [(layer, e) for e in experts]
+        s = self.stats.layers[layer]
+        for key in protected:
+            slot = self.policy.slot_of(key)
+            if slot is not None:
+                self.policy.touch(key)
+                s.hits += 1
+                if key in self.prefetched:
+                    s.prefetch_hits += 1
+                    self.prefetched.discard(key)
+                continue
+            s.misses += 1
+            admitted = self.policy.admit(key, protected)
+            if admitted is None:
+                continue  # gets the scratch slot when it is used
+            slot, evicted = admitted
+            self.prefetched.discard(evicted)
+            self._copy(key, slot)
+            s.bytes_copied += self.store.layout.nbytes
+
+    def prefetch(self, layer: int, experts: list[int], protected: Collection[Key]) -> None:
+        """Speculatively start copies for guessed experts of a later layer. A wrong guess costs only bytes."""
+        s = self.stats.layers[layer]
+        for e in experts:
+            key = (layer, e)
+            if self.policy.slot_of(key) is not None:
+                continue
+            admitted = self.policy.admit(key, protected)
+            if admitted is None:
+                return
+            slot, evicted = admitted
+            self.prefetched.discard(evicted)
+            self.prefetched.add(key)
+            self._copy(key, slot)
+            s.prefetch_copies += 1
+            s.bytes_copied += self.store.layout.nbytes
+
+    def module(self, layer: int, expert: int) -> nn.Module:
+        """The module computing (layer, expert); the compute stream waits for its copy if needed."""
+        key = (layer, expert)
+        slot = self.policy.slot_of(key)
+        if slot is None:  # no slot could be freed for it: stream it through a scratch slot
+            slot = self._scratch[self._scratch_next]
+            self._scratch_next = (self._scratch_next + 1) % len(self._scratch)
+            self._copy(key, slot)
+            s = self.stats.layers[layer]
+            s.bypass += 1
+            s.bytes_copied += self.store.layout.nbytes
+        self._wait(slot, layer)
+        return self.modules[slot]
+
+    def collect_timing(self) -> None:
+        """Fold measured copy waits into the stats (synchronizes; call outside the decode loop)."""
+        if not self._pending_waits:
+            return
+        torch.cuda.synchronize(self.device)
+        for layer, start, end in self._pending_waits:
+            self.stats.layers[layer].wait_ms += start.elapsed_time(end)
+        self._pending_waits = []

@@ -1,0 +1,60 @@
+"""OffloadedExperts: one layer's Experts provider over the ExpertCache, with speculative prefetch.
+
+The engine builds one per MoE layer and hands it the routers of the next ``depth`` layers: applying
+them to this layer's hidden state guesses which experts those layers will want, and their copies start
+now, on the copy stream, while this layer computes. Guesses only move bytes: outputs never change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .cache import ExpertCache
+
+# combine(x, indices, weights, expert_fn, experts) -> y: the model's own combination, injected so that
+# offloaded and resident experts share one arithmetic (and this package never imports the model).
+Combine = Callable[..., torch.Tensor]
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class OffloadedExperts:
+    def __init__(self, layer: int, cache: ExpertCache, combine: Combine,
+                 lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
+                 counts_tokens: bool = False):
+        self.layer, self.cache, self.combine = layer, cache, combine
+        self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
+        self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
+        self.counts_tokens = counts_tokens  # the first offloaded layer counts tokens for per-token stats
+
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        cache, stats = self.cache, self.cache.stats
+        if self.counts_tokens:
+            stats.tokens += x.shape[0]
+        # One host sync per layer brings this layer's routing and every look-ahead guess together.
+        ahead = [router(x)[1] for _, router in self.lookahead]  # each [T, K]
+        flat = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]).tolist()
+        stats.host_syncs += 1
+        n = indices.numel()
+        used = sorted(set(flat[:n]))
+        self._score_guess(used)
+        cache.load(self.layer, used)  # this layer's misses first: they are needed soonest
+        protected = [(self.layer, e) for e in used]
+        for i, (layer, _) in enumerate(self.lookahead):
+            guess = sorted(set(flat[n + i * n : n + (i + 1) * n]))
+            self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
+            cache.prefetch(layer, guess, protected)
+            protected = protected + [(layer, e) for e in guess]
+        return self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), used)
+
+    def _score_guess(self, used: list[int]) -> None:
+        guess = self.guesses.pop(self.layer, None)
+        if guess is None:
+            return
+        s = self.cache.stats.layers[self.layer]
+        hit = len(guess.intersection(used))
+        s.guessed += len(guess)
+        s.guessed_used += hit
+        s.needed_guessed += hit
+        s.needed_with_guess += len(used)

@@ -1,0 +1,128 @@
+"""How many expert slots fit on the GPU: what is left of the budget after everything that must be resident.
+
+Non-expert weights, the KV cache and the workspace always live on the GPU; every remaining whole expert's
+worth of bytes becomes one slot. Per-layer policies split slots evenly across layers (a layer cannot borrow
+another's), so the plan rounds down to a multiple of the layer count.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+from moe_offload.errors import MoeOffloadError
+from moe_offload.offload.policy import PER_LAYER_POLICIES, POLICIES
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    budget_bytes: int | None  # None: no cap
+    policy: str
+    num_layers: int
+    num_experts: int
+    expert_bytes: int
+    slots_per_layer: int | None  # None for a global policy (layers share total_slots)
+    total_slots: int
+    non_expert_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+
+    @property
+    def all_resident(self) -> bool:
+        return self.total_slots >= self.num_layers * self.num_experts
+
+    @property
+    def resident_fraction(self) -> float:
+        return min(1.0, self.total_slots / (self.num_layers * self.num_experts))
+
+    @property
+    def experts_total_bytes(self) -> int:
+        return self.total_slots * self.expert_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.experts_total_bytes + self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    def rows(self) -> list[tuple[str, str]]:
+        per_layer = "shared" if self.slots_per_layer is None else f"{self.slots_per_layer} per layer"
+        return [
+            ("GPU budget", "no cap" if self.budget_bytes is None else format_bytes(self.budget_bytes)),
+            ("non-expert weights", format_bytes(self.non_expert_bytes)),
+            ("KV cache", format_bytes(self.kv_cache_bytes)),
+            ("workspace", format_bytes(self.workspace_bytes)),
+            ("expert slots", f"{self.total_slots} ({per_layer}) of {self.num_layers * self.num_experts} experts, "
+                             f"{self.resident_fraction:.1%}"),
+            ("expert memory", f"{self.total_slots} x {format_bytes(self.expert_bytes)} = "
+                              f"{format_bytes(self.experts_total_bytes)}"),
+            ("total used", format_bytes(self.used_bytes)),
+            ("cache policy", "none (all resident)" if self.all_resident else self.policy),
+        ]
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int, top_k: int,
+         non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, offload_per_layer: int | None = None,
+         policy: str = "lru") -> Plan:
+    if policy not in POLICIES:
+        raise MoeOffloadError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    assert expert_bytes > 0 and num_layers > 0 and 0 < top_k <= num_experts
+    per_layer = policy in PER_LAYER_POLICIES
+    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes
+
+    if offload_per_layer is not None:
+        # The original project's knob: K experts of each layer stay in host memory.
+        if not 0 <= offload_per_layer < num_experts:
+            raise MoeOffloadError(
+                f"offload_per_layer={offload_per_layer} must be 0..{num_experts - 1} (the model has {num_experts} "
+                f"experts per layer and each layer needs at least one GPU slot)")
+        spl = num_experts - offload_per_layer
+        total = spl * num_layers
+        needed = fixed + total * expert_bytes
+        if budget_bytes is not None and needed > budget_bytes:
+            raise MoeOffloadError(
+                f"offload_per_layer={offload_per_layer} keeps {total} experts on the GPU and needs "
+                f"{format_bytes(needed)}, more than the {format_bytes(budget_bytes)} budget; offload more experts "
+                f"per layer, raise --gpu-memory or lower --max-context")
+        return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl if per_layer else None, total,
+                    non_expert_bytes, kv_cache_bytes, workspace_bytes)
+
+    everything = num_layers * num_experts
+    slots = everything if budget_bytes is None else min(max(budget_bytes - fixed, 0) // expert_bytes, everything)
+    # A per-layer policy needs a slot in every layer; a global one, room for one layer's top-k at once.
+    minimum = num_layers if per_layer else top_k
+    if slots < minimum:
+        assert budget_bytes is not None
+        what = f"one slot per layer needs {num_layers}" if per_layer else f"policy {policy} needs top_k={top_k}"
+        raise MoeOffloadError(
+            f"GPU budget {format_bytes(budget_bytes)} is too small: non-expert weights "
+            f"{format_bytes(non_expert_bytes)} + KV cache {format_bytes(kv_cache_bytes)} + workspace "
+            f"{format_bytes(workspace_bytes)} leave {format_bytes(max(budget_bytes - fixed, 0))} for experts, but "
+            f"{what} x {format_bytes(expert_bytes)} (at least {format_bytes(fixed + minimum * expert_bytes)} in "
+            f"all); raise --gpu-memory, lower --max-context or use a smaller preset")
+    spl = slots // num_layers if per_layer else None  # slots <= everything, so spl <= num_experts
+    total = spl * num_layers if spl is not None else slots
+    return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, total, non_expert_bytes,
+                kv_cache_bytes, workspace_bytes)
+
+
+def parse_size(text: str) -> int:
+    """ "12GiB", "12.5 gib", "800MB", "64KiB", "4096B" -> bytes. GB/MB/KB are decimal, GiB/MiB/KiB binary."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise MoeOffloadError(f"cannot read size {text!r}; write a number and a unit, e.g. 12GiB, 12.5GiB or 800MiB")
+    return int(Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n} B"

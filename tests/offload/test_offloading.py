@@ -1,0 +1,124 @@
+"""Offloading must not change outputs: logits and greedy tokens bit-identical to the resident model,
+for every policy, prefetch depth and budget. On CPU the "device" slots are plain memory."""
+
+import warnings
+
+import pytest
+import torch
+
+import moe_offload
+from moe_offload.flat import FlatLayout
+from moe_offload.offload import store as store_module
+from moe_offload.offload.store import ExpertStore
+from moe_offload.placement import OffloadOptions
+
+
+def load(directory, offload=None, quantize=None):
+    return moe_offload.load(directory, device="cpu", dtype="float32", offload=offload, quantize=quantize)
+
+
+def run(engine, prompt="Mixture of experts route tokens", n=24):
+    ids = engine.encode(prompt)
+    kv = engine.model.new_kv_cache(64)
+    prefill = engine.model(torch.tensor([ids]), kv, 0)  # [1, S, V]
+    completion = engine.generate(prompt, max_new_tokens=n, ignore_eos=True)
+    return prefill, completion.tokens
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_dir):
+    return run(load(tiny_dir))
+
+
+@pytest.mark.parametrize("options", [
+    OffloadOptions(offload_per_layer=3, prefetch=0),  # exactly one slot per layer (top-2 routing)
+    OffloadOptions(offload_per_layer=2, prefetch=1),
+    OffloadOptions(offload_per_layer=1, prefetch=2),
+    OffloadOptions(offload_per_layer=2, policy="lfu", prefetch=1),
+    OffloadOptions(gpu_memory="900KiB", policy="global-lru", prefetch=1),
+    OffloadOptions(offload_per_layer=0, prefetch=1),  # every expert has a slot, still through the cache
+], ids=lambda o: f"{o.policy}-off{o.offload_per_layer}-mem{o.gpu_memory}-pf{o.prefetch}")
+def test_offloaded_is_bit_identical(tiny_dir, resident, options):
+    engine = load(tiny_dir, options)
+    assert engine.plan is not None and engine.cache_stats is not None
+    prefill, tokens = run(engine)
+    assert torch.equal(prefill, resident[0])
+    assert tokens == resident[1]
+    s = engine.cache_stats.summary()
+    assert s["hits"] + s["misses"] > 0 and s["bytes_copied"] > 0
+    if options.prefetch:
+        assert s["prefetch_copies"] > 0 and 0 < s["prefetch_recall"] <= 1
+    else:
+        assert s["prefetch_copies"] == 0
+
+
+def test_offloaded_quantized_is_bit_identical(tiny_dir):
+    base = run(load(tiny_dir, quantize="4/2"))
+    offloaded = run(load(tiny_dir, OffloadOptions(offload_per_layer=2, prefetch=1), quantize="4/2"))
+    assert torch.equal(offloaded[0], base[0]) and offloaded[1] == base[1]
+
+
+def test_stats_are_consistent(tiny_dir):
+    engine = load(tiny_dir, OffloadOptions(offload_per_layer=2, prefetch=0))
+    engine.generate("Hello", max_new_tokens=10, ignore_eos=True)
+    stats = engine.cache_stats
+    total = stats.total()
+    layout_bytes = engine.model.expert_cache.store.layout.nbytes
+    # every miss and bypass is one copy of one expert's buffer; without prefetch nothing else is copied
+    assert total.bytes_copied == (total.misses - 0) * layout_bytes
+    assert stats.tokens == len(engine.encode("Hello")) + 9  # prefill tokens + fed decode tokens
+    # a cold start misses first: at least one miss per layer; later hits exist (2 of 4 experts cached)
+    assert all(layer.misses >= 1 for layer in stats.layers) and total.hits > 0
+    assert stats.summary()["host_syncs_per_token"] <= engine.config.num_layers
+
+
+def test_everything_fits_means_resident(tiny_dir):
+    engine = load(tiny_dir, OffloadOptions(gpu_memory="1GiB"))
+    assert engine.plan is None and engine.cache_stats is None
+
+
+def test_pinned_allocation_failure_falls_back_to_pageable(monkeypatch):
+    def fail(nbytes):
+        raise RuntimeError("cudaHostAlloc failed: out of memory")
+
+    monkeypatch.setattr(store_module, "allocate_pinned", fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend a GPU exists so pinning is tried
+    layout = FlatLayout.of({"w": torch.zeros(4, 8)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = ExpertStore(layout, [(0, e) for e in range(5)], pin=True, chunk_bytes=layout.nbytes * 2)
+    assert not store.pinned
+    assert len([w for w in caught if "pinned host memory unavailable" in str(w.message)]) == 1  # one warning
+    store.put((0, 3), {"w": torch.full((4, 8), 3.0)})
+    assert torch.equal(layout.views(store.buffer((0, 3)))["w"], torch.full((4, 8), 3.0))
+
+
+def test_store_chunks_and_layout_views():
+    layout = FlatLayout.of({"a": torch.zeros(3, dtype=torch.int32), "b": torch.zeros(2, 5, dtype=torch.float16)})
+    assert layout.nbytes % 64 == 0
+    store = ExpertStore(layout, [(l, e) for l in range(2) for e in range(3)], pin=False,
+                        chunk_bytes=layout.nbytes * 4)
+    for key in store.keys():
+        store.put(key, {"a": torch.tensor([key[0], key[1], 7], dtype=torch.int32),
+                        "b": torch.full((2, 5), key[1], dtype=torch.float16)})
+    for key in store.keys():  # no expert's buffer overlaps another's
+        views = layout.views(store.buffer(key))
+        assert views["a"].tolist() == [key[0], key[1], 7] and views["b"].eq(key[1]).all()
+
+
+def test_cli_json_reports_cache_fields(tiny_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from moe_offload.cli import app
+
+    result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hello", "--temperature", "0",
+                                      "--max-new-tokens", "6", "--json", "--offload-per-layer", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert 0 <= data["hit_rate"] < 1 and data["bytes_copied_per_token"] > 0 and "prefetch_recall" in data
+    resident = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hello", "--temperature", "0",
+                                        "--max-new-tokens", "6", "--json"])
+    assert json.loads(resident.stdout)["tokens"] == data["tokens"]
+    assert json.loads(resident.stdout)["hit_rate"] == 1.0

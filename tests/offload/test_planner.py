@@ -1,0 +1,114 @@
+import pytest
+
+from moe_offload.errors import MoeOffloadError
+from moe_offload.offload.planner import format_bytes, parse_size, plan
+
+MiB, GiB = 2**20, 2**30
+# Mixtral-8x7B-like: 32 layers x 8 experts, top-2, ~66 MiB per 3-bit expert.
+MODEL = dict(expert_bytes=66 * MiB, num_layers=32, num_experts=8, top_k=2,
+             non_expert_bytes=3 * GiB // 2, kv_cache_bytes=256 * MiB, workspace_bytes=256 * MiB)
+FIXED = 2 * GiB  # non-expert + KV + workspace
+
+
+def test_budget_gives_whole_slots_per_layer():
+    p = plan(12 * GiB, **MODEL)
+    # (12 - 2) GiB // 66 MiB = 155 slots -> 4 per layer for a per-layer policy
+    assert (p.slots_per_layer, p.total_slots) == (4, 128)
+    assert not p.all_resident and p.resident_fraction == 0.5
+    assert p.experts_total_bytes == 128 * 66 * MiB
+    assert p.used_bytes == FIXED + 128 * 66 * MiB <= 12 * GiB
+
+
+def test_global_policy_uses_every_slot():
+    p = plan(12 * GiB, **MODEL, policy="global-lru")
+    assert (p.slots_per_layer, p.total_slots) == (None, 155)
+
+
+def test_exactly_one_slot_per_layer():
+    p = plan(FIXED + 32 * 66 * MiB, **MODEL)
+    assert (p.slots_per_layer, p.total_slots) == (1, 32)
+    with pytest.raises(MoeOffloadError):
+        plan(FIXED + 32 * 66 * MiB - 1, **MODEL)
+
+
+def test_budget_too_small_names_the_numbers():
+    with pytest.raises(MoeOffloadError) as e:
+        plan(3 * GiB, **MODEL)
+    msg = str(e.value)
+    for text in ("3.00 GiB", "non-expert weights 1.50 GiB", "KV cache 256.0 MiB", "workspace 256.0 MiB",
+                 "leave 1.00 GiB", "32 x 66.0 MiB", "at least 4.06 GiB", "--gpu-memory", "--max-context",
+                 "smaller preset"):
+        assert text in msg, (text, msg)
+    assert "\n" not in msg
+
+
+def test_global_policy_needs_top_k_slots():
+    assert plan(FIXED + 2 * 66 * MiB, **MODEL, policy="global-lru").total_slots == 2
+    with pytest.raises(MoeOffloadError, match="global-lru needs top_k=2 x 66.0 MiB"):
+        plan(FIXED + 2 * 66 * MiB - 1, **MODEL, policy="global-lru")
+    with pytest.raises(MoeOffloadError, match="leave 0 B for experts"):
+        plan(GiB, **MODEL, policy="global-lru")  # fixed costs alone exceed the budget
+
+
+@pytest.mark.parametrize("budget", [None, 100 * GiB])
+def test_everything_fits(budget):
+    p = plan(budget, **MODEL)
+    assert p.all_resident and p.resident_fraction == 1.0
+    assert (p.slots_per_layer, p.total_slots) == (8, 256)  # capped at the model's experts
+    assert "none (all resident)" in str(p)
+
+
+def test_offload_per_layer():
+    p = plan(None, **MODEL, offload_per_layer=3)
+    assert (p.slots_per_layer, p.total_slots) == (5, 160)
+    assert plan(None, **MODEL, offload_per_layer=0).all_resident
+    assert plan(16 * GiB, **MODEL, offload_per_layer=4).total_slots == 128  # 2 + 8.25 GiB fits
+    with pytest.raises(MoeOffloadError, match="offload_per_layer=8 must be 0..7"):
+        plan(None, **MODEL, offload_per_layer=8)
+    with pytest.raises(MoeOffloadError, match="offload_per_layer=-1"):
+        plan(None, **MODEL, offload_per_layer=-1)
+    with pytest.raises(MoeOffloadError, match=r"offload_per_layer=2 keeps 192 experts .* 14.38 GiB.*12.00 GiB"):
+        plan(12 * GiB, **MODEL, offload_per_layer=2)
+
+
+def test_unknown_policy():
+    with pytest.raises(MoeOffloadError, match="choose one of lru, global-lru, lfu"):
+        plan(None, **MODEL, policy="fifo")
+
+
+def test_table():
+    p = plan(12 * GiB, **MODEL)
+    rows = dict(p.rows())
+    assert rows["GPU budget"] == "12.00 GiB"
+    assert rows["expert slots"] == "128 (4 per layer) of 256 experts, 50.0%"
+    assert rows["expert memory"] == "128 x 66.0 MiB = 8.25 GiB"
+    assert rows["total used"] == "10.25 GiB"
+    lines = str(p).splitlines()
+    assert len(lines) == len(rows) and lines[0].startswith("GPU budget ")
+    assert dict(plan(None, **MODEL).rows())["GPU budget"] == "no cap"
+
+
+def test_plan_is_frozen():
+    p = plan(None, **MODEL)
+    with pytest.raises(AttributeError):
+        p.total_slots = 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("12GiB", 12 * GiB), ("12.5GiB", int(12.5 * GiB)), ("12 gib", 12 * GiB), ("12GB", 12 * 10**9),
+    ("800MiB", 800 * MiB), ("800mb", 800 * 10**6), ("64KiB", 64 * 1024), ("2KB", 2000), ("4096B", 4096),
+    (" 0.5 GiB ", GiB // 2), (".25MiB", MiB // 4), ("1TiB", 1024 * GiB),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12", "GiB", "-1GiB", "12 GiBs", "1e3MiB", "twelve GiB", "", "1.2.3GiB"])
+def test_parse_size_errors(text):
+    with pytest.raises(MoeOffloadError, match=f"cannot read size {text!r}"):
+        parse_size(text)
+
+
+def test_format_bytes():
+    assert [format_bytes(n) for n in (512, 2048, 3 * MiB // 2, 12 * GiB)] == ["512 B", "2.0 KiB", "1.5 MiB",
+                                                                           "12.00 GiB"]
