@@ -236,6 +236,112 @@ def quantize_command(
               f"{' with 8-bit scales/zeros' if chosen.experts.quant_meta else ''})", highlight=False, soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Model directory or Hub id (or use --synthetic)."),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Random model with real shapes: "
+                                            "mixtral-8x7b, mixtral-8x22b, tiny."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Quantization preset (synthetic default 4/2; "
+                                         "for MODEL: quantize while loading)."),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
+    gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
+    policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+    seed: int = typer.Option(0, help="Seed of the synthetic weights and the random prompt."),
+    ablations: bool = typer.Option(False, "--ablations", help="Also run without prefetch, without cache, and "
+                                   "everything resident (when it fits), with the same prompt and seed."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the numbers to this JSON file."),
+    device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
+):
+    """Measure prefill and batch-1 decode speed against the host-to-device transfer limit."""
+    import dataclasses
+    import datetime
+
+    from rich.table import Table
+
+    from .bench import SYNTHETIC_ROUTING, measure, measure_h2d, release
+    from .engine import load, load_synthetic, resolve_device
+
+    if (model is None) == (synthetic is None):
+        raise MoeOffloadError("give either MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
+    base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin)
+    base = dataclasses.replace(base, timing=True)
+    runs = [("full", base)]
+    if ablations:
+        runs = [("resident", dataclasses.replace(base, gpu_memory=None, offload_per_layer=None))] + runs + [
+            ("no prefetch", dataclasses.replace(base, prefetch=0)),
+            ("no cache", dataclasses.replace(base, cache=False, force=True)),
+        ]
+    dev = resolve_device(device)
+    h2d = measure_h2d(dev, pinned=not no_pin)
+    name = f"synthetic:{synthetic}" if synthetic else model
+    results, resident_ms = [], None
+    for label, options in runs:
+        with _ProgressBar() as progress:
+            try:
+                if synthetic:
+                    engine = load_synthetic(synthetic, preset=preset or "4/2", device=dev, dtype=dtype,
+                                            max_context=max_context, offload=options, seed=seed, progress=progress)
+                else:
+                    engine = load(model, device=dev, dtype=dtype, max_context=max_context, quantize=preset,
+                                  offload=options, progress=progress)
+            except (MoeOffloadError, torch_oom()) as e:
+                if label == "resident":  # does not fit: the ablation is skipped, not the benchmark
+                    err.print(f"[dim]resident run skipped: {str(e).splitlines()[0]}[/]", soft_wrap=True)
+                    continue
+                raise
+        if label == "full" and engine.plan is not None:
+            err.print(f"[dim]{engine.plan}[/]", highlight=False)
+        err.print(f"[dim]measuring {label}...[/]")
+        result = measure(engine, label=label, model=name, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                         seed=seed, h2d_gb_s=h2d, resident_ms_per_token=resident_ms, gpu_memory=gpu_memory or "",
+                         routing=SYNTHETIC_ROUTING if synthetic else "the model's own")
+        if label == "resident":
+            resident_ms = result.decode_ms_per_token
+        results.append(result)
+        release(engine)
+    table = Table(title=f"moe-offload bench: {name}, preset {results[0].preset}, {results[0].device}")
+    for column in ("run", "decode tok/s", "limit tok/s", "% of limit", "prefill tok/s", "hit rate",
+                   "prefetch recall", "MiB copied/tok", "H2D GB/s", "peak GPU GiB"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(r.label, f"{r.decode_tok_s:.1f}", f"{r.limit_tok_s:.1f}",
+                      f"{100 * r.decode_tok_s / r.limit_tok_s:.0f}%", f"{r.prefill_tok_s:.0f}", f"{r.hit_rate:.2f}",
+                      f"{r.prefetch_recall:.2f}", f"{r.bytes_copied_per_token / 2**20:.1f}", f"{r.h2d_gb_s:.1f}",
+                      f"{r.peak_gpu_bytes / 2**30:.2f}")
+    Console().print(table)
+    if synthetic:
+        err.print("[dim]Routing is synthetic: random routers spread tokens close to uniformly over the experts "
+                  "(real Mixtral routing is close to uniform too); the hit rate is reported beside every speed.[/]",
+                  soft_wrap=True)
+    if json_file is not None:
+        full = next(r for r in results if r.label == "full").to_json()
+        payload = {**full, "date": datetime.date.today().isoformat(), "command": "moe-offload " + " ".join(sys.argv[1:]),
+                   "runs": [r.to_json() for r in results]}
+        _write_json_atomic(json_file, payload)
+
+
+def torch_oom():
+    import torch
+
+    return torch.OutOfMemoryError
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main() -> None:
     app()
 

@@ -23,6 +23,7 @@ from .model import MoeTransformer
 from .quant.hqq import QuantSpec
 from .quant.linear import QuantLinear
 from .quant.presets import QuantPreset, make_preset
+from .offload.cache import ExpertCache
 from .offload.planner import Plan
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
@@ -137,17 +138,18 @@ class LoadOptions:
 class Engine:
     """A loaded model ready to generate: ``engine.generate(...)``, ``engine.stream(...)``, ``engine.new_chat()``."""
 
-    def __init__(self, config: ModelConfig, model: MoeTransformer, tokenizer: Tokenizer, directory: Path,
+    def __init__(self, config: ModelConfig, model: MoeTransformer, tokenizer: Tokenizer | None, directory: Path,
                  options: LoadOptions):
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.directory, self.options = directory, options
         eos = list(config.eos_token_ids)
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = tuple(eos)
         self.preset: QuantPreset | None = None  # quantization settings, if quantized
         self.plan: Plan | None = None  # the expert placement, if experts are offloaded
         self.cache_stats: CacheStats | None = None  # expert-cache telemetry, if offloaded
+        self.expert_cache: ExpertCache | None = None
         self._session: Session | None = None  # reused by generate()/stream(): repeated prefixes are free
 
     @property
@@ -167,7 +169,11 @@ class Engine:
         return Session(self.model, self.max_context)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise MoeOffloadError(f"{self.directory} has no tokenizer; pass token ids")
+        return self.tokenizer.encode(prompt)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **overrides) -> Generation:
         """Generate from a plain prompt (text or token ids), streaming TokenEvents."""
@@ -252,15 +258,44 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto"
     options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings))
     tokenizer = Tokenizer(directory)
     layers, preset = open_layers(directory, config, quantize, verify, progress)
+    return _build(config, tokenizer, directory, layers, preset, options, offload)
+
+
+def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path, layers: Iterable[LayerWeights],
+           preset: QuantPreset | None, options: LoadOptions, offload: OffloadOptions | None) -> Engine:
+    dev, dt = options.device, options.dtype
     offload = offload or OffloadOptions()
     plan = plan_placement(config, preset, dev, dt, options.max_context, offload)
     with torch.device("meta"):
         net = MoeTransformer(config)
     store = prepare_offload(net, expert_layout(config, preset, dt), offload) if plan else None
-    assemble(net, layers, dev, dt, preset.experts if preset else None, directory, store)
-    engine = Engine(config, net, tokenizer, directory, options)
+    assemble(net, layers, dev, dt, preset.experts if preset else None, source, store)
+    engine = Engine(config, net, tokenizer, source, options)
     engine.preset, engine.plan = preset, plan
     if plan is not None:
-        engine.cache_stats = install_offload(net, store, plan, preset, dev, offload)
+        engine.expert_cache = install_offload(net, store, plan, preset, dev, offload)
+        engine.cache_stats = engine.expert_cache.stats
     net.eval()
     return engine
+
+
+def load_synthetic(name: str, *, preset: str | QuantPreset | None = "4/2", device: str | torch.device | None = "auto",
+                   dtype: str | torch.dtype | None = "auto", max_context: int = 4096,
+                   offload: OffloadOptions | None = None, seed: int = 0, progress: Progress | None = None) -> Engine:
+    """A model with real shapes (``mixtral-8x7b``, ``mixtral-8x22b``, ``tiny``) and random weights, built
+    quantized on the device. It has no tokenizer: feed it token ids."""
+    from .synthetic import synthetic_config, synthetic_layers
+
+    config = synthetic_config(name)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    chosen = None if preset is None else preset if isinstance(preset, QuantPreset) else make_preset(preset)
+    options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings))
+    tick = _counter(progress, f"Building synthetic {name}", config.num_layers + 1)
+
+    def layers():
+        for layer in synthetic_layers(config, chosen, dev, dt, seed):
+            yield layer
+            tick()
+
+    return _build(config, None, Path(f"synthetic:{name}"), layers(), chosen, options, offload)

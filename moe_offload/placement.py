@@ -18,7 +18,7 @@ from .model import MoeTransformer, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
 from .offload.planner import Plan, parse_size, plan
-from .offload.policy import make_policy
+from .offload.policy import NoCache, make_policy
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
 from .quant.hqq import tensor_layout
@@ -40,6 +40,8 @@ class OffloadOptions:
     prefetch: int = 1  # layers ahead whose experts are guessed and copied early (0: off)
     pin: bool = True
     timing: bool = False  # measure copy waits with CUDA events (benchmarks)
+    cache: bool = True  # False: keep no expert on the device between uses (ablation)
+    force: bool = False  # offload even when everything would fit (ablations, tests)
 
     @property
     def requested(self) -> bool:
@@ -81,7 +83,7 @@ def kv_cache_bytes(config: ModelConfig, max_context: int, dtype: torch.dtype) ->
 def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torch.device, dtype: torch.dtype,
                    max_context: int, options: OffloadOptions) -> Plan | None:
     """A Plan when experts must be offloaded; None when every expert stays resident."""
-    if not options.requested and device.type != "cuda":
+    if not options.requested and not options.force and device.type != "cuda":
         return None
     if options.prefetch < 0:
         raise MoeOffloadError(f"--prefetch {options.prefetch} must be >= 0 (layers ahead; 0 disables)")
@@ -98,7 +100,7 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
              kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
              workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
              offload_per_layer=options.offload_per_layer, policy=options.policy)
-    return None if p.all_resident and options.offload_per_layer is None else p
+    return None if p.all_resident and options.offload_per_layer is None and not options.force else p
 
 
 class _Pending:
@@ -119,7 +121,7 @@ def prepare_offload(model: MoeTransformer, layout: FlatLayout, options: OffloadO
 
 
 def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: QuantPreset | None,
-                    device: torch.device, options: OffloadOptions) -> CacheStats:
+                    device: torch.device, options: OffloadOptions) -> ExpertCache:
     """Build the slot cache and give every MoE layer an OffloadedExperts provider."""
     c = model.config
     missing = len(store.keys()) - len(store.filled)
@@ -128,11 +130,12 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     stats = CacheStats.for_layers(c.num_layers)
     slots = p.slots_per_layer if p.slots_per_layer is not None else p.total_slots
     spec = preset.experts if preset else None
-    cache = ExpertCache(store, make_policy(p.policy, c.num_layers, slots), device,
-                        lambda views: build_expert(views, c, spec), stats, timing=options.timing)
+    # cache=False (an ablation): no slot keeps anything, every routed expert is copied on use.
+    policy = make_policy(p.policy, c.num_layers, slots) if options.cache else NoCache()
+    cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
+                        scratch_slots=1 if options.cache else c.top_k, timing=options.timing)
     guesses: dict[int, set[int]] = {}
     for i, layer in enumerate(model.layers):
         ahead = [(j, model.layers[j].moe.router) for j in range(i + 1, min(i + 1 + options.prefetch, c.num_layers))]
         layer.moe.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0))
-    model.expert_cache = cache
-    return stats
+    return cache

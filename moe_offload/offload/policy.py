@@ -142,6 +142,24 @@ class PerLayerLFU:
         return self._lru.resident()
 
 
+class NoCache:
+    """Keeps nothing: every routed expert is copied on use (the "without cache" ablation)."""
+
+    num_slots = 0
+
+    def slot_of(self, key: Key) -> int | None:
+        return None
+
+    def touch(self, key: Key) -> None:
+        pass
+
+    def admit(self, key: Key, protected: Collection[Key] = ()) -> tuple[int, Key | None] | None:
+        return None
+
+    def resident(self) -> set[Key]:
+        return set()
+
+
 def make_policy(name: str, num_layers: int, slots: int | Sequence[int]) -> CachePolicy:
     """``slots`` is per layer for "lru" and "lfu", and the total for "global-lru"."""
     if name == "lru":

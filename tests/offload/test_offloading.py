@@ -63,7 +63,7 @@ def test_stats_are_consistent(tiny_dir):
     engine.generate("Hello", max_new_tokens=10, ignore_eos=True)
     stats = engine.cache_stats
     total = stats.total()
-    layout_bytes = engine.model.expert_cache.store.layout.nbytes
+    layout_bytes = engine.expert_cache.store.layout.nbytes
     # every miss and bypass is one copy of one expert's buffer; without prefetch nothing else is copied
     assert total.bytes_copied == (total.misses - 0) * layout_bytes
     assert stats.tokens == len(engine.encode("Hello")) + 9  # prefill tokens + fed decode tokens

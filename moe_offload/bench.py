@@ -1,0 +1,166 @@
+"""Speed measurement: ``measure()`` runs prefill and batch-1 greedy decode and returns a BenchResult.
+
+No printing here (the CLI draws the table). Speed is only ever measured here and in benchmarks/,
+never in timed unit tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .engine import Engine
+
+SYNTHETIC_ROUTING = "synthetic: random router weights, routing close to uniform over experts"
+
+
+@dataclass
+class BenchResult:
+    label: str
+    model: str
+    device: str
+    preset: str
+    gpu_memory: str
+    policy: str
+    prefetch: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_ms_per_token: float
+    hit_rate: float
+    prefetch_recall: float
+    prefetch_precision: float
+    bytes_copied_per_token: float
+    copy_wait_ms_per_token: float
+    host_syncs_per_token: float
+    h2d_gb_s: float
+    limit_tok_s: float
+    resident_ms_per_token: float
+    resident_ms_source: str  # "measured (everything resident)" or "decode time minus copy waits"
+    total_slots: int
+    slots_per_layer: int | None
+    expert_bytes: int
+    pinned: bool
+    peak_gpu_bytes: int
+    peak_host_bytes: int
+    routing: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20, pinned: bool = True, repeats: int = 8) -> float:
+    """Host-to-device copy bandwidth in GB/s (best of ``repeats``), as the expert cache would see it."""
+    if device.type != "cuda":
+        src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    else:
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _greedy_run(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps) of one greedy generation."""
+    session = engine.new_session()
+    device = engine.device
+    _sync(device)
+    t0 = time.perf_counter()
+    logits, _ = session.prefill(prompt)
+    token = int(logits.argmax())  # also waits for the GPU
+    t1 = time.perf_counter()
+    if engine.cache_stats is not None:
+        engine.cache_stats.reset()  # decode statistics only
+        if engine.expert_cache is not None:
+            engine.expert_cache.collect_timing()
+            engine.cache_stats.reset()
+    for _ in range(new_tokens - 1):
+        token = int(session.step(token).argmax())
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_tokens: int = 512,
+            new_tokens: int = 128, seed: int = 0, h2d_gb_s: float | None = None,
+            resident_ms_per_token: float | None = None, gpu_memory: str = "", routing: str = "") -> BenchResult:
+    """Warm up, then time one prefill of ``prompt_tokens`` random tokens and ``new_tokens`` greedy steps."""
+    device = engine.device
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.config.vocab_size
+    warm = torch.randint(3, vocab, (min(32, prompt_tokens),), generator=g).tolist()
+    prompt = torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist()
+    if prompt_tokens + new_tokens > engine.max_context:
+        from .errors import MoeOffloadError
+
+        raise MoeOffloadError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the context "
+                              f"{engine.max_context}; raise --max-context")
+    _greedy_run(engine, warm, 8)  # kernels compiled, allocator and caches warm
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill_s, decode_s = _greedy_run(engine, prompt, new_tokens)
+    steps = max(new_tokens - 1, 1)
+    decode_ms = decode_s / steps * 1e3
+    stats = engine.cache_stats
+    cache = engine.expert_cache
+    if cache is not None:
+        cache.collect_timing()
+    summary = stats.summary() if stats is not None else {}
+    wait_ms = summary.get("copy_wait_ms", 0.0) / steps
+    bytes_per_token = summary.get("bytes_copied_per_token", 0.0)
+    pinned = bool(cache.store.pinned) if cache is not None else True
+    bw = h2d_gb_s if h2d_gb_s is not None else measure_h2d(device, pinned=pinned)
+    if resident_ms_per_token is None:
+        resident_ms, source = max(decode_ms - wait_ms, 0.0), "decode time minus copy waits"
+    else:
+        resident_ms, source = resident_ms_per_token, "measured (everything resident)"
+    limit_s = bytes_per_token / (bw * 1e9) + resident_ms / 1e3
+    plan = engine.plan
+    return BenchResult(
+        label=label, model=model, device=_device_name(device), preset=engine.preset.name if engine.preset else "none",
+        gpu_memory=gpu_memory, policy=plan.policy if plan else "resident",
+        prefetch=len(engine.model.layers[0].moe.experts.lookahead) if cache is not None else 0,
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_tok_s=prompt_tokens / prefill_s,
+        decode_tok_s=1e3 / decode_ms, decode_ms_per_token=decode_ms,
+        hit_rate=summary.get("hit_rate", 1.0), prefetch_recall=summary.get("prefetch_recall", 0.0),
+        prefetch_precision=summary.get("prefetch_precision", 0.0), bytes_copied_per_token=bytes_per_token,
+        copy_wait_ms_per_token=wait_ms, host_syncs_per_token=summary.get("host_syncs_per_token", 0.0),
+        h2d_gb_s=bw, limit_tok_s=1 / limit_s if limit_s > 0 else float("inf"),
+        resident_ms_per_token=resident_ms, resident_ms_source=source,
+        total_slots=plan.total_slots if plan else engine.config.num_layers * engine.config.num_experts,
+        slots_per_layer=plan.slots_per_layer if plan else engine.config.num_experts,
+        expert_bytes=cache.store.layout.nbytes if cache is not None else 0, pinned=pinned,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        routing=routing,
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def release(engine: Engine) -> None:
+    """Free an engine's memory before building the next one (ablations run back to back)."""
+    engine.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,48 @@
+"""`bench` on a tiny synthetic model: the JSON is complete and its numbers agree with each other."""
+
+import json
+
+from typer.testing import CliRunner
+
+from moe_offload.cli import app
+
+KEYS = {"decode_tok_s", "prefill_tok_s", "limit_tok_s", "hit_rate", "prefetch_recall", "bytes_copied_per_token",
+        "h2d_gb_s", "preset", "gpu_memory", "device", "peak_gpu_bytes", "peak_host_bytes", "runs", "command", "date"}
+
+
+def bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--synthetic", "tiny", "--device", "cpu", "--prompt-tokens", "24",
+                                      "--new-tokens", "8", "--json", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def test_everything_fits(tmp_path):
+    data = bench(tmp_path)
+    assert KEYS <= set(data)
+    assert data["hit_rate"] == 1.0 and data["bytes_copied_per_token"] == 0
+    assert data["decode_tok_s"] > 0 and data["prefill_tok_s"] > 0 and data["preset"] == "4/2"
+    # nothing to copy: the limit is the resident speed itself
+    assert abs(data["limit_tok_s"] - data["decode_tok_s"]) / data["decode_tok_s"] < 1e-6
+
+
+def test_offloaded_with_ablations(tmp_path):
+    data = bench(tmp_path, "--offload-per-layer", "2", "--ablations")
+    runs = {r["label"]: r for r in data["runs"]}
+    assert set(runs) == {"resident", "full", "no prefetch", "no cache"}
+    assert runs["resident"]["hit_rate"] == 1.0 and runs["resident"]["bytes_copied_per_token"] == 0
+    assert runs["no cache"]["hit_rate"] == 0.0
+    assert runs["no prefetch"]["prefetch"] == 0 and runs["full"]["prefetch"] == 1
+    full = runs["full"]
+    assert 0 < full["hit_rate"] < 1 and full["bytes_copied_per_token"] > 0
+    expected_limit = 1 / (full["bytes_copied_per_token"] / (full["h2d_gb_s"] * 1e9)
+                          + runs["resident"]["decode_ms_per_token"] / 1e3)
+    assert abs(full["limit_tok_s"] - expected_limit) / expected_limit < 1e-6
+    # more bytes per token without a cache than with one
+    assert runs["no cache"]["bytes_copied_per_token"] > full["bytes_copied_per_token"]
+
+
+def test_needs_model_or_synthetic():
+    result = CliRunner().invoke(app, ["bench"])
+    assert result.exit_code == 1 and "--synthetic" in result.stderr
