@@ -108,24 +108,23 @@ class Experts(Protocol):
 
 def combine_experts(
     x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expert: Callable[[int], nn.Module],
-    used: list[int] | None = None,
+    routed: list[int] | None = None,
 ) -> torch.Tensor:
     """Weighted sum of the chosen experts' outputs: x [T, D], indices/weights [T, K] -> [T, D].
 
     Every provider computes through this one function, in ascending expert order, so where an expert
     lives never changes the arithmetic: offloaded and resident outputs are bit-identical.
     ``expert(e)`` returns a module ready to run on x's device (it may wait for a copy to land);
-    ``used`` (the sorted distinct experts in ``indices``) saves the host sync if the caller has it.
+    ``routed`` is ``indices`` already on the host (flattened), which saves the host sync.
     """
+    if routed is None:
+        routed = indices.flatten().tolist()  # the one host sync per MoE layer: routing must reach the host
     out = torch.zeros_like(x)
-    if used is None:
-        used = torch.unique(indices).tolist()  # the one host sync per MoE layer: routing must reach the host
-    if x.shape[0] == 1:  # decode: no gather/scatter, so no host sync beyond ``used``
-        for e in used:
-            w = (weights * (indices == e)).sum(-1, keepdim=True)  # [1, 1]: exactly the chosen weight
-            out += (expert(e)(x) * w).to(out.dtype)
+    if x.shape[0] == 1:  # decode: a token's k-th weight is a view, no gather/scatter kernels
+        for k, e in sorted(enumerate(routed), key=lambda ke: ke[1]):
+            out.addcmul_(expert(e)(x), weights[:, k : k + 1])
         return out
-    for e in used:
+    for e in sorted(set(routed)):
         token_idx, slot = torch.where(indices == e)
         y = expert(e)(x[token_idx]) * weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))

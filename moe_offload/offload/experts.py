@@ -46,7 +46,7 @@ class OffloadedExperts:
             self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
             cache.prefetch(layer, guess, protected)
             protected = protected + [(layer, e) for e in guess]
-        return self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), used)
+        return self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
 
     def _score_guess(self, used: list[int]) -> None:
         guess = self.guesses.pop(self.layer, None)
