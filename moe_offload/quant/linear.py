@@ -1,8 +1,9 @@
 """QuantLinear: an ``nn.Linear`` replacement that stores HQQ-quantized weights.
 
-The matmul is a pluggable function ``matmul(x, qt, bias) -> y`` chosen at construction. The default,
-:func:`reference_matmul`, dequantizes the whole weight and calls ``F.linear``; a fused kernel plugs in
-by passing another function with the same signature and semantics.
+The matmul is a pluggable function ``matmul(x, qt, bias) -> y``. Unless one is given at construction,
+:func:`default_matmul` picks the fused Triton kernel on CUDA (when Triton is present) and otherwise
+:func:`reference_matmul`, which dequantizes the whole weight and calls ``F.linear``: the semantics every
+kernel must match.
 """
 
 from __future__ import annotations
@@ -24,8 +25,18 @@ def reference_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.
     return F.linear(x, dequantize(qt, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def default_matmul(x: torch.Tensor) -> MatmulFn:
+    """The fused Triton kernel for 16-bit activations on CUDA when Triton is present; else the reference."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        from .. import kernels
+
+        if kernels.available():
+            return kernels.quant_linear
+    return reference_matmul
+
+
 class QuantLinear(nn.Module):
-    def __init__(self, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None, *, matmul: MatmulFn = reference_matmul):
+    def __init__(self, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None, *, matmul: MatmulFn | None = None):
         super().__init__()
         self.out_features, self.in_features = qt.shape
         self.spec = qt.spec
@@ -46,7 +57,7 @@ class QuantLinear(nn.Module):
         spec: QuantSpec,
         *,
         optimize: bool = True,
-        matmul: MatmulFn = reference_matmul,
+        matmul: MatmulFn | None = None,
     ) -> "QuantLinear":
         """Quantize an ``nn.Linear`` (weight and bias) or a bare [out, in] weight tensor."""
         if isinstance(linear_or_weight, nn.Linear):
@@ -64,7 +75,8 @@ class QuantLinear(nn.Module):
         return QuantizedTensor.assemble(tensors, (self.out_features, self.in_features), self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.qt, self.bias)
+        matmul = self.matmul or default_matmul(x)
+        return matmul(x, self.qt, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # module.half() / .to(bfloat16) would also cast the float16 scale/zero buffers; the storage
