@@ -47,7 +47,7 @@ class BenchResult:
     expert_bytes: int
     pinned: bool
     peak_gpu_bytes: int
-    peak_host_bytes: int
+    peak_host_bytes: int  # the process's peak resident set so far (ablations run in one process)
     routing: str
 
     def to_json(self) -> dict:
@@ -160,7 +160,7 @@ def _device_name(device: torch.device) -> str:
 
 def release(engine: Engine) -> None:
     """Free an engine's memory before building the next one (ablations run back to back)."""
-    engine.model = None
+    engine.model = engine.expert_cache = engine.cache_stats = engine._session = None  # the host store too
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
