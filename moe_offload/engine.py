@@ -133,6 +133,7 @@ class LoadOptions:
     device: torch.device
     dtype: torch.dtype
     max_context: int
+    cuda_graphs: bool = True  # decode replays each layer's dense part from a CUDA graph (CUDA only)
 
 
 class Engine:
@@ -166,7 +167,7 @@ class Engine:
         return self._session
 
     def new_session(self) -> Session:
-        return Session(self.model, self.max_context)
+        return Session(self.model, self.max_context, cuda_graphs=self.options.cuda_graphs)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if not isinstance(prompt, str):
@@ -241,13 +242,15 @@ def open_layers(directory: Path, config: ModelConfig, quantize: str | QuantPrese
 def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = "auto", max_context: int = 4096, revision: str | None = None,
          quantize: str | QuantPreset | None = None, verify: bool = True,
-         offload: OffloadOptions | None = None, progress: Progress | None = None) -> Engine:
+         offload: OffloadOptions | None = None, cuda_graphs: bool = True,
+         progress: Progress | None = None) -> Engine:
     """Load MODEL (a local directory or a Hugging Face Hub repo id) for generation.
 
     A checkpoint written by ``moe-offload quantize`` is recognized by its manifest; ``quantize="4/2"``
     quantizes an ordinary checkpoint while loading. ``verify=False`` skips shard checksums.
     ``max_context`` sizes the preallocated KV cache (capped at the model's max_position_embeddings).
     ``offload`` places experts: see OffloadOptions (by default, offload only what does not fit the GPU).
+    ``cuda_graphs`` replays each layer's dense part of a decode step from a CUDA graph (CUDA only).
     """
     directory = resolve_model_dir(model, revision)
     config = ModelConfig.from_file(directory / "config.json")
@@ -255,7 +258,7 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto"
     dt = resolve_dtype(dtype, dev)
     if max_context < 2:
         raise MoeOffloadError(f"--max-context {max_context} must be at least 2")
-    options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings))
+    options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings), cuda_graphs)
     tokenizer = Tokenizer(directory)
     layers, preset = open_layers(directory, config, quantize, verify, progress)
     return _build(config, tokenizer, directory, layers, preset, options, offload)
@@ -281,7 +284,8 @@ def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path, layer
 
 def load_synthetic(name: str, *, preset: str | QuantPreset | None = "4/2", device: str | torch.device | None = "auto",
                    dtype: str | torch.dtype | None = "auto", max_context: int = 4096,
-                   offload: OffloadOptions | None = None, seed: int = 0, progress: Progress | None = None) -> Engine:
+                   offload: OffloadOptions | None = None, seed: int = 0, cuda_graphs: bool = True,
+                   progress: Progress | None = None) -> Engine:
     """A model with real shapes (``mixtral-8x7b``, ``mixtral-8x22b``, ``tiny``) and random weights, built
     quantized on the device. It has no tokenizer: feed it token ids."""
     from .synthetic import synthetic_config, synthetic_layers
@@ -290,7 +294,7 @@ def load_synthetic(name: str, *, preset: str | QuantPreset | None = "4/2", devic
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     chosen = None if preset is None else preset if isinstance(preset, QuantPreset) else make_preset(preset)
-    options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings))
+    options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings), cuda_graphs)
     tick = _counter(progress, f"Building synthetic {name}", config.num_layers + 1)
 
     def layers():

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import MoeOffloadError
+from .graphs import GraphedDecode
 from .model import MoeTransformer
 from .sampling import SamplingParams, make_generator, sample
 from .text import IncrementalDetokenizer, StopStrings, Tokenizer
@@ -54,13 +55,16 @@ class Completion:
 class Session:
     """A KV cache and the exact tokens it holds. A new prompt reuses the longest common prefix."""
 
-    def __init__(self, model: MoeTransformer, max_context: int, prefill_chunk: int = 512):
+    def __init__(self, model: MoeTransformer, max_context: int, prefill_chunk: int = 512,
+                 cuda_graphs: bool = False):
         self.model = model
         self.kv = model.new_kv_cache(max_context)
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.tokens: list[int] = []
         self.device = model.embed_tokens.weight.device
+        # Decode steps replay each layer's dense part from a CUDA graph (see graphs.py).
+        self.decoder = GraphedDecode(model, self.kv) if cuda_graphs and self.device.type == "cuda" else None
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Feed ids after the cached tokens; returns the last position's logits [V]."""
@@ -94,7 +98,12 @@ class Session:
         return logits, common
 
     def step(self, token: int) -> torch.Tensor:
-        return self._forward([token])
+        if self.decoder is None or len(self.tokens) >= self.max_context:
+            return self._forward([token])
+        logits = self.decoder.step(token, len(self.tokens))
+        self.tokens.append(token)
+        self.kv.length = len(self.tokens)
+        return logits
 
     def reset(self) -> None:
         self.kv.truncate(0)

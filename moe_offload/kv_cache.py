@@ -25,6 +25,13 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def update_at(self, layer: int, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write one position (``position``: a one-element device tensor) without a host sync; return the
+        whole cache of the layer [B, Hk, M, Dh], for attention under a mask (static shapes: CUDA graphs)."""
+        self.k[layer].index_copy_(2, position, k)
+        self.v[layer].index_copy_(2, position, v)
+        return self.k[layer], self.v[layer]
+
     def truncate(self, length: int) -> None:
         """Forget positions >= length (their stale values are overwritten before they are read)."""
         assert 0 <= length <= self.length

@@ -79,13 +79,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, kv: KVCache, layer: int, start: int, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv: KVCache, layer: int, start: int | torch.Tensor, mask) -> torch.Tensor:
+        """``start``: first position (an int), or a one-element device tensor for a static-shape decode step
+        (CUDA-graph capturable: the key is written at that position and attention spans the whole cache
+        under ``mask``)."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hk, S, Dh]
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = kv.update(layer, start, k, v)  # [B, Hk, P, Dh]
+        if isinstance(start, torch.Tensor):
+            keys, values = kv.update_at(layer, start, k, v)  # [B, Hk, M, Dh]
+        else:
+            keys, values = kv.update(layer, start, k, v)  # [B, Hk, P, Dh]
         # cuDNN's attention builds a plan per new key length: ~1.3 ms of host time per call at decode.
         with sdpa_kernel(SDPA_BACKENDS):
             out = F.scaled_dot_product_attention(
@@ -196,8 +202,12 @@ class DecoderLayer(nn.Module):
         self.moe = MoEBlock(config)
 
     def forward(self, x, cos, sin, kv: KVCache, start: int, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.index, start, mask)
+        x = self.attend(x, cos, sin, kv, start, mask)
         return x + self.moe(self.post_attention_layernorm(x))
+
+    def attend(self, x, cos, sin, kv: KVCache, start: int | torch.Tensor, mask) -> torch.Tensor:
+        """The residual stream after this layer's attention (the part before the MoE block)."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.index, start, mask)
 
 
 class MoeTransformer(nn.Module):

@@ -1,0 +1,77 @@
+"""Batch-1 decode with each layer's dense part replayed from a CUDA graph.
+
+Eager decode issues ~60 small kernels per layer from Python; at batch 1 the host, not the GPU, sets the
+pace. Here each layer's attention, norms and router run as one captured graph over static buffers (the
+position lives in a device tensor, attention spans the whole KV cache under a mask). The experts stay
+eager: which ones run, and which copies they wait for, is decided on the host from the router's output.
+Per layer and token: one graph replay, the routing sync, the experts, one add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache
+from .model import MoeTransformer, rope_cos_sin
+
+
+class GraphedDecode:
+    def __init__(self, model: MoeTransformer, kv: KVCache, use_graphs: bool = True):
+        c = model.config
+        weight = model.embed_tokens.weight
+        self.model, self.kv, self.device, self.dtype = model, kv, weight.device, weight.dtype
+        M, D = kv.max_len, c.hidden_size
+        self.pos = torch.full((1,), M - 1, dtype=torch.long, device=self.device)  # capture writes the last slot
+        self.positions = torch.arange(M, device=self.device)
+        self.mask = torch.ones(1, M, dtype=torch.bool, device=self.device)  # [S=1, M]
+        self.x = [torch.zeros(1, 1, D, dtype=self.dtype, device=self.device) for _ in range(c.num_layers + 1)]
+        self.outputs: list[tuple[torch.Tensor, ...]] = []
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        if self.use_graphs:
+            self._capture()
+
+    @torch.inference_mode()
+    def _dense(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Layer i up to its routing: (residual after attention, MoE input, router weights, indices)."""
+        c, layer = self.model.config, self.model.layers[i]
+        cos, sin = rope_cos_sin(self.pos.view(1, 1), c.head_dim, c.rope_theta, self.dtype)
+        h = layer.attend(self.x[i], cos, sin, self.kv, self.pos, self.mask)
+        normed = layer.post_attention_layernorm(h).view(1, c.hidden_size)
+        weights, indices = layer.moe.router(normed)
+        return h, normed, weights, indices
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside capture: kernels compiled, scratch allocated
+            for i in range(len(self.model.layers)):
+                self._dense(i)
+                self._dense(i)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        for i in range(len(self.model.layers)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._dense(i)
+            self.graphs.append(graph)
+            self.outputs.append(out)
+
+    @torch.inference_mode()
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """Feed ``token`` at ``position``; return float32 logits [V]. The caller owns ``kv.length``."""
+        model, c = self.model, self.model.config
+        self.x[0].view(-1).copy_(model.embed_tokens.weight[token])
+        self.pos.fill_(position)
+        torch.le(self.positions, self.pos, out=self.mask[0])
+        if c.sliding_window is not None:
+            self.mask[0] &= (self.pos - self.positions) < c.sliding_window
+        for i, layer in enumerate(model.layers):
+            if self.use_graphs:
+                self.graphs[i].replay()
+                h, normed, weights, indices = self.outputs[i]
+            else:
+                h, normed, weights, indices = self._dense(i)
+            y = layer.moe.experts(normed, indices, weights)  # [1, D]
+            torch.add(h, y.view(1, 1, -1), out=self.x[i + 1])
+        return model.lm_head(model.norm(self.x[-1])).float()[0, 0]
