@@ -24,22 +24,13 @@ from .errors import MoeOffloadError
 from .flat import DTYPE_NAMES, DTYPES_BY_NAME, FlatLayout
 from .quant.hqq import QuantizedTensor, tensor_layout
 from .quant.presets import QuantPreset
-from .weights import PROJECTIONS, LayerWeights, expert_shapes
+from .weights import LayerWeights, expert_layout
 
 MANIFEST = "moe_offload.json"
 FORMAT = "moe-offload-quantized"
 FORMAT_VERSION = 1
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", MANIFEST)
 Progress = Callable[[str, int, int], None]
-
-
-def expert_layout(config: ModelConfig, preset: QuantPreset) -> FlatLayout:
-    """The byte layout every expert of this model uses under this preset."""
-    fields: dict[str, torch.Tensor] = {}
-    for proj, shape in expert_shapes(config).items():
-        for name, (tshape, dtype) in tensor_layout(shape, preset.experts).items():
-            fields[f"{proj}.{name}"] = torch.empty(tshape, dtype=dtype, device="meta")
-    return FlatLayout.of(fields)
 
 
 def _sha256(path: Path) -> str:
@@ -65,7 +56,7 @@ def write_checkpoint(out: Path, layers: Iterable[LayerWeights], source_dir: Path
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    layout = expert_layout(config, preset)
+    layout = expert_layout(config, preset, torch.bfloat16)
     tensors_meta: dict[str, dict] = {}
     shards: dict[str, dict] = {}
     try:
@@ -150,7 +141,7 @@ def read_manifest(directory: Path, config: ModelConfig) -> Manifest:
                 f"{path}: manifest says {key}={saved[key]!r} but config.json gives {value!r}; "
                 "the files do not belong together: re-quantize from the original checkpoint"
             )
-    if layout != expert_layout(config, preset):
+    if layout != expert_layout(config, preset, torch.bfloat16):
         raise MoeOffloadError(f"{path}: expert_layout does not match the config and quantization settings")
     return Manifest(directory, preset, layout, shards, tensors)
 

@@ -27,10 +27,10 @@ from .offload.cache import ExpertCache
 from .offload.planner import Plan
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
-from .placement import OffloadOptions, expert_layout, install_offload, plan_placement, prepare_offload
+from .placement import OffloadOptions, install_offload, plan_placement, prepare_offload
 from .sampling import SamplingParams
 from .text import Tokenizer
-from .weights import LayerWeights, build_expert, expert_shapes, iter_layers, quantize_layers
+from .weights import LayerWeights, build_expert, expert_layout, expert_shapes, iter_layers, quantize_layers
 
 # progress(description, completed, total): the CLI draws a bar with it; the API stays silent by default.
 Progress = Callable[[str, int, int], None]

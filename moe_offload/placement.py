@@ -23,7 +23,7 @@ from .offload.stats import CacheStats
 from .offload.store import ExpertStore
 from .quant.hqq import tensor_layout
 from .quant.presets import QuantPreset
-from .weights import build_expert, expert_shapes
+from .weights import build_expert, expert_layout
 
 WORKSPACE_BYTES = 512 << 20  # activations of a prefill chunk, logits, allocator slack
 FREE_MEMORY_MARGIN = 1 << 30
@@ -46,17 +46,6 @@ class OffloadOptions:
     @property
     def requested(self) -> bool:
         return self.gpu_memory is not None or self.offload_per_layer is not None
-
-
-def expert_layout(config: ModelConfig, preset: QuantPreset | None, dtype: torch.dtype) -> FlatLayout:
-    fields = {}
-    for proj, shape in expert_shapes(config).items():
-        if preset is None:
-            fields[f"{proj}.weight"] = torch.empty(shape, dtype=dtype, device="meta")
-        else:
-            for name, (tshape, tdtype) in tensor_layout(shape, preset.experts).items():
-                fields[f"{proj}.{name}"] = torch.empty(tshape, dtype=tdtype, device="meta")
-    return FlatLayout.of(fields)
 
 
 def non_expert_bytes(config: ModelConfig, preset: QuantPreset | None, dtype: torch.dtype) -> int:

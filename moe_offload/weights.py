@@ -19,7 +19,8 @@ from .config import ModelConfig
 from .errors import MoeOffloadError
 from .loading import EXPERT_KEY, CheckpointFiles, iter_tensors
 from .model import Expert
-from .quant.hqq import QuantizedTensor, QuantSpec, quantize
+from .flat import FlatLayout
+from .quant.hqq import QuantizedTensor, QuantSpec, quantize, tensor_layout
 from .quant.linear import QuantLinear
 from .quant.presets import QuantPreset
 
@@ -40,6 +41,18 @@ class LayerWeights:
 def expert_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     d, i = config.hidden_size, config.intermediate_size
     return {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
+
+
+def expert_layout(config: ModelConfig, preset: QuantPreset | None, dtype: torch.dtype) -> FlatLayout:
+    """The byte layout of one expert's flat buffer (the same for every expert of a model)."""
+    fields = {}
+    for proj, shape in expert_shapes(config).items():
+        if preset is None:
+            fields[f"{proj}.weight"] = torch.empty(shape, dtype=dtype, device="meta")
+        else:
+            for name, (tshape, tdtype) in tensor_layout(shape, preset.experts).items():
+                fields[f"{proj}.{name}"] = torch.empty(tshape, dtype=tdtype, device="meta")
+    return FlatLayout.of(fields)
 
 
 def iter_layers(files: CheckpointFiles, on_read: Callable[[], None] | None = None) -> Iterator[LayerWeights]:
