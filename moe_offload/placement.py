@@ -122,7 +122,7 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     # cache=False (an ablation): no slot keeps anything, every routed expert is copied on use.
     policy = make_policy(p.policy, c.num_layers, slots) if options.cache else NoCache()
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
-                        scratch_slots=1 if options.cache else c.top_k, timing=options.timing)
+                        scratch_slots=2 if options.cache else max(2, c.top_k), timing=options.timing)
     guesses: dict[int, set[int]] = {}
     for i, layer in enumerate(model.layers):
         ahead = [(j, model.layers[j].moe.router) for j in range(i + 1, min(i + 1 + options.prefetch, c.num_layers))]

@@ -9,9 +9,10 @@ business; this class only moves bytes and orders streams. It knows nothing about
 
 Stream/event protocol (CUDA):
   * copies run on ``copy_stream``, so they overlap compute on the current (compute) stream;
-  * before a copy overwrites a slot, the copy stream waits for an event recorded on the compute
-    stream at that moment: every kernel that read the slot's previous expert was enqueued before it,
-    so the overwrite cannot race with them;
+  * before a copy overwrites a slot, the copy stream waits for the slot's ``free`` event: recorded on
+    the compute stream once every kernel reading the slot's previous expert was enqueued (marked at the
+    next ``module()`` call, since the caller computes one expert at a time), so the overwrite cannot
+    race with them, yet need not wait for unrelated compute;
   * after the copy, ``ready[slot]`` is recorded on the copy stream; the compute stream waits on that
     event (``wait_event``, no host sync) right before it first uses the slot.
 On a CPU "device" the slots are plain memory and a copy is a synchronous memcpy.
@@ -42,9 +43,10 @@ class ExpertCache:
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready: list[torch.cuda.Event | None] = [None] * total
+        self.free: list[torch.cuda.Event | None] = [None] * total
+        self._unmarked: list[int] = []  # slots handed out whose readers may not all be enqueued yet
         self._scratch = list(range(self.num_slots, total))
         self._scratch_next = 0
-        self._scratch_key: dict[int, Key] = {}
         self.prefetched: set[Key] = set()  # resident because of a prefetch, not yet used
         self.timing = timing and self.cuda
         self._pending_waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
@@ -55,10 +57,12 @@ class ExpertCache:
         if not self.cuda:
             self.slots[slot].copy_(src)
             return
-        compute_now = torch.cuda.Event()
-        compute_now.record()  # on the compute stream: every earlier reader of this slot is before it
+        if slot in self._unmarked:
+            self._mark_used()
+        free = self.free[slot]
         with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(compute_now)
+            if free is not None:
+                self.copy_stream.wait_event(free)
             self.slots[slot].copy_(src, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.copy_stream)
@@ -118,8 +122,22 @@ class ExpertCache:
             s.prefetch_copies += 1
             s.bytes_copied += self.store.layout.nbytes
 
+    def _mark_used(self) -> None:
+        """Every reader of the slots handed out so far is enqueued: record when they will be done."""
+        if not self._unmarked or not self.cuda:
+            self._unmarked.clear()
+            return
+        event = torch.cuda.Event()
+        event.record()
+        for slot in self._unmarked:
+            self.free[slot] = event
+        self._unmarked.clear()
+
     def module(self, layer: int, expert: int) -> nn.Module:
-        """The module computing (layer, expert); the compute stream waits for its copy if needed."""
+        """The module computing (layer, expert); the compute stream waits for its copy if needed.
+
+        The caller enqueues the returned module's work before asking for the next one."""
+        self._mark_used()
         key = (layer, expert)
         slot = self.policy.slot_of(key)
         if slot is None:  # no slot could be freed for it: stream it through a scratch slot
@@ -130,6 +148,7 @@ class ExpertCache:
             s.bypass += 1
             s.bytes_copied += self.store.layout.nbytes
         self._wait(slot, layer)
+        self._unmarked.append(slot)
         return self.modules[slot]
 
     def collect_timing(self) -> None:
