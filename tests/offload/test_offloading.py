@@ -47,7 +47,9 @@ def test_offloaded_is_bit_identical(tiny_dir, resident, options):
     s = engine.cache_stats.summary()
     assert s["hits"] + s["misses"] > 0 and s["bytes_copied"] > 0
     if options.prefetch:
-        assert s["prefetch_copies"] > 0 and 0 < s["prefetch_recall"] <= 1
+        assert 0 < s["prefetch_recall"] <= 1
+        if options.offload_per_layer != 0:  # with a slot for every expert, there is nothing to prefetch
+            assert s["prefetch_copies"] > 0
     else:
         assert s["prefetch_copies"] == 0
 
