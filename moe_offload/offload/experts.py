@@ -34,7 +34,7 @@ class OffloadedExperts:
             stats.tokens += x.shape[0]
         # One host sync per layer brings this layer's routing and every look-ahead guess together.
         # Look ahead at decode only: a prefill chunk needs nearly every expert of every layer, and guessed
-        # copies for the next layer would queue ahead of this layer's own (measured: prefill 891 -> 1587 tok/s).
+        # copies for the next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s).
         lookahead = self.lookahead if x.shape[0] == 1 else []
         ahead = [router(x)[1] for _, router in lookahead]  # each [T, K]
         flat = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]).tolist()
