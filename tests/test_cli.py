@@ -83,3 +83,35 @@ def test_quantize_bad_settings(tiny_dir, tmp_path):
                                     "--device", "cpu"])
     assert bad_group.exit_code == 1 and "group_size=256 must divide K=64" in bad_group.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(tiny_dir):
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moe_offload", "chat", str(tiny_dir), "--max-new-tokens", "100000", "--max-context",
+         "4096", "--temperature", "1.0", "--top-p", "1.0", "--seed", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        proc.stdin.write(b"Tell me a long story\n")
+        proc.stdin.flush()
+        seen, deadline = b"", time.time() + 90
+        while len(seen) < 40 and time.time() < deadline:  # the prompt, then streamed answer text
+            if select.select([proc.stdout], [], [], 1)[0]:
+                seen += os.read(proc.stdout.fileno(), 4096)
+        assert len(seen) >= 40, seen
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.stdin.write(b"/exit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert b"[stopped]" in seen + out and b"Traceback" not in err
