@@ -112,7 +112,7 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
 
         raise MoeOffloadError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the context "
                               f"{engine.max_context}; raise --max-context")
-    _greedy_run(engine, warm, 8)  # kernels compiled, allocator and caches warm
+    _greedy_run(engine, warm, 32)  # kernels compiled, experts' decode graphs captured, caches warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill_s, decode_s = _greedy_run(engine, prompt, new_tokens)

@@ -4,7 +4,8 @@ Eager decode issues ~60 small kernels per layer from Python; at batch 1 the host
 pace. Here each layer's attention, norms and router run as one captured graph over static buffers (the
 position lives in a device tensor, attention spans the whole KV cache under a mask). The experts stay
 eager: which ones run, and which copies they wait for, is decided on the host from the router's output.
-Per layer and token: one graph replay, the routing sync, the experts, one add.
+Per layer and token: one graph replay, the routing sync, the experts, one add. Quantized experts replay
+graphs of their own too (see weights.QuantExpert), keyed by their static input buffer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import MoeTransformer, rope_cos_sin
+from .weights import EXPERT_GRAPHS
 
 
 class GraphedDecode:
@@ -28,6 +30,7 @@ class GraphedDecode:
         self.outputs: list[tuple[torch.Tensor, ...]] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.expert_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         if self.use_graphs:
             self._capture()
 
@@ -66,12 +69,16 @@ class GraphedDecode:
         torch.le(self.positions, self.pos, out=self.mask[0])
         if c.sliding_window is not None:
             self.mask[0] &= (self.pos - self.positions) < c.sliding_window
-        for i, layer in enumerate(model.layers):
-            if self.use_graphs:
-                self.graphs[i].replay()
-                h, normed, weights, indices = self.outputs[i]
-            else:
-                h, normed, weights, indices = self._dense(i)
-            y = layer.moe.experts(normed, indices, weights)  # [1, D]
-            torch.add(h, y.view(1, 1, -1), out=self.x[i + 1])
+        graphed_experts = EXPERT_GRAPHS.set(self.expert_pool)
+        try:
+            for i, layer in enumerate(model.layers):
+                if self.use_graphs:
+                    self.graphs[i].replay()
+                    h, normed, weights, indices = self.outputs[i]
+                else:
+                    h, normed, weights, indices = self._dense(i)
+                y = layer.moe.experts(normed, indices, weights)  # [1, D]
+                torch.add(h, y.view(1, 1, -1), out=self.x[i + 1])
+        finally:
+            EXPERT_GRAPHS.reset(graphed_experts)
         return model.lm_head(model.norm(self.x[-1])).float()[0, 0]

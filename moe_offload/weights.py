@@ -8,6 +8,7 @@ An expert travels as one flat dict of named tensors (``gate_proj.weight`` or ``g
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -104,16 +105,50 @@ def quantize_layers(layers: Iterator[LayerWeights], preset: QuantPreset, device:
         yield out
 
 
+# Set by GraphedDecode around a decode step to its expert-graph memory pool: batch-1 expert calls then
+# replay per-input CUDA graphs. (One pool: a graph's output is consumed before the next graph replays.)
+EXPERT_GRAPHS: ContextVar[object | None] = ContextVar("expert_graphs", default=None)
+
+
 class QuantExpert(Expert):
     """A quantized expert; on CUDA with 16-bit activations the fused kernels run it in two launches
-    (gate+up+SiLU, then down) instead of five."""
+    (gate+up+SiLU, then down) instead of five.
+
+    Inside a graphed decode step (``EXPERT_GRAPHS``) a batch-1 call replays a CUDA graph captured for
+    this module and this input buffer: the decode loop's inputs are static buffers and an offloaded
+    expert's weights sit at its slot's fixed address, so replay reads whatever expert the slot holds.
+    The first call per input runs eagerly (compiling kernels, allocating scratch); the second captures.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available():
-            return kernels.expert_forward(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt)
+            pool = EXPERT_GRAPHS.get()
+            if x.shape[0] == 1 and pool is not None:
+                return self._replay(x, pool)
+            return self._fused(x)
         return super().forward(x)
 
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.expert_forward(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt)
 
+    def _replay(self, x: torch.Tensor, pool) -> torch.Tensor:
+        graphs = self.__dict__.setdefault("_graphs", {})  # input data_ptr -> None (warmed) or (graph, output)
+        key = x.data_ptr()
+        if key not in graphs:
+            graphs[key] = None
+            return self._fused(x)
+        if graphs[key] is None:
+            graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                graph.capture_begin(pool=pool)
+                out = self._fused(x)
+                graph.capture_end()
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graphs[key] = (graph, out)
+        graph, out = graphs[key]
+        graph.replay()
+        return out
 def build_expert(flat: dict[str, torch.Tensor], config: ModelConfig, spec: QuantSpec | None) -> Expert:
     """An Expert module whose weights are exactly the given tensors (views stay views: no copies)."""
     with torch.device("meta"):
