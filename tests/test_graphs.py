@@ -35,23 +35,26 @@ def test_static_decode_sliding_window(tmp_path):
     assert compare(engine, list(range(3, 12)), steps=10) < 1e-4
 
 
+def graphed_logits(engine, prompt, use_graphs, steps):
+    """Logits of ``steps`` greedy decode steps through GraphedDecode, stacked."""
+    session = engine.new_session()
+    logits, _ = session.prefill(prompt)
+    decoder = GraphedDecode(engine.model, session.kv, use_graphs=use_graphs)
+    token, seq = int(logits.argmax()), []
+    for _ in range(steps):
+        logits = decoder.step(token, len(session.tokens))
+        session.tokens.append(token)
+        session.kv.length = len(session.tokens)
+        token = int(logits.argmax())
+        seq.append(logits)
+    return torch.stack(seq)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_equals_eager_static(tiny_dir):
     engine = moe_offload.load(tiny_dir, device="cuda", dtype="bfloat16", cuda_graphs=False)
     prompt = list(range(3, 30))
-    outs = []
-    for use_graphs in (False, True):
-        session = engine.new_session()
-        logits, _ = session.prefill(prompt)
-        decoder = GraphedDecode(engine.model, session.kv, use_graphs=use_graphs)
-        token, seq = int(logits.argmax()), []
-        for _ in range(16):
-            logits = decoder.step(token, len(session.tokens))
-            session.tokens.append(token)
-            session.kv.length = len(session.tokens)
-            token = int(logits.argmax())
-            seq.append(logits)
-        outs.append(torch.stack(seq))
+    outs = [graphed_logits(engine, prompt, use_graphs, 16) for use_graphs in (False, True)]
     assert torch.equal(outs[0], outs[1])
 
 
@@ -64,18 +67,7 @@ def test_cuda_expert_graphs_equal_eager_experts(offloaded):
 
     offload = OffloadOptions(offload_per_layer=2) if offloaded else None
     prompt = list(range(3, 40))
-    outs = []
-    for use_graphs in (False, True):
-        engine = load_synthetic("tiny", preset="4/2", device="cuda", offload=offload, cuda_graphs=False)
-        session = engine.new_session()
-        logits, _ = session.prefill(prompt)
-        decoder = GraphedDecode(engine.model, session.kv, use_graphs=use_graphs)
-        token, seq = int(logits.argmax()), []
-        for _ in range(24):  # long enough for every expert to be warmed, captured and replayed
-            logits = decoder.step(token, len(session.tokens))
-            session.tokens.append(token)
-            session.kv.length = len(session.tokens)
-            token = int(logits.argmax())
-            seq.append(logits)
-        outs.append(torch.stack(seq))
+    # 24 steps: long enough for every expert to be warmed, captured and replayed
+    outs = [graphed_logits(load_synthetic("tiny", preset="4/2", device="cuda", offload=offload, cuda_graphs=False),
+                           prompt, use_graphs, 24) for use_graphs in (False, True)]
     assert torch.equal(outs[0], outs[1])
