@@ -321,6 +321,34 @@ def bench(
         _write_json_atomic(json_file, payload)
 
 
+@app.command()
+@user_errors
+def serve(
+    model: str = ModelArg,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOE_OFFLOAD_API_KEY",
+                                          help="Require this bearer token on /v1/ routes."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond this get HTTP 429."),
+    device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
+    quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
+    gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
+    policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    import uvicorn
+
+    from .server.app import create_app
+
+    engine = _load(model, device, dtype, max_context, quantize, not no_verify,
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin))
+    name = Path(model).name if Path(model).exists() else model
+    err.print(f"serving {name} on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'})",
+              highlight=False, soft_wrap=True)
+    uvicorn.run(create_app(engine, name, api_key=api_key, max_queue=max_queue), host=host, port=port,
+                log_level="warning")
+
+
 def torch_oom():
     import torch
 
