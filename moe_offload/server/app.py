@@ -113,7 +113,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         except MoeOffloadError as e:
             raise APIError(400, str(e)) from None
 
-    async def run(prompt_ids: list[int], params: SamplingParams, request: Request):
+    async def run(prompt_ids: list[int], params: SamplingParams):
         """Submit; yield TokenEvents then the Completion (or raise what the worker raised)."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
@@ -144,11 +144,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                 "total_tokens": c.prompt_tokens + c.completion_tokens}
 
-    async def respond(kind: str, req, prompt_ids: list[int], request: Request):
+    async def respond(kind: str, req, prompt_ids: list[int]):
         params = prepare(req, prompt_ids)
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        gen = run(prompt_ids, params, request)
+        gen = run(prompt_ids, params)
         first = await first_item(gen)
 
         async def items() -> AsyncIterator:
@@ -198,17 +198,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    async def chat_completions(req: ChatCompletionRequest):
         try:
             ids = engine.tokenizer.apply_chat_template([m.model_dump() for m in req.messages])
         except MoeOffloadError as e:
             raise APIError(400, str(e), param="messages") from None
-        return await respond("chat", req, ids, request)
+        return await respond("chat", req, ids)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    async def completions(req: CompletionRequest):
         if not req.prompt:
             raise APIError(400, "prompt is empty", param="prompt")
-        return await respond("completion", req, engine.encode(req.prompt), request)
+        return await respond("completion", req, engine.encode(req.prompt))
 
     return app
