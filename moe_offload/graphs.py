@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import KVCache
-from .model import MoeTransformer, rope_cos_sin
+from .model import MoeTransformer, Pending, rope_cos_sin
 from .weights import EXPERT_GRAPHS
 
 
@@ -27,7 +27,7 @@ class GraphedDecode:
         self.positions = torch.arange(M, device=self.device)
         self.mask = torch.ones(1, M, dtype=torch.bool, device=self.device)  # [S=1, M]
         self.x = [torch.zeros(1, 1, D, dtype=self.dtype, device=self.device) for _ in range(c.num_layers + 1)]
-        self.outputs: list[tuple[torch.Tensor, ...]] = []
+        self.outputs: list[Pending] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.expert_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -35,14 +35,11 @@ class GraphedDecode:
             self._capture()
 
     @torch.inference_mode()
-    def _dense(self, i: int) -> tuple[torch.Tensor, ...]:
-        """Layer i up to its routing: (residual after attention, MoE input, router weights, indices)."""
+    def _dense(self, i: int) -> Pending:
+        """Layer i up to its routed experts (attention, norms, router, shared expert; all of a dense layer)."""
         c, layer = self.model.config, self.model.layers[i]
         cos, sin = rope_cos_sin(self.pos.view(1, 1), c.head_dim, c.rope_theta, self.dtype)
-        h = layer.attend(self.x[i], cos, sin, self.kv, self.pos, self.mask)
-        normed = layer.post_attention_layernorm(h).view(1, c.hidden_size)
-        weights, indices = layer.moe.router(normed)
-        return h, normed, weights, indices
+        return layer.prepare(self.x[i], cos, sin, self.kv, self.pos, self.mask)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream(self.device)
@@ -74,11 +71,10 @@ class GraphedDecode:
             for i, layer in enumerate(model.layers):
                 if self.use_graphs:
                     self.graphs[i].replay()
-                    h, normed, weights, indices = self.outputs[i]
+                    pending = self.outputs[i]
                 else:
-                    h, normed, weights, indices = self._dense(i)
-                y = layer.moe.experts(normed, indices, weights)  # [1, D]
-                torch.add(h, y.view(1, 1, -1), out=self.x[i + 1])
+                    pending = self._dense(i)
+                layer.finish(pending, out=self.x[i + 1])  # the routed experts, eager
         finally:
             EXPERT_GRAPHS.reset(graphed_experts)
         return model.lm_head(model.norm(self.x[-1])).float()[0, 0]

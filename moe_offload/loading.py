@@ -2,8 +2,10 @@
 
 Canonical names are this package's parameter names (``layers.3.self_attn.q_proj.weight``); expert
 weights come out per expert as ``layers.{i}.experts.{e}.{gate,up,down}_proj.weight`` whichever of the
-two Hugging Face layouts the checkpoint uses. Tensors are read one at a time from memory-mapped
-safetensors, so the model is never held twice in RAM. Loading knows nothing about offloading.
+Hugging Face layouts the checkpoint uses (Mixtral's ``block_sparse_moe.experts.{e}.w1/w2/w3``, the
+``mlp.experts.{e}.*_proj`` of Qwen-MoE and OLMoE, or the fused ``mlp.experts.gate_up_proj`` tensors that
+transformers >= 5 holds in memory). Tensors are read one at a time from memory-mapped safetensors, so the
+model is never held twice in RAM. Loading knows nothing about offloading.
 """
 
 from __future__ import annotations
@@ -22,19 +24,28 @@ from .errors import MoeOffloadError
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 EXPERT_KEY = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
-# Hugging Face name -> canonical name; the first match wins.
+_L = r"^model\.layers\.(\d+)\."
+# Hugging Face name -> canonical name; the first match wins. The families' names do not collide, so one
+# list serves them all: ``mlp.gate`` is a router, ``mlp.gate_proj`` a dense layer's MLP (Qwen).
 _RULES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^model\.embed_tokens\.weight$"), "embed_tokens.weight"),
     (re.compile(r"^model\.norm\.weight$"), "norm.weight"),
     (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$"), r"layers.\1.\2.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.weight$"), r"layers.\1.self_attn.\2.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$"), r"layers.\1.moe.router.gate.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w1\.weight$"), r"layers.\1.experts.\2.gate_proj.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w3\.weight$"), r"layers.\1.experts.\2.up_proj.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w2\.weight$"), r"layers.\1.experts.\2.down_proj.weight"),
+    (re.compile(_L + r"(input_layernorm|post_attention_layernorm)\.weight$"), r"layers.\1.\2.weight"),
+    (re.compile(_L + r"self_attn\.([qkvo]_proj)\.(weight|bias)$"), r"layers.\1.self_attn.\2.\3"),  # bias: Qwen, OLMoE
+    (re.compile(_L + r"self_attn\.([qk]_norm)\.weight$"), r"layers.\1.self_attn.\2.weight"),  # Qwen3, OLMoE
+    (re.compile(_L + r"(?:block_sparse_moe|mlp)\.gate\.weight$"), r"layers.\1.moe.router.gate.weight"),
+    (re.compile(_L + r"mlp\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight$"),
+     r"layers.\1.moe.shared_expert.\2.weight"),  # Qwen2-MoE
+    (re.compile(_L + r"mlp\.shared_expert_gate\.weight$"), r"layers.\1.moe.shared_expert_gate.weight"),
+    (re.compile(_L + r"mlp\.(gate_proj|up_proj|down_proj)\.weight$"), r"layers.\1.mlp.\2.weight"),  # dense layers
+    (re.compile(_L + r"block_sparse_moe\.experts\.(\d+)\.w1\.weight$"), r"layers.\1.experts.\2.gate_proj.weight"),
+    (re.compile(_L + r"block_sparse_moe\.experts\.(\d+)\.w3\.weight$"), r"layers.\1.experts.\2.up_proj.weight"),
+    (re.compile(_L + r"block_sparse_moe\.experts\.(\d+)\.w2\.weight$"), r"layers.\1.experts.\2.down_proj.weight"),
+    (re.compile(_L + r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"),
+     r"layers.\1.experts.\2.\3.weight"),  # Qwen-MoE, OLMoE
 ]
-_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_FUSED = re.compile(_L + r"mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 def resolve_model_dir(model: str | os.PathLike, revision: str | None = None) -> Path:

@@ -1,4 +1,7 @@
-"""The MoE transformer (Mixtral architecture), written for control over streams, caches and kernels.
+"""The MoE transformer of every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), written for control
+over streams, caches and kernels. Family differences are ModelConfig fields, each with one branch here:
+q/k norms and q/k/v clipping (Attention), attention biases (nn.Linear bias), router renormalization (Router),
+the gated shared expert (MoEBlock), dense MLP layers (DecoderLayer).
 
 Dimension legend: B batch, S new tokens, P cached + new positions, T = B*S tokens, D hidden,
 H query heads, Hk key/value heads, Dh head dim, E experts, K experts per token, I expert ffn, V vocab.
@@ -10,7 +13,7 @@ module with the same ``forward``; nothing here changes when it does.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,19 +77,33 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, q, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, kv, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, kv, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(q, c.hidden_size, bias=c.o_bias)
+        self.qk_norm, self.clip_qkv = c.qk_norm, c.clip_qkv
+        if c.qk_norm is not None:  # Qwen3: each head over Dh; OLMoE: the whole projection, before the head split
+            per_head = c.qk_norm == "head"
+            self.q_norm = RMSNorm(c.head_dim if per_head else q, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim if per_head else kv, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv: KVCache, layer: int, start: int | torch.Tensor, mask) -> torch.Tensor:
         """``start``: first position (an int), or a one-element device tensor for a static-shape decode step
         (CUDA-graph capturable: the key is written at that position and attention spans the whole cache
         under ``mask``)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hk, S, Dh]
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*Dh], [B, S, Hk*Dh], [B, S, Hk*Dh]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, H, Dh]
+        k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, Hk, Dh]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh], [B, Hk, S, Dh]
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hk, S, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(start, torch.Tensor):
             keys, values = kv.update_at(layer, start, k, v)  # [B, Hk, M, Dh]
@@ -101,7 +118,8 @@ class Attention(nn.Module):
 
 
 class Expert(nn.Module):
-    """One SwiGLU expert: down(silu(gate(x)) * up(x)). Mixtral's w1 = gate, w3 = up, w2 = down."""
+    """One SwiGLU MLP: down(silu(gate(x)) * up(x)); a routed expert, a shared expert or a dense layer's MLP.
+    Mixtral's w1 = gate, w3 = up, w2 = down."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -172,10 +190,20 @@ class Router(nn.Module):
 
 
 class MoEBlock(nn.Module):
+    """Routed experts, computed by a provider (``experts``), plus an optional resident shared expert.
+
+    The shared expert (Qwen2-MoE) runs on every token, scaled by ``sigmoid(shared_expert_gate(x))``; it is
+    part of the model, not of the provider, so it stays resident wherever the routed experts live.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.router = Router(config)
         self.experts: Experts = ResidentExperts(config.num_experts, config.hidden_size, config.intermediate_size)
+        self.shared_expert: Expert | None = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = Expert(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def set_experts(self, experts: Experts) -> None:
         """Swap the expert provider (a module, or any callable with the Experts signature)."""
@@ -185,11 +213,34 @@ class MoEBlock(nn.Module):
         else:
             object.__setattr__(self, "experts", experts)
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [T, D] -> router weights [T, K], indices [T, K], gated shared-expert output [T, D] (or None).
+        Everything here is resident and needs no host sync."""
+        weights, indices = self.router(x)
+        if self.shared_expert is None:
+            return weights, indices, None
+        return weights, indices, torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                shared: torch.Tensor | None) -> torch.Tensor:
+        """The routed experts' weighted sum [T, D], plus the shared expert's output (transformers' order)."""
+        y = self.experts(x, indices, weights)
+        return y if shared is None else y + shared
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         flat = x.reshape(B * S, D)  # [T, D]
-        weights, indices = self.router(flat)
-        return self.experts(flat, indices, weights).reshape(B, S, D)
+        return self.combine(flat, *self.route(flat)).reshape(B, S, D)
+
+
+class Pending(NamedTuple):
+    """A decoder layer's output short of its routed experts: ``residual + combine(x, weights, indices, shared)``."""
+
+    residual: torch.Tensor  # [B, S, D] after attention; a dense layer's finished output
+    x: torch.Tensor | None = None  # [T, D] the MoE block's input; None for a dense layer (nothing left to do)
+    weights: torch.Tensor | None = None  # [T, K]
+    indices: torch.Tensor | None = None  # [T, K]
+    shared: torch.Tensor | None = None  # [T, D] gated shared-expert output (Qwen2-MoE)
 
 
 class DecoderLayer(nn.Module):
@@ -199,15 +250,36 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = MoEBlock(config)
+        # A MoE layer has ``moe``; a dense one (Qwen's mlp_only_layers / decoder_sparse_step) has ``mlp``.
+        moe = config.is_moe_layer(index)
+        self.moe: MoEBlock | None = MoEBlock(config) if moe else None
+        self.mlp: Expert | None = None if moe else Expert(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x, cos, sin, kv: KVCache, start: int, mask) -> torch.Tensor:
-        x = self.attend(x, cos, sin, kv, start, mask)
-        return x + self.moe(self.post_attention_layernorm(x))
+        return self.finish(self.prepare(x, cos, sin, kv, start, mask))
 
     def attend(self, x, cos, sin, kv: KVCache, start: int | torch.Tensor, mask) -> torch.Tensor:
         """The residual stream after this layer's attention (the part before the MoE block)."""
         return x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.index, start, mask)
+
+    def prepare(self, x, cos, sin, kv: KVCache, start: int | torch.Tensor, mask) -> Pending:
+        """Everything before the routed experts: attention, norms, router, shared expert (a dense layer: all).
+
+        No host sync happens here, so a static-shape decode step can capture it in a CUDA graph (graphs.py).
+        """
+        h = self.attend(x, cos, sin, kv, start, mask)
+        normed = self.post_attention_layernorm(h)
+        if self.moe is None:
+            return Pending(h + self.mlp(normed))
+        flat = normed.reshape(-1, normed.shape[-1])  # [T, D]
+        return Pending(h, flat, *self.moe.route(flat))
+
+    def finish(self, p: Pending, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the routed experts (eager: which ones run is decided on the host). Writes into ``out`` if given."""
+        if p.x is None:
+            return p.residual if out is None else out.copy_(p.residual)
+        y = self.moe.combine(p.x, p.weights, p.indices, p.shared)  # [T, D]
+        return torch.add(p.residual, y.view_as(p.residual), out=out)
 
 
 class MoeTransformer(nn.Module):
@@ -218,6 +290,10 @@ class MoeTransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        """The MoE blocks in layer order (dense layers have none); offloading numbers them 0, 1, ..."""
+        return [layer.moe for layer in self.layers if layer.moe is not None]
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -17,22 +17,44 @@ from .config import ModelConfig
 from .errors import MoeOffloadError
 from .quant.hqq import QuantizedTensor, QuantSpec, meta_block, tensor_layout
 from .quant.presets import QuantPreset
-from .weights import LayerWeights, expert_shapes
+from .weights import LayerWeights, expert_shapes, non_expert_shapes, quant_spec
 
+# Real shapes, from each model's config.json on the Hugging Face Hub.
 SHAPES: dict[str, dict] = {
-    "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                         num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, rope_theta=1e6),
-    "mixtral-8x22b": dict(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_layers=56,
-                          num_heads=48, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, rope_theta=1e6),
-    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                 head_dim=16, num_experts=4, top_k=2, rope_theta=1e6),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2,
+                         rope_theta=1e6, eos_token_ids=(2,)),
+    "mixtral-8x22b": dict(model_type="mixtral", vocab_size=32768, hidden_size=6144, intermediate_size=16384,
+                          num_layers=56, num_heads=48, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2,
+                          rope_theta=1e6, max_position_embeddings=65536, eos_token_ids=(2,)),
+    # Qwen/Qwen3-30B-A3B: head_dim 128 is not hidden/heads (64); per-head q/k norms; top-8 of 128, renormalized.
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=768,
+                          num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8,
+                          rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960, qk_norm="head",
+                          norm_topk_prob=True, eos_token_ids=(151645,)),
+    # allenai/OLMoE-1B-7B-0924: q/k norms over the whole projection; top-8 of 64, not renormalized.
+    "olmoe-1b-7b": dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                        num_layers=16, num_heads=16, num_kv_heads=16, head_dim=128, num_experts=64, top_k=8,
+                        rope_theta=1e4, max_position_embeddings=4096, qk_norm="full", norm_topk_prob=False,
+                        eos_token_ids=(50279,)),
+    # Qwen/Qwen1.5-MoE-A2.7B (qwen2_moe): q/k/v biases, a gated shared expert of width 5632, top-4 of 60.
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=1408,
+                              num_layers=24, num_heads=16, num_kv_heads=16, head_dim=128, num_experts=60, top_k=4,
+                              rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=8192, qkv_bias=True,
+                              shared_expert_intermediate_size=5632, norm_topk_prob=False,
+                              eos_token_ids=(151643,)),
+    "tiny": dict(model_type="mixtral", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, rope_theta=1e6,
+                 max_position_embeddings=32768, eos_token_ids=(2,)),
 }
 
 
 def synthetic_config(name: str) -> ModelConfig:
     if name not in SHAPES:
         raise MoeOffloadError(f"--synthetic {name!r} is unknown; choose one of {', '.join(SHAPES)}")
-    return ModelConfig(model_type="mixtral", max_position_embeddings=32768, eos_token_ids=(2,), **SHAPES[name])
+    config = ModelConfig(**SHAPES[name])
+    config.validate(f"--synthetic {name}")
+    return config
 
 
 def random_quantized(shape: tuple[int, int], spec: QuantSpec, generator: torch.Generator,
@@ -63,44 +85,46 @@ def random_quantized(shape: tuple[int, int], spec: QuantSpec, generator: torch.G
 
 def synthetic_layers(config: ModelConfig, preset: QuantPreset | None, device: torch.device,
                      dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Iterator[LayerWeights]:
-    """A random model as LayerWeights (on ``device``), embeddings first, then layer by layer."""
+    """A random model as LayerWeights (on ``device``), embeddings first, then layer by layer.
+
+    The non-expert tensors are exactly ``non_expert_shapes(config)``, quantized where ``quant_spec`` says.
+    """
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     c = config
 
-    def dense(n: int, k: int, std: float) -> torch.Tensor:
-        return (torch.randn((n, k), device=device, generator=g) * std).to(dtype)
+    def dense(shape: tuple[int, ...], std: float) -> torch.Tensor:
+        return (torch.randn(shape, device=device, generator=g) * std).to(dtype)
 
-    def linear(out: LayerWeights, name: str, n: int, k: int, spec: QuantSpec | None) -> None:
-        if spec is None:
-            out.params[name] = dense(n, k, k**-0.5)
-        else:
-            out.quantized[name.removesuffix(".weight")] = random_quantized((n, k), spec, g, device)
+    def put(out: LayerWeights, name: str, shape: tuple[int, ...]) -> None:
+        spec = quant_spec(name, preset)
+        if spec is not None:
+            out.quantized[name.removesuffix(".weight")] = random_quantized(shape, spec, g, device)
+        elif name.endswith("norm.weight"):
+            out.params[name] = torch.ones(shape, device=device, dtype=dtype)
+        elif name == "embed_tokens.weight":
+            out.params[name] = dense(shape, 1.0)
+        elif name.endswith(".bias"):
+            out.params[name] = dense(shape, 0.02)
+        else:  # linear weights, routers included
+            out.params[name] = dense(shape, shape[-1] ** -0.5)
 
-    head = LayerWeights(None)
-    head.params["embed_tokens.weight"] = dense(c.vocab_size, c.hidden_size, 1.0)
-    head.params["norm.weight"] = torch.ones(c.hidden_size, device=device, dtype=dtype)
-    if not c.tie_word_embeddings:
-        linear(head, "lm_head.weight", c.vocab_size, c.hidden_size, preset.lm_head if preset else None)
-    yield head
-    attn = preset.attention if preset else None
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    for i in range(c.num_layers):
-        layer = LayerWeights(i)
-        p = f"layers.{i}."
-        for name, n, k in (("q_proj", q, c.hidden_size), ("k_proj", kv, c.hidden_size),
-                           ("v_proj", kv, c.hidden_size), ("o_proj", c.hidden_size, q)):
-            linear(layer, f"{p}self_attn.{name}.weight", n, k, attn)
-        layer.params[f"{p}input_layernorm.weight"] = torch.ones(c.hidden_size, device=device, dtype=dtype)
-        layer.params[f"{p}post_attention_layernorm.weight"] = torch.ones(c.hidden_size, device=device, dtype=dtype)
-        layer.params[f"{p}moe.router.gate.weight"] = dense(c.num_experts, c.hidden_size, c.hidden_size**-0.5)
-        for e in range(c.num_experts):
-            flat: dict[str, torch.Tensor] = {}
-            for proj, (n, k) in expert_shapes(c).items():
-                if preset is None:
-                    flat[f"{proj}.weight"] = dense(n, k, k**-0.5)
-                else:
-                    qt = random_quantized((n, k), preset.experts, g, device)
-                    flat.update({f"{proj}.{name}": t for name, t in qt.tensors().items()})
-            layer.experts[e] = flat
+    by_layer: dict[int | None, dict[str, tuple[int, ...]]] = {}
+    for name, shape in non_expert_shapes(c).items():
+        index = int(name.split(".")[1]) if name.startswith("layers.") else None
+        by_layer.setdefault(index, {})[name] = shape
+    for index in [None, *range(c.num_layers)]:
+        layer = LayerWeights(index)
+        for name, shape in by_layer[index].items():
+            put(layer, name, shape)
+        if index is not None and c.is_moe_layer(index):
+            for e in range(c.num_experts):
+                flat: dict[str, torch.Tensor] = {}
+                for proj, (n, k) in expert_shapes(c).items():
+                    if preset is None:
+                        flat[f"{proj}.weight"] = dense((n, k), k**-0.5)
+                    else:
+                        qt = random_quantized((n, k), preset.experts, g, device)
+                        flat.update({f"{proj}.{name}": t for name, t in qt.tensors().items()})
+                layer.experts[e] = flat
         yield layer

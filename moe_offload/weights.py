@@ -20,13 +20,16 @@ from .config import ModelConfig
 from .errors import MoeOffloadError
 from .loading import EXPERT_KEY, CheckpointFiles, iter_tensors
 from .model import Expert
-from .flat import FlatLayout
+from .flat import ALIGN, FlatLayout
 from .quant.hqq import QuantizedTensor, QuantSpec, quantize, tensor_layout
 from .quant.linear import QuantLinear
 from .quant.presets import QuantPreset
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# Weights quantized with the preset's attention spec: the attention projections and the resident MLPs (shared
+# expert, dense layers). Routers, the shared-expert gate, norms, biases and embeddings stay 16-bit.
+_ATTENTION_SPEC = re.compile(r"\.(self_attn\.[qkvo]_proj|moe\.shared_expert\.\w+_proj|mlp\.\w+_proj)\.weight$")
 
 
 @dataclass
@@ -42,6 +45,60 @@ class LayerWeights:
 def expert_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     d, i = config.hidden_size, config.intermediate_size
     return {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
+
+
+def quant_spec(name: str, preset: QuantPreset | None) -> QuantSpec | None:
+    """The spec a non-expert weight is quantized with under ``preset``; None: it stays 16-bit."""
+    if preset is None:
+        return None
+    if _ATTENTION_SPEC.search(name):
+        return preset.attention
+    return preset.lm_head if name == "lm_head.weight" else None
+
+
+def non_expert_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the model except the routed experts, by canonical name (the resident part)."""
+    c = config
+    d, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (c.vocab_size, d), "norm.weight": (d,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, d)
+
+    def mlp(prefix: str, i: int) -> None:
+        shapes.update({f"{prefix}.gate_proj.weight": (i, d), f"{prefix}.up_proj.weight": (i, d),
+                       f"{prefix}.down_proj.weight": (d, i)})
+
+    for layer in range(c.num_layers):
+        p = f"layers.{layer}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
+        for name, n, k in (("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q)):
+            shapes[f"{p}self_attn.{name}.weight"] = (n, k)
+            if c.qkv_bias if name != "o_proj" else c.o_bias:
+                shapes[f"{p}self_attn.{name}.bias"] = (n,)
+        if c.qk_norm is not None:
+            per_head = c.qk_norm == "head"
+            shapes[p + "self_attn.q_norm.weight"] = (c.head_dim if per_head else q,)
+            shapes[p + "self_attn.k_norm.weight"] = (c.head_dim if per_head else kv,)
+        if not c.is_moe_layer(layer):
+            mlp(p + "mlp", c.dense_intermediate_size)
+            continue
+        shapes[p + "moe.router.gate.weight"] = (c.num_experts, d)
+        if c.shared_expert_intermediate_size:
+            mlp(p + "moe.shared_expert", c.shared_expert_intermediate_size)
+            shapes[p + "moe.shared_expert_gate.weight"] = (1, d)
+    return shapes
+
+
+def non_expert_bytes(config: ModelConfig, preset: QuantPreset | None, dtype: torch.dtype) -> int:
+    """Bytes of everything but the routed experts, as it sits on the device (quantized where the preset says)."""
+    total = 0
+    for name, shape in non_expert_shapes(config).items():
+        spec = quant_spec(name, preset)
+        if spec is None:
+            total += torch.Size(shape).numel() * dtype.itemsize
+        else:
+            total += sum(torch.Size(s).numel() * t.itemsize for s, t in tensor_layout(shape, spec).values())
+    return total
 
 
 def expert_layout(config: ModelConfig, preset: QuantPreset | None, dtype: torch.dtype) -> FlatLayout:
@@ -83,16 +140,15 @@ def _quantize_to_cpu(name: str, weight: torch.Tensor, spec: QuantSpec, device: t
 
 def quantize_layers(layers: Iterator[LayerWeights], preset: QuantPreset, device: torch.device,
                     dtype: torch.dtype = torch.bfloat16) -> Iterator[LayerWeights]:
-    """Quantize each layer's attention projections, experts (and lm_head if the preset says so) on
-    ``device`` (the GPU when there is one); everything else becomes ``dtype``. Outputs live on the CPU."""
+    """Quantize each layer's attention projections, resident MLPs (see ``quant_spec``), experts (and lm_head if
+    the preset says so) on ``device`` (the GPU when there is one); everything else becomes ``dtype``. Outputs
+    live on the CPU."""
     for layer in layers:
         out = LayerWeights(layer.index)
         for name, tensor in layer.params.items():
-            module = name.removesuffix(".weight")
-            if ".self_attn." in name:
-                out.quantized[module] = _quantize_to_cpu(name, tensor, preset.attention, device)
-            elif name == "lm_head.weight" and preset.lm_head is not None:
-                out.quantized[module] = _quantize_to_cpu(name, tensor, preset.lm_head, device)
+            spec = quant_spec(name, preset)
+            if spec is not None:
+                out.quantized[name.removesuffix(".weight")] = _quantize_to_cpu(name, tensor, spec, device)
             else:
                 out.params[name] = tensor.to(dtype)
         for e, tensors in layer.experts.items():
@@ -150,7 +206,13 @@ class QuantExpert(Expert):
         graph.replay()
         return out
 def build_expert(flat: dict[str, torch.Tensor], config: ModelConfig, spec: QuantSpec | None) -> Expert:
-    """An Expert module whose weights are exactly the given tensors (views stay views: no copies)."""
+    """An Expert module whose weights are exactly the given tensors (views stay views: no copies).
+
+    A tensor not aligned like a FlatLayout view (e.g. memory-mapped straight from a safetensors file) is
+    copied into fresh, aligned memory: CPU matmul kernels choose their path by alignment, and resident experts
+    must compute bit-identically to offloaded ones, whose weights are aligned views into a slot.
+    """
+    flat = {k: v if v.data_ptr() % ALIGN == 0 else v.clone() for k, v in flat.items()}
     with torch.device("meta"):
         expert = (Expert if spec is None else QuantExpert)(config.hidden_size, config.intermediate_size)
     for proj, shape in expert_shapes(config).items():

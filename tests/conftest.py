@@ -1,4 +1,5 @@
-"""Tiny random Mixtral checkpoints written with transformers' own classes, and an offline tokenizer."""
+"""Tiny random checkpoints of every supported family written with transformers' own classes, and an offline
+tokenizer."""
 
 from __future__ import annotations
 
@@ -51,21 +52,50 @@ TINY = dict(
     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
     initializer_range=0.15, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
 )
+_COMMON = {k: v for k, v in TINY.items() if k not in ("intermediate_size", "num_local_experts")}
+# Each family's tiny config exercises what sets it apart (K dims stay multiples of 64 for every preset).
+FAMILY_CONFIGS: dict[str, dict] = {
+    "mixtral": TINY,
+    # shared expert + sigmoid gate, q/k/v biases, a dense layer in the middle, top-4 of 8 not renormalized
+    "qwen2_moe": dict(_COMMON, num_hidden_layers=3, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128, intermediate_size=128, mlp_only_layers=[1],
+                      qkv_bias=True, norm_topk_prob=False, rms_norm_eps=1e-6),
+    # per-head q/k norms, head_dim 32 != hidden/heads 16, top-8 of 16 renormalized
+    "qwen3_moe": dict(_COMMON, head_dim=32, num_experts=16, num_experts_per_tok=8, moe_intermediate_size=64,
+                      intermediate_size=128, norm_topk_prob=True, rms_norm_eps=1e-6),
+    # q/k norms over the whole projection, top-8 of 16 not renormalized
+    "olmoe": dict(_COMMON, num_experts=16, num_experts_per_tok=8, intermediate_size=64, norm_topk_prob=False,
+                  pad_token_id=0),
+}
+
+
+def hf_classes(family: str):
+    import transformers
+
+    prefix = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}[family]
+    return getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
 
 
 def make_checkpoint(directory: Path, layout: str = "per_expert", max_shard_size: str | None = None,
-                    seed: int = 0, **overrides) -> Path:
-    """Write a tiny random Mixtral with transformers' MixtralConfig/MixtralForCausalLM.
+                    seed: int = 0, family: str = "mixtral", **overrides) -> Path:
+    """Write a tiny random model of ``family`` with transformers' own config and model classes.
 
-    layout "per_expert": save_pretrained's block_sparse_moe.experts.{e}.w1/w2/w3 keys;
-    layout "fused": the mlp.experts.gate_up_proj/down_proj tensors of transformers >= 5.
+    layout "per_expert": save_pretrained's keys (Mixtral's block_sparse_moe.experts.{e}.w1/w2/w3, the others'
+    mlp.experts.{e}.*_proj); layout "fused": the mlp.experts.gate_up_proj/down_proj tensors of transformers >= 5.
+    Biases and q/k norm weights (zeros and ones at init) are randomized so that getting them wrong shows.
     """
     from safetensors.torch import save_file
-    from transformers import MixtralConfig, MixtralForCausalLM
 
+    config_class, model_class = hf_classes(family)
     torch.manual_seed(seed)
-    config = MixtralConfig(**{**TINY, **overrides})
-    model = MixtralForCausalLM(config).eval()
+    config = config_class(**{**FAMILY_CONFIGS[family], **overrides})
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     directory.mkdir(parents=True, exist_ok=True)
     if layout == "per_expert":
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -84,9 +114,9 @@ def make_checkpoint(directory: Path, layout: str = "per_expert", max_shard_size:
 
 
 def hf_model(directory: Path):
-    from transformers import MixtralForCausalLM
-
-    return MixtralForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    """The checkpoint in ``directory`` as transformers' own model (its family from config.json), float32."""
+    _, model_class = hf_classes(read_json(directory / "config.json")["model_type"])
+    return model_class.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
