@@ -37,6 +37,7 @@ class Metrics:
     completion_tokens: int = 0
     last_decode_tok_s: float = 0.0
     last_prefill_tok_s: float = 0.0
+    live_decode_tok_s: float = 0.0  # of the answer being generated, updated every token (the page's expert view)
     started: float = field(default_factory=time.time)
 
 
@@ -82,10 +83,17 @@ class Scheduler:
         engine, m = self.engine, self.metrics
         self._session.reset()
         generation = Generation(self._session, engine.tokenizer, job.prompt_ids, job.params, engine.eos_ids)
+        first, n, m.live_decode_tok_s = 0.0, 0, 0.0
         for event in generation:
             if job.cancelled.is_set():  # the client went away: free the worker for the next request
                 m.cancelled += 1
                 return
+            if event.token_id is not None:  # decode speed from the first token on, so prefill is not in it
+                n, now = n + 1, time.perf_counter()
+                if n == 1:
+                    first = now
+                elif now > first:
+                    m.live_decode_tok_s = (n - 1) / (now - first)
             job.emit(event)
         c = generation.completion
         m.completed += 1

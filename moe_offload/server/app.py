@@ -24,6 +24,7 @@ from ..errors import MoeOffloadError
 from ..generate import Completion, TokenEvent
 from ..sampling import SamplingParams
 from ..scheduler import Job, QueueFull, Scheduler
+from .page import install_page
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 512
@@ -75,6 +76,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 return JSONResponse(error_body("missing or wrong API key", "authentication_error", "invalid_api_key"),
                                     status_code=401)
         return await call_next(request)
+
+    install_page(app, engine, scheduler, api_key_required=bool(api_key))  # GET /, /static, /v1/experts
 
     @app.get("/health")
     async def health():

@@ -1,4 +1,4 @@
-"""A real uvicorn server on a free loopback port, in a thread."""
+"""A real uvicorn server on a free loopback port, in a thread; a model slowed down to watch it work."""
 
 import socket
 import threading
@@ -37,3 +37,17 @@ class ServerThread:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class SlowModel:
+    """The tiny model with a delay per forward pass, so a request is reliably still running."""
+
+    def __init__(self, model, delay: float):
+        self._model, self._delay = model, delay
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self._delay)
+        return self._model(*args, **kwargs)

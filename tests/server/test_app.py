@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from moe_offload import SamplingParams
-from server_helpers import API_KEY, MODEL, ServerThread
+from server_helpers import API_KEY, MODEL, ServerThread, SlowModel
 
 @pytest.fixture(scope="module")
 def server(tiny_engine):
@@ -136,20 +136,6 @@ def test_32_concurrent_streams_equal_served_alone(server):
         t.join(timeout=300)
     assert len(results) == 32
     assert all(results[i] == alone[prompts[i % 4]] for i in range(32))
-
-
-class SlowModel:
-    """The tiny model with a delay per forward pass, so a request is reliably still running."""
-
-    def __init__(self, model, delay: float):
-        self._model, self._delay = model, delay
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __call__(self, *args, **kwargs):
-        time.sleep(self._delay)
-        return self._model(*args, **kwargs)
 
 
 def test_queue_bound_429_and_disconnect_frees_the_worker(tiny_dir):
