@@ -70,13 +70,16 @@ def install_page(app: FastAPI, engine: Engine, scheduler: Scheduler, api_key_req
 def expert_snapshot(engine: Engine) -> tuple[ExpertSnapshot, list[int]]:
     """The snapshot and the decoder layer index of each of its rows."""
     c = engine.config
-    is_moe = getattr(c, "is_moe_layer", None)  # families with dense layers leave those out of the grid
-    moe_layers = [i for i in range(c.num_layers) if is_moe is None or is_moe(i)]
+    moe_layers = list(c.moe_layers)  # families with dense layers leave those out of the grid
     if engine.expert_cache is None:
         return resident_snapshot(moe_layers, c.num_experts), moe_layers
     snap = snapshot(engine.expert_cache)
-    # Offloading may number the MoE layers 0, 1, ...: show the decoder layer each row really is.
-    return snap, moe_layers if snap.layers == tuple(range(len(moe_layers))) else list(snap.layers)
+    if snap.layers == tuple(range(len(moe_layers))):  # the MoE layers numbered 0, 1, ...: label the real ones
+        return snap, moe_layers
+    # numbered by decoder layer: leave out dense layers (a store may hold keys for them that nothing uses)
+    rows = [i for i, layer in enumerate(snap.layers) if layer in moe_layers]
+    layers = [snap.layers[i] for i in rows]
+    return ExpertSnapshot(tuple(layers), snap.num_experts, tuple(snap.grid[i] for i in rows)), layers
 
 
 def expert_view(engine: Engine, scheduler: Scheduler) -> dict:

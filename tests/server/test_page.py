@@ -260,6 +260,28 @@ def test_experts_endpoint_follows_the_cache(slow_server):
     assert set(view["legend"]) == {"g", "f", "c", "h", "p"} and sum(view["counts"].values()) == 8
 
 
+def test_expert_rows_are_the_moe_layers():
+    """Layers 0 and 2 dense: the grid shows decoder layers 1 and 3, however the cache numbers them."""
+    from types import SimpleNamespace
+
+    from moe_offload.server.page import expert_snapshot
+
+    def engine(keys, resident):
+        policy = SimpleNamespace(resident=lambda: set(resident), slot_of=lambda key: 0 if key in resident else None)
+        cache = SimpleNamespace(store=SimpleNamespace(keys=lambda: keys), policy=policy, prefetched=set(),
+                                ready=[None])
+        return SimpleNamespace(config=SimpleNamespace(num_layers=4, num_experts=2, moe_layers=(1, 3)),
+                               expert_cache=cache)
+
+    moe_numbered = engine([(l, e) for l in range(2) for e in range(2)], {(1, 1)})
+    decoder_numbered = engine([(l, e) for l in range(4) for e in range(2)], {(3, 1)})
+    for fake in (moe_numbered, decoder_numbered):
+        snap, layers = expert_snapshot(fake)
+        assert layers == [1, 3] and snap.grid == ("hh", "hg")
+    snap, layers = expert_snapshot(SimpleNamespace(config=moe_numbered.config, expert_cache=None))
+    assert layers == [1, 3] and snap.grid == ("gg", "gg")
+
+
 # ---------- in the browser ----------
 
 def test_conversation_markdown_and_screenshot(browser, echo_server):
