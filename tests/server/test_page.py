@@ -84,7 +84,7 @@ class EchoModel:
 
 def echo_reply(prompt: str, answers: int) -> str:
     """What the echo model says, from the chat template's text (tests/conftest.py: [INST] ... [/INST])."""
-    users = re.findall(r"\[INST\] (.*?) \[/INST\]", prompt, re.S)
+    users = re.findall(r"\[INST\] (.*?) \[/INST\]", prompt, re.DOTALL)
     system = prompt.split("[INST]")[0].strip() or "none"
     reply = f"Turn {len(users)}. System: '{system}'. Earlier answers: {answers}. You said: {users[-1]}"
     return reply + "\n\n" + MARKDOWN if "markdown" in users[-1] else reply
