@@ -8,7 +8,7 @@ set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 STEP=${1:-all}
-bench() { python3 -m moe_offload bench --synthetic "$@" 2>&1; }
+bench() { python3 -m moe_offload bench --hybrid off --synthetic "$@" 2>&1; }
 step() { [[ $STEP == all || $STEP == "$1" ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device_families.txt"
 # The family tests against this machine's transformers (CPU, about a minute).

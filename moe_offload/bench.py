@@ -49,6 +49,11 @@ class BenchResult:
     peak_gpu_bytes: int
     peak_host_bytes: int  # the process's peak resident set so far (ablations run in one process)
     routing: str
+    hybrid: bool = False  # some decode misses computed on the CPU
+    cpu_threads: int = 0
+    cpu_experts_per_token: float = 0.0
+    cpu_ms_per_token: float = 0.0  # CPU time of those experts (runs beside the GPU)
+    cpu_wait_ms_per_token: float = 0.0  # host time waiting for CPU results once the GPU work was enqueued
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -133,10 +138,11 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
         resident_ms, source = resident_ms_per_token, "measured (everything resident)"
     limit_s = bytes_per_token / (bw * 1e9) + resident_ms / 1e3
     plan = engine.plan
+    hybrid = engine.hybrid
     return BenchResult(
         label=label, model=model, device=_device_name(device), preset=engine.preset.name if engine.preset else "none",
         gpu_memory=gpu_memory, policy=plan.policy if plan else "resident",
-        prefetch=len(engine.model.layers[0].moe.experts.lookahead) if cache is not None else 0,
+        prefetch=len(engine.model.moe_blocks()[0].experts.lookahead) if cache is not None else 0,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_tok_s=prompt_tokens / prefill_s,
         decode_tok_s=1e3 / decode_ms, decode_ms_per_token=decode_ms,
         hit_rate=summary.get("hit_rate", 1.0), prefetch_recall=summary.get("prefetch_recall", 0.0),
@@ -144,12 +150,16 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
         copy_wait_ms_per_token=wait_ms, host_syncs_per_token=summary.get("host_syncs_per_token", 0.0),
         h2d_gb_s=bw, limit_tok_s=1 / limit_s if limit_s > 0 else float("inf"),
         resident_ms_per_token=resident_ms, resident_ms_source=source,
-        total_slots=plan.total_slots if plan else engine.config.num_layers * engine.config.num_experts,
+        total_slots=plan.total_slots if plan else len(engine.config.moe_layers) * engine.config.num_experts,
         slots_per_layer=plan.slots_per_layer if plan else engine.config.num_experts,
         expert_bytes=cache.store.layout.nbytes if cache is not None else 0, pinned=pinned,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         routing=routing,
+        hybrid=hybrid is not None, cpu_threads=hybrid.threads if hybrid is not None else 0,
+        cpu_experts_per_token=summary.get("cpu_experts_per_token", 0.0),
+        cpu_ms_per_token=summary.get("cpu_ms_per_token", 0.0),
+        cpu_wait_ms_per_token=summary.get("cpu_wait_ms_per_token", 0.0),
     )
 
 

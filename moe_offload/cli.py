@@ -69,11 +69,11 @@ def _load(model: str, device: str, dtype: str, max_context: int, quantize: str |
     return engine
 
 
-def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin):
+def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None):
     from .placement import OffloadOptions
 
     return OffloadOptions(gpu_memory=gpu_memory, offload_per_layer=offload_per_layer, policy=policy,
-                          prefetch=prefetch, pin=not no_pin)
+                          prefetch=prefetch, pin=not no_pin, hybrid=hybrid, cpu_threads=cpu_threads)
 
 
 def _cache_summary(engine) -> dict:
@@ -81,7 +81,7 @@ def _cache_summary(engine) -> dict:
         return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0}
     s = engine.cache_stats.summary()
     return {k: s[k] for k in ("hit_rate", "prefetch_recall", "prefetch_precision", "bytes_copied_per_token",
-                              "host_syncs_per_token")}
+                              "host_syncs_per_token", "cpu_experts_per_token", "cpu_ms_per_token")}
 
 
 def _params(temperature, top_p, top_k, max_new_tokens, seed, stop):
@@ -109,6 +109,9 @@ OffloadPerLayer = typer.Option(None, "--offload-per-layer", help="Keep this many
 Policy = typer.Option("lru", "--policy", help="Expert cache policy: lru (per layer), global-lru, lfu.")
 Prefetch = typer.Option(1, "--prefetch", help="Layers ahead to guess and prefetch experts for (0: off).")
 NoPin = typer.Option(False, "--no-pin", help="Keep offloaded experts in pageable memory (slower copies).")
+Hybrid = typer.Option("auto", "--hybrid", help="Compute some decode cache misses on the CPU while others are "
+                      "copied: off (bit-exact), auto (on with a CUDA GPU), on.")
+CpuThreads = typer.Option(None, "--cpu-threads", help="Threads for CPU experts (default: all cores but one).")
 
 
 @app.command()
@@ -122,11 +125,12 @@ def generate(
     max_context: int = MaxContext, quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads,
 ):
     """Continue a prompt and print the completion."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
     engine = _load(model, device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin))
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads))
     generation = engine.stream(prompt, params)
     if json_out:
         c = generation.result()
@@ -156,12 +160,13 @@ def chat(
     quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads,
     stats: bool = typer.Option(False, "--stats", help="After each answer, print speed and expert-cache statistics."),
 ):
     """Interactive multi-turn chat. /reset starts over, /exit quits; Ctrl-C stops the current answer."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
     engine = _load(model, device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin))
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads))
     conversation = engine.new_chat(system=system)
     err.print(f"[bold]moe-offload chat[/] {model} on {engine.device}. /reset starts over, /exit quits, "
               "Ctrl-C stops an answer.", highlight=False, soft_wrap=True)
@@ -241,12 +246,14 @@ def quantize_command(
 def bench(
     model: Optional[str] = typer.Argument(None, help="Model directory or Hub id (or use --synthetic)."),
     synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Random model with real shapes: "
-                                            "mixtral-8x7b, mixtral-8x22b, tiny."),
+                                            "mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b, "
+                                            "qwen1.5-moe-a2.7b, tiny."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Quantization preset (synthetic default 4/2; "
                                          "for MODEL: quantize while loading)."),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads,
     seed: int = typer.Option(0, help="Seed of the synthetic weights and the random prompt."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run without prefetch, without cache, and "
                                    "everything resident (when it fits), with the same prompt and seed."),
@@ -264,7 +271,7 @@ def bench(
 
     if (model is None) == (synthetic is None):
         raise MoeOffloadError("give either MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
-    base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin)
+    base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads)
     base = dataclasses.replace(base, timing=True)
     runs = [("full", base)]
     if ablations:
@@ -273,6 +280,8 @@ def bench(
             ("no cache", dataclasses.replace(base, cache=False, force=True)),
         ]
     dev = resolve_device(device)
+    if hybrid == "on" or (hybrid == "auto" and ablations and dev.type == "cuda"):  # CPU path vs copies only
+        runs.insert(runs.index(("full", base)) + 1, ("no hybrid", dataclasses.replace(base, hybrid="off")))
     h2d = measure_h2d(dev, pinned=not no_pin)
     name = f"synthetic:{synthetic}" if synthetic else model
     results, resident_ms = [], None
@@ -302,12 +311,13 @@ def bench(
         release(engine)
     table = Table(title=f"moe-offload bench: {name}, preset {results[0].preset}, {results[0].device}")
     for column in ("run", "decode tok/s", "limit tok/s", "% of limit", "prefill tok/s", "hit rate",
-                   "prefetch recall", "MiB copied/tok", "H2D GB/s", "peak GPU GiB"):
+                   "prefetch recall", "MiB copied/tok", "CPU experts/tok", "H2D GB/s", "peak GPU GiB"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r.label, f"{r.decode_tok_s:.1f}", f"{r.limit_tok_s:.1f}",
                       f"{100 * r.decode_tok_s / r.limit_tok_s:.0f}%", f"{r.prefill_tok_s:.0f}", f"{r.hit_rate:.2f}",
-                      f"{r.prefetch_recall:.2f}", f"{r.bytes_copied_per_token / 2**20:.1f}", f"{r.h2d_gb_s:.1f}",
+                      f"{r.prefetch_recall:.2f}", f"{r.bytes_copied_per_token / 2**20:.1f}",
+                      f"{r.cpu_experts_per_token:.1f}", f"{r.h2d_gb_s:.1f}",
                       f"{r.peak_gpu_bytes / 2**30:.2f}")
     Console().print(table)
     if synthetic:
@@ -334,6 +344,7 @@ def serve(
     quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     import uvicorn
@@ -341,7 +352,7 @@ def serve(
     from .server.app import create_app
 
     engine = _load(model, device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin))
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads))
     name = Path(model).name if Path(model).exists() else model
     err.print(f"serving {name} on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'})",
               highlight=False, soft_wrap=True)

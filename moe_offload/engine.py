@@ -24,6 +24,7 @@ from .quant.hqq import QuantSpec
 from .quant.linear import QuantLinear
 from .quant.presets import QuantPreset, make_preset
 from .offload.cache import ExpertCache
+from .offload.hybrid import HybridExecutor
 from .offload.planner import Plan
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
@@ -83,9 +84,14 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
             if (target.out_features, target.in_features) != tuple(qt.shape):
                 raise MoeOffloadError(f"{source}: quantized {module_path!r} is {tuple(qt.shape)} but config.json "
                                       f"implies {(target.out_features, target.in_features)}")
-            model.set_submodule(module_path, QuantLinear(qt.to(device)))
+            bias = None if target.bias is None else target.bias.detach()  # loaded with layer.params (Qwen, OLMoE)
+            model.set_submodule(module_path, QuantLinear(qt.to(device), bias))
         if layer.experts:
-            experts = model.layers[layer.index].moe.experts
+            moe = model.layers[layer.index].moe
+            if moe is None:
+                raise MoeOffloadError(f"{source}: layer {layer.index} has experts but config.json makes it a dense "
+                                      "layer (mlp_only_layers / decoder_sparse_step)")
+            experts, number = moe.experts, config.moe_layers.index(layer.index)  # offloading's layer number
             for e, flat in layer.experts.items():
                 if not 0 <= e < config.num_experts:
                     raise MoeOffloadError(f"{source}: layer {layer.index} has expert {e} but config.json says "
@@ -95,7 +101,7 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
                 moved = {k: v.to(device=target, dtype=dtype if v.is_floating_point() and expert_spec is None
                                  else v.dtype) for k, v in flat.items()}
                 if store is not None:
-                    store.put((layer.index, e), moved)  # straight from the file to host memory
+                    store.put((number, e), moved)  # straight from the file to host memory
                 else:
                     experts.experts[e] = build_expert(moved, config, expert_spec)
     model.tie_weights()
@@ -151,6 +157,7 @@ class Engine:
         self.plan: Plan | None = None  # the expert placement, if experts are offloaded
         self.cache_stats: CacheStats | None = None  # expert-cache telemetry, if offloaded
         self.expert_cache: ExpertCache | None = None
+        self.hybrid: HybridExecutor | None = None  # the CPU path for decode misses, when on
         self._session: Session | None = None  # reused by generate()/stream(): repeated prefixes are free
 
     @property
@@ -278,6 +285,7 @@ def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path, layer
     if plan is not None:
         engine.expert_cache = install_offload(net, store, plan, preset, dev, offload)
         engine.cache_stats = engine.expert_cache.stats
+        engine.hybrid = net.moe_blocks()[0].experts.hybrid  # one executor, shared by every offloaded layer
     net.eval()
     return engine
 
@@ -286,8 +294,9 @@ def load_synthetic(name: str, *, preset: str | QuantPreset | None = "4/2", devic
                    dtype: str | torch.dtype | None = "auto", max_context: int = 4096,
                    offload: OffloadOptions | None = None, seed: int = 0, cuda_graphs: bool = True,
                    progress: Progress | None = None) -> Engine:
-    """A model with real shapes (``mixtral-8x7b``, ``mixtral-8x22b``, ``tiny``) and random weights, built
-    quantized on the device. It has no tokenizer: feed it token ids."""
+    """A model with real shapes (``mixtral-8x7b``, ``mixtral-8x22b``, ``qwen3-30b-a3b``, ``olmoe-1b-7b``,
+    ``qwen1.5-moe-a2.7b``, ``tiny``) and random weights, built quantized on the device. It has no tokenizer:
+    feed it token ids."""
     from .synthetic import synthetic_config, synthetic_layers
 
     config = synthetic_config(name)

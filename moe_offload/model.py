@@ -13,7 +13,7 @@ module with the same ``forward``; nothing here changes when it does.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable, Collection, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +139,7 @@ class Experts(Protocol):
 
 def combine_experts(
     x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expert: Callable[[int], nn.Module],
-    routed: list[int] | None = None,
+    routed: list[int] | None = None, last: Collection[int] = (),
 ) -> torch.Tensor:
     """Weighted sum of the chosen experts' outputs: x [T, D], indices/weights [T, K] -> [T, D].
 
@@ -147,12 +147,15 @@ def combine_experts(
     lives never changes the arithmetic: offloaded and resident outputs are bit-identical.
     ``expert(e)`` returns a module ready to run on x's device (it may wait for a copy to land);
     ``routed`` is ``indices`` already on the host (flattened), which saves the host sync.
+    ``last`` (decode only): experts whose outputs arrive late, added after the others so the device
+    is not kept waiting for them; this reorders the float sum (the hybrid CPU path's documented
+    tolerance), so exact providers leave it empty.
     """
     if routed is None:
         routed = indices.flatten().tolist()  # the one host sync per MoE layer: routing must reach the host
     out = torch.zeros_like(x)
     if x.shape[0] == 1:  # decode: a token's k-th weight is a view, no gather/scatter kernels
-        for k, e in sorted(enumerate(routed), key=lambda ke: ke[1]):
+        for k, e in sorted(enumerate(routed), key=lambda ke: (ke[1] in last, ke[1])):
             out.addcmul_(expert(e)(x), weights[:, k : k + 1])
         return out
     for e in sorted(set(routed)):

@@ -6,24 +6,28 @@ Part of the composition root: it is the one place that knows both the model and 
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .config import ModelConfig
+from .cpu_expert import make_cpu_expert
 from .errors import MoeOffloadError
 from .flat import FlatLayout
 from .model import MoeTransformer, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
+from .offload.hybrid import CostModel, HybridExecutor, calibrate
 from .offload.planner import Plan, parse_size, plan
 from .offload.policy import NoCache, make_policy
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
-from .quant.hqq import tensor_layout
+from .kernels import cpu as cpu_kernels
+from .quant.hqq import QuantSpec
 from .quant.presets import QuantPreset
-from .weights import build_expert, expert_layout
+from .weights import build_expert, expert_layout, expert_shapes, non_expert_bytes
 
 WORKSPACE_BYTES = 512 << 20  # activations of a prefill chunk, logits, allocator slack
 FREE_MEMORY_MARGIN = 1 << 30
@@ -42,27 +46,13 @@ class OffloadOptions:
     timing: bool = False  # measure copy waits with CUDA events (benchmarks)
     cache: bool = True  # False: keep no expert on the device between uses (ablation)
     force: bool = False  # offload even when everything would fit (ablations, tests)
+    hybrid: str = "auto"  # off | auto | on: compute some decode misses on the CPU (offload/hybrid.py)
+    cpu_threads: int | None = None  # threads of the CPU expert kernel (default: all cores but one)
+    hybrid_cost: CostModel | None = None  # fixed cost model instead of a start-up measurement (tests)
 
     @property
     def requested(self) -> bool:
         return self.gpu_memory is not None or self.offload_per_layer is not None
-
-
-def non_expert_bytes(config: ModelConfig, preset: QuantPreset | None, dtype: torch.dtype) -> int:
-    """Bytes of everything but the experts, as it will sit on the device."""
-    c, size = config, dtype.itemsize
-
-    def linear(n: int, k: int, spec) -> int:
-        if spec is None:
-            return n * k * size
-        return sum(torch.Size(s).numel() * d.itemsize for s, d in tensor_layout((n, k), spec).values())
-
-    attn_spec = preset.attention if preset else None
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = (linear(q, c.hidden_size, attn_spec) + 2 * linear(kv, c.hidden_size, attn_spec)
-                 + linear(c.hidden_size, q, attn_spec) + c.num_experts * c.hidden_size * size + 2 * c.hidden_size * size)
-    head = 0 if c.tie_word_embeddings else linear(c.vocab_size, c.hidden_size, preset.lm_head if preset else None)
-    return c.num_layers * per_layer + c.vocab_size * c.hidden_size * size + head + c.hidden_size * size
 
 
 def kv_cache_bytes(config: ModelConfig, max_context: int, dtype: torch.dtype) -> int:
@@ -83,7 +73,8 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
             budget = max(free - FREE_MEMORY_MARGIN, 0)
     else:
         budget = parse_size(options.gpu_memory) if isinstance(options.gpu_memory, str) else int(options.gpu_memory)
-    p = plan(budget, expert_bytes=expert_layout(config, preset, dtype).nbytes, num_layers=config.num_layers,
+    # Offloading sees only the MoE layers, numbered 0, 1, ... (config.moe_layers): dense layers have no experts.
+    p = plan(budget, expert_bytes=expert_layout(config, preset, dtype).nbytes, num_layers=len(config.moe_layers),
              num_experts=config.num_experts, top_k=config.top_k,
              non_expert_bytes=non_expert_bytes(config, preset, dtype),
              kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
@@ -101,12 +92,13 @@ class _Pending:
 
 def prepare_offload(model: MoeTransformer, layout: FlatLayout, options: OffloadOptions) -> ExpertStore:
     """Detach the resident expert modules and allocate the host store the loader fills."""
-    c = model.config
-    for layer in model.layers:
-        layer.moe.set_experts(_Pending())
+    blocks = model.moe_blocks()
+    for block in blocks:
+        block.set_experts(_Pending())
+    keys = [(l, e) for l in range(len(blocks)) for e in range(model.config.num_experts)]  # l: MoE layer number
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        return ExpertStore(layout, [(l, e) for l in range(c.num_layers) for e in range(c.num_experts)], pin=options.pin)
+        return ExpertStore(layout, keys, pin=options.pin)
 
 
 def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: QuantPreset | None,
@@ -116,15 +108,67 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     missing = len(store.keys()) - len(store.filled)
     if missing:
         raise MoeOffloadError(f"{missing} expert(s) missing from the checkpoint; it is incomplete")
-    stats = CacheStats.for_layers(c.num_layers)
+    blocks = model.moe_blocks()  # offloading numbers them 0, 1, ...: dense layers have no experts
+    stats = CacheStats.for_layers(len(blocks))
     slots = p.slots_per_layer if p.slots_per_layer is not None else p.total_slots
     spec = preset.experts if preset else None
     # cache=False (an ablation): no slot keeps anything, every routed expert is copied on use.
-    policy = make_policy(p.policy, c.num_layers, slots) if options.cache else NoCache()
+    policy = make_policy(p.policy, len(blocks), slots) if options.cache else NoCache()
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
                         scratch_slots=2 if options.cache else max(2, c.top_k), timing=options.timing)
+    hybrid = make_hybrid(store, cache, c, spec, device, options)
     guesses: dict[int, set[int]] = {}
-    for i, layer in enumerate(model.layers):
-        ahead = [(j, model.layers[j].moe.router) for j in range(i + 1, min(i + 1 + options.prefetch, c.num_layers))]
-        layer.moe.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0))
+    for i, block in enumerate(blocks):
+        ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + options.prefetch, len(blocks)))]
+        block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0,
+                                           hybrid=hybrid))
     return cache
+
+
+HYBRID_MODES = ("off", "auto", "on")
+AUTO_MAX_CPU_TO_COPY = 2.0  # auto keeps the CPU path only where an expert costs it at most this many copies
+
+
+def default_cpu_threads() -> int:
+    """All cores but one: the thread launching GPU work keeps a core (HYBRID.md: 15 of 16)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def hybrid_unsupported(config: ModelConfig, spec: QuantSpec | None) -> str | None:
+    """Why the CPU expert path cannot run this model here, or None."""
+    if spec is not None:
+        dims = sorted({n for shape in expert_shapes(config).values() for n in shape})
+        if any(n % 16 for n in dims) or spec.group_size % 16:
+            return f"expert dims {dims} and expert group size {spec.group_size} must be multiples of 16"
+        reason = cpu_kernels.unavailable_reason()
+        if reason:
+            return reason
+    return None
+
+
+def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spec: QuantSpec | None,
+                device: torch.device, options: OffloadOptions) -> HybridExecutor | None:
+    """The hybrid executor when ``options.hybrid`` asks for it (auto: on a CUDA device) and it can run."""
+    if options.hybrid not in HYBRID_MODES:
+        raise MoeOffloadError(f"--hybrid {options.hybrid!r} is not one of {', '.join(HYBRID_MODES)}")
+    if options.cpu_threads is not None and options.cpu_threads < 1:
+        raise MoeOffloadError(f"--cpu-threads {options.cpu_threads} must be >= 1")
+    if options.hybrid == "off" or (options.hybrid == "auto" and device.type != "cuda"):
+        return None
+    reason = hybrid_unsupported(config, spec)
+    if reason is not None:
+        if options.hybrid == "on":
+            raise MoeOffloadError(f"--hybrid on: the CPU expert path cannot run: {reason}")
+        warnings.warn(f"hybrid CPU path off: {reason}", RuntimeWarning, stacklevel=2)
+        return None
+    threads = options.cpu_threads or default_cpu_threads()
+    make = make_cpu_expert(config, spec)
+    cost = options.hybrid_cost
+    if cost is None:
+        cost = calibrate(store, cache, make, threads, config.hidden_size)
+        if options.hybrid == "auto" and cost.cpu_ms > AUTO_MAX_CPU_TO_COPY * cost.copy_ms:
+            # Measured on the H100 box: a CPU expert at 3.7x a copy made decode slower, not faster.
+            warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} ms "
+                          "for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
+            return None
+    return HybridExecutor(store, cache, make, cost, threads)

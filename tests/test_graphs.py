@@ -65,7 +65,7 @@ def test_cuda_expert_graphs_equal_eager_experts(offloaded):
     from moe_offload.engine import load_synthetic
     from moe_offload.placement import OffloadOptions
 
-    offload = OffloadOptions(offload_per_layer=2) if offloaded else None
+    offload = OffloadOptions(offload_per_layer=2, hybrid="off") if offloaded else None
     prompt = list(range(3, 40))
     # 24 steps: long enough for every expert to be warmed, captured and replayed
     outs = [graphed_logits(load_synthetic("tiny", preset="4/2", device="cuda", offload=offload, cuda_graphs=False),

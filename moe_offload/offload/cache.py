@@ -50,23 +50,43 @@ class ExpertCache:
         self.prefetched: set[Key] = set()  # resident because of a prefetch, not yet used
         self.timing = timing and self.cuda
         self._pending_waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self.cpu_recent: set[Key] = set()  # experts the hybrid path computed on the CPU in the latest step
+        self.copies = 0  # copies enqueued so far (the hybrid scheduler tracks the copy queue's backlog by it)
+        self.sample_copies = 0  # time every n-th copy with CUDA events (0: none); read by take_copy_samples
+        self._copy_samples: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     # -- copies -------------------------------------------------------------------------------
     def _copy(self, key: Key, slot: int) -> None:
         src = self.store.buffer(key)
         if not self.cuda:
+            self.copies += 1
             self.slots[slot].copy_(src)
             return
         if slot in self._unmarked:
             self._mark_used()
         free = self.free[slot]
+        self.copies += 1
+        sample = self.sample_copies and self.copies % self.sample_copies == 0
         with torch.cuda.stream(self.copy_stream):
             if free is not None:
                 self.copy_stream.wait_event(free)
+            if sample:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.copy_stream)
             self.slots[slot].copy_(src, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(enable_timing=sample)
             ready.record(self.copy_stream)
+        if sample:
+            self._copy_samples.append((start, ready))
         self.ready[slot] = ready
+
+    def take_copy_samples(self) -> list[float]:
+        """Milliseconds of the sampled copies that have finished (never blocks)."""
+        done, pending = [], []
+        for start, end in self._copy_samples:
+            (done if end.query() else pending).append((start, end))
+        self._copy_samples = pending
+        return [start.elapsed_time(end) for start, end in done]
 
     def _wait(self, slot: int, layer: int) -> None:
         event = self.ready[slot]

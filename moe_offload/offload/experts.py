@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from .cache import ExpertCache
+from .hybrid import HybridExecutor
 
 # combine(x, indices, weights, expert_fn, experts) -> y: the model's own combination, injected so that
 # offloaded and resident experts share one arithmetic (and this package never imports the model).
@@ -22,8 +23,8 @@ Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 class OffloadedExperts:
     def __init__(self, layer: int, cache: ExpertCache, combine: Combine,
                  lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
-                 counts_tokens: bool = False):
-        self.layer, self.cache, self.combine = layer, cache, combine
+                 counts_tokens: bool = False, hybrid: HybridExecutor | None = None):
+        self.layer, self.cache, self.combine, self.hybrid = layer, cache, combine, hybrid
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
         self.counts_tokens = counts_tokens  # the first offloaded layer counts tokens for per-token stats
@@ -32,6 +33,8 @@ class OffloadedExperts:
         cache, stats = self.cache, self.cache.stats
         if self.counts_tokens:
             stats.tokens += x.shape[0]
+            if self.hybrid is not None:
+                cache.cpu_recent = set()  # a new step: the live expert view shows this step's CPU experts
         # One host sync per layer brings this layer's routing and every look-ahead guess together.
         # Look ahead at decode only: a prefill chunk needs nearly every expert of every layer, and guessed
         # copies for the next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s).
@@ -42,14 +45,25 @@ class OffloadedExperts:
         n = indices.numel()
         used = sorted(set(flat[:n]))
         self._score_guess(used)
-        cache.load(self.layer, used)  # this layer's misses first: they are needed soonest
+        on_cpu: list[int] = []
+        if self.hybrid is not None and x.shape[0] == 1:  # decode only: CPU cost grows with tokens, a copy's does not
+            on_cpu = self.hybrid.choose_cpu([e for e in used if cache.policy.slot_of((self.layer, e)) is None])
+        if on_cpu:  # started first, so the CPU works while the GPU computes hits and copied misses
+            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer])
+            cache.cpu_recent = cache.cpu_recent | {(self.layer, e) for e in on_cpu}  # new set: readers copy-free
+        on_gpu = [e for e in used if e not in on_cpu]
+        cache.load(self.layer, on_gpu)  # this layer's misses first: they are needed soonest
         protected = [(self.layer, e) for e in used]
         for i, (layer, _) in enumerate(lookahead):
             guess = sorted(set(flat[n + i * n : n + (i + 1) * n]))
             self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
             cache.prefetch(layer, guess, protected)
             protected = protected + [(layer, e) for e in guess]
-        return self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
+        if not on_cpu:
+            return self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
+        return self.combine(x, indices, weights,
+                            lambda e: results.expert(e) if e in on_cpu else cache.module(self.layer, e),
+                            flat[:n], last=on_cpu)
 
     def _score_guess(self, used: list[int]) -> None:
         guess = self.guesses.pop(self.layer, None)

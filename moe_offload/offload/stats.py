@@ -18,6 +18,9 @@ class LayerStats:
     bytes_copied: int = 0
     bypass: int = 0  # needed experts that could not get a slot and used the scratch slot
     wait_ms: float = 0.0  # compute-stream time spent waiting for copies (when timing is on)
+    cpu_experts: int = 0  # misses computed on the CPU instead of copied (hybrid path; counted in misses too)
+    cpu_ms: float = 0.0  # wall time of those CPU computations
+    cpu_wait_ms: float = 0.0  # host time spent waiting for a CPU result after the GPU work was enqueued
 
     @property
     def hit_rate(self) -> float:
@@ -53,6 +56,10 @@ class CacheStats:
             "bytes_copied_per_token": t.bytes_copied / self.tokens if self.tokens else 0.0,
             "copy_wait_ms": t.wait_ms, "bypass": t.bypass,
             "host_syncs_per_token": self.host_syncs / self.tokens if self.tokens else 0.0,
+            "cpu_experts": t.cpu_experts,
+            "cpu_experts_per_token": t.cpu_experts / self.tokens if self.tokens else 0.0,
+            "cpu_ms_per_token": t.cpu_ms / self.tokens if self.tokens else 0.0,
+            "cpu_wait_ms_per_token": t.cpu_wait_ms / self.tokens if self.tokens else 0.0,
         }
 
     def reset(self) -> None:

@@ -24,9 +24,9 @@ def greedy(engine, prompt, n=24):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("options", [
-    OffloadOptions(offload_per_layer=3, prefetch=0), OffloadOptions(offload_per_layer=2, prefetch=1),
-    OffloadOptions(offload_per_layer=1, prefetch=2, policy="global-lru"),
-    OffloadOptions(cache=False, force=True),
+    OffloadOptions(offload_per_layer=3, prefetch=0, hybrid="off"), OffloadOptions(offload_per_layer=2, prefetch=1, hybrid="off"),
+    OffloadOptions(offload_per_layer=1, prefetch=2, policy="global-lru", hybrid="off"),
+    OffloadOptions(cache=False, force=True, hybrid="off"),
 ], ids=["one-slot", "lru-pf1", "global-pf2", "no-cache"])
 def test_cuda_offloaded_bit_identical(tiny_dir, dtype, options):
     prompt = list(range(3, 40))
@@ -41,7 +41,25 @@ def test_cuda_offloaded_bit_identical(tiny_dir, dtype, options):
 def test_cuda_synthetic_quantized_offload_bit_identical(preset):
     prompt = list(range(3, 60))
     resident = load_synthetic("tiny", preset=preset, device="cuda")
-    offloaded = load_synthetic("tiny", preset=preset, device="cuda", offload=OffloadOptions(offload_per_layer=2))
+    offloaded = load_synthetic("tiny", preset=preset, device="cuda", offload=OffloadOptions(offload_per_layer=2, hybrid="off"))
     a, b = greedy(resident, prompt), greedy(offloaded, prompt)
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
     assert offloaded.cache_stats.summary()["bytes_copied"] > 0
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_cuda_hybrid_matches_copy_only(dtype, tol):
+    """Misses computed on the CPU (forced by the cost model) while the GPU computes the rest: the same
+    tokens, logits within floating-point tolerance (the CPU adds in float32, in another order)."""
+    from moe_offload.offload.hybrid import CostModel
+
+    prompt = list(range(3, 60))
+    copy_only = load_synthetic("tiny", preset="4/2", device="cuda", dtype=dtype,
+                               offload=OffloadOptions(offload_per_layer=2, hybrid="off"))
+    hybrid = load_synthetic("tiny", preset="4/2", device="cuda", dtype=dtype,
+                            offload=OffloadOptions(offload_per_layer=2, hybrid="on",
+                                                   hybrid_cost=CostModel(copy_ms=10.0, cpu_ms=0.1, smoothing=0.0)))
+    a, b = greedy(copy_only, prompt, n=12), greedy(hybrid, prompt, n=12)
+    assert torch.allclose(a[0].float(), b[0].float(), rtol=tol, atol=tol)  # prefill never uses the CPU
+    assert a[1] == b[1]
+    assert hybrid.cache_stats.summary()["cpu_experts"] > 0

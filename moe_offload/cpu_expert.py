@@ -1,0 +1,60 @@
+"""An expert computed on the host CPU, straight from its flat buffer in the expert store.
+
+The hybrid path (``offload.hybrid``) hands some cache misses to the CPU instead of copying them to the
+GPU. The CPU reads the same bytes the copy would have moved, in place: quantized experts through the
+C kernel of ``kernels.cpu`` (HQQ packing, no conversion, no extra host memory), 16/32-bit experts
+through torch. Math is float32; the result differs from the GPU's only by floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import MoeOffloadError
+from .kernels import cpu as cpu_kernels
+from .quant.hqq import QuantizedTensor, QuantSpec
+from .weights import PROJECTIONS, expert_shapes
+
+
+class CpuExpert:
+    """SwiGLU expert (down(silu(gate(x)) * up(x))) over host tensors; call with float32 [T, D]."""
+
+    def __init__(self, flat: dict[str, torch.Tensor], config: ModelConfig, spec: QuantSpec | None,
+                 kernel: str = "hqq"):
+        self.quantized = spec is not None
+        self.matrices: dict[str, object] = {}
+        for proj, shape in expert_shapes(config).items():
+            if spec is None:
+                self.matrices[proj] = flat[f"{proj}.weight"]
+                continue
+            parts = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(proj + ".")}
+            qt = QuantizedTensor.assemble(parts, shape, spec)
+            if kernel == "int4":
+                self.matrices[proj] = cpu_kernels.Int4Matrix(qt)
+                continue
+            if not cpu_kernels.supports(qt):
+                raise MoeOffloadError(f"{proj} {shape} group {spec.group_size}: the CPU expert kernel needs rows "
+                                      "and group size in multiples of 16; use --hybrid off")
+            self.matrices[proj] = cpu_kernels.CpuMatrix(qt)
+
+    def _apply(self, proj: str, x: torch.Tensor, threads: int) -> torch.Tensor:
+        m = self.matrices[proj]
+        if isinstance(m, torch.Tensor):
+            return F.linear(x, m.float())
+        return torch.stack([m.matvec(row, threads) for row in x])  # a few tokens at most: rows one by one
+
+    def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        x = x.float().contiguous()
+        h = F.silu(self._apply("gate_proj", x, threads)) * self._apply("up_proj", x, threads)
+        return self._apply("down_proj", h.contiguous(), threads)
+
+
+CPU_KERNELS = ("hqq", "int4")  # our kernel over the store in place; torch's int4 over a converted copy
+
+
+def make_cpu_expert(config: ModelConfig, spec: QuantSpec | None, kernel: str = "hqq"):
+    """Factory for the hybrid scheduler: flat views of one expert -> CpuExpert."""
+    assert PROJECTIONS == tuple(expert_shapes(config))
+    return lambda flat: CpuExpert(flat, config, spec, kernel)

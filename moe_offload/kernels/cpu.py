@@ -1,0 +1,190 @@
+"""CPU kernel for batch-1 products over HQQ-packed weights, read in place from host memory.
+
+The C source (``cpu_hqq.c``) is compiled on first use with the machine's C compiler (``$CC``, else gcc
+or cc) at ``-O3 -march=native`` with OpenMP, cached under ``$MOE_OFFLOAD_CACHE`` (default
+``~/.cache/moe_offload``), and called through ctypes, which releases the GIL: a Python thread can run
+experts on the CPU while the main thread keeps the GPU busy.
+
+* ``available()`` -> bool, ``unavailable_reason()`` -> str
+* ``CpuMatrix(qt)``: binds one ``QuantizedTensor`` on the CPU (N and group size multiples of 16);
+  ``.matvec(x, threads)`` with x float32 [K] -> float32 [N]
+* ``Int4Matrix(qt)``: the same product through torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``),
+  from an exact conversion of the HQQ codes (group sizes 32/64/128/256 only; costs its own host copy,
+  about 4.5 bits per weight): (q - z) * s = (q - 8) * s + (8 - z) * s, the kernel's form.
+* ``hqq_matvec_reference(x, qt)``: the PyTorch reference (dequantize, then multiply)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import MoeOffloadError
+from ..quant.hqq import QuantizedMeta, QuantizedTensor, dequantize, dequantize_meta
+from ..quant.pack import unpack
+
+SOURCE = Path(__file__).with_name("cpu_hqq.c")
+ROWS_PER_BLOCK = 16
+
+
+class _Matrix(ctypes.Structure):  # mirrors hqq_matrix in cpu_hqq.c
+    _fields_ = [("n", ctypes.c_int), ("k", ctypes.c_int), ("bits", ctypes.c_int), ("group", ctypes.c_int),
+                ("qweight", ctypes.c_void_p), ("meta_q8", ctypes.c_int),
+                ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("scale_q", ctypes.c_void_p), ("zero_q", ctypes.c_void_p),
+                ("scale_step", ctypes.c_void_p), ("scale_offset", ctypes.c_void_p),
+                ("zero_step", ctypes.c_void_p), ("zero_offset", ctypes.c_void_p),
+                ("meta_block", ctypes.c_int)]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOE_OFFLOAD_CACHE", Path.home() / ".cache" / "moe_offload")) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """-march=native code is only valid on the CPU it was built for: key the cache by its flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(compiler: str, out: Path) -> None:
+    base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", str(SOURCE), "-o", str(out)]
+    errors = []
+    for extra in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread, still correct
+        result = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        errors.append(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}")
+    raise MoeOffloadError(f"could not compile {SOURCE.name} with {compiler}: {errors[-1]}")
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        raise MoeOffloadError("no C compiler found (set CC, or install gcc) to build the CPU expert kernel")
+    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_hqq-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            partial = Path(tmp) / path.name
+            _compile(compiler, partial)
+            os.replace(partial, path)  # atomic: a concurrent loader sees the old state or a whole library
+    # Idle OpenMP workers must sleep, not spin: spinning threads on every core starve the thread that
+    # launches GPU work (measured: decode and prefill both slowed). Read when the runtime starts, i.e. now
+    # for the C library's own OpenMP runtime (torch's is already running and keeps its settings).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    lib = ctypes.CDLL(str(path))
+    lib.hqq_matvec.argtypes = [ctypes.POINTER(_Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.hqq_matvec.restype = None
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    try:
+        _library()
+    except (MoeOffloadError, OSError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def supports(qt: QuantizedTensor) -> bool:
+    n, _ = qt.shape
+    return n % ROWS_PER_BLOCK == 0 and qt.spec.group_size % 16 == 0 and qt.spec.bits in (2, 3, 4, 8)
+
+
+class CpuMatrix:
+    """One quantized matrix bound for repeated CPU products (the struct is built once, not per call)."""
+
+    def __init__(self, qt: QuantizedTensor):
+        if qt.device.type != "cpu":
+            raise MoeOffloadError(f"CpuMatrix needs host tensors, got {qt.device}")
+        if not supports(qt):
+            raise MoeOffloadError(f"the CPU kernel needs N % {ROWS_PER_BLOCK} == 0 and a group size that is a "
+                                  f"multiple of 16; got shape {qt.shape}, group {qt.spec.group_size}")
+        self.qt = qt  # keeps the (store) memory the struct points into alive
+        n, k = qt.shape
+        self.n, self.k, self.groups = n, k, k // qt.spec.group_size
+        tensors = qt.tensors()
+        for t in tensors.values():
+            if not t.is_contiguous():
+                raise MoeOffloadError("CpuMatrix needs contiguous tensors")
+        ptr = {name: t.data_ptr() for name, t in tensors.items()}
+        m = _Matrix(n=n, k=k, bits=qt.spec.bits, group=qt.spec.group_size, qweight=ptr["qweight"])
+        if isinstance(qt.scale, QuantizedMeta):
+            assert isinstance(qt.zero, QuantizedMeta)
+            m.meta_q8 = 1
+            m.scale_q, m.scale_step, m.scale_offset = ptr["scale_q"], ptr["scale_step"], ptr["scale_offset"]
+            m.zero_q, m.zero_step, m.zero_offset = ptr["zero_q"], ptr["zero_step"], ptr["zero_offset"]
+            m.meta_block = self.groups // qt.scale.step.shape[1]
+        else:
+            m.meta_q8, m.scale, m.zero, m.meta_block = 0, ptr["scale"], ptr["zero"], 1
+        self._struct = m
+        self._lib = _library()
+
+    def matvec(self, x: torch.Tensor, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: float32 [K] contiguous on the CPU -> float32 [N]."""
+        if x.dtype != torch.float32 or x.shape != (self.k,) or not x.is_contiguous() or x.device.type != "cpu":
+            raise MoeOffloadError(f"matvec expects a contiguous float32 CPU vector of {self.k}, got {x.dtype} {tuple(x.shape)}")
+        xsum = x.view(self.groups, -1).sum(dim=1)
+        y = torch.empty(self.n, dtype=torch.float32) if out is None else out
+        self._lib.hqq_matvec(ctypes.byref(self._struct), x.data_ptr(), xsum.data_ptr(), y.data_ptr(), int(threads))
+        return y
+
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def int4_supported(qt: QuantizedTensor) -> bool:
+    return qt.spec.bits <= 4 and qt.spec.group_size in INT4_GROUPS and qt.shape[0] % 16 == 0
+
+
+class Int4Matrix:
+    """An HQQ matrix converted exactly into torch's int4 CPU layout (a separate host copy)."""
+
+    def __init__(self, qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16):
+        # bfloat16 is the kernel's fast path (activations and scales); float32 makes the product exact
+        if not int4_supported(qt):
+            raise MoeOffloadError(f"torch's int4 kernel takes 2-4 bit codes in groups of {INT4_GROUPS}; got "
+                                  f"{qt.spec.bits}-bit group {qt.spec.group_size}")
+        n, k = qt.shape
+        self.n, self.k, self.group = n, k, qt.spec.group_size
+        codes = unpack(qt.qweight, qt.spec.bits, k).to(torch.int32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scale, zero = dequantize_meta(qt.scale), dequantize_meta(qt.zero)  # float32 [N, M]
+        self.scales_and_zeros = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * self.dtype.itemsize
+
+    def matvec(self, x: torch.Tensor, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        # torch's own thread pool: set by the caller (the worker thread sets torch.set_num_threads once)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1).to(self.dtype), self.packed, self.group,
+                                                       self.scales_and_zeros)
+        return y.view(-1).float()
+
+
+def hqq_matvec_reference(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """float32 reference: x [K] @ dequantize(W).T -> [N], in float64 for an unambiguous yardstick."""
+    return (dequantize(qt, torch.float64) @ x.double()).float()

@@ -1,0 +1,186 @@
+"""Hybrid expert execution: at decode, a layer's cache misses are split between host-to-device copies
+and computation on the host CPU, whichever lets the layer finish first.
+
+Per MoE layer at decode (one token): hits run on the GPU. For the misses, a cost model (ms per expert
+copy, ms per expert on the CPU; measured at start-up, refit from telemetry) and the copy queue's
+current backlog (prefetches included) decide, miss by miss, which path would finish it earlier; ties
+go to the copy, because a copied expert stays cached. The CPU experts run on one worker thread (its
+kernel spreads over ``threads`` cores) while the GPU computes hits and copied misses; their outputs, a
+few KB, are added last. CPU-computed experts never enter the cache. Prefill and batches of more than
+one token stay on the GPU: a copy costs the same for any number of tokens, CPU work grows with them.
+
+This module knows experts only as (layer, expert) keys, host buffers and callables.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .cache import ExpertCache
+from .stats import LayerStats
+from .store import ExpertStore
+
+Key = tuple[int, int]
+# flat views of one expert's host buffer -> callable(x float32 [T, D], threads) -> float32 [T, D]
+MakeCpuExpert = Callable[[dict[str, torch.Tensor]], Callable[[torch.Tensor, int], torch.Tensor]]
+
+
+@dataclass
+class CostModel:
+    """Milliseconds per expert on each path, smoothed over observations (exponential moving average)."""
+
+    copy_ms: float
+    cpu_ms: float
+    smoothing: float = 0.1  # 0 freezes the model (tests)
+
+    def observe_copy(self, ms: float) -> None:
+        self.copy_ms += self.smoothing * (ms - self.copy_ms)
+
+    def observe_cpu(self, ms: float) -> None:
+        self.cpu_ms += self.smoothing * (ms - self.cpu_ms)
+
+
+def split_misses(misses: Sequence[int], cost: CostModel, copy_backlog_ms: float = 0.0,
+                 cpu_backlog_ms: float = 0.0) -> tuple[list[int], list[int]]:
+    """(to copy, to compute on the CPU): each miss, in order, goes to the path on which it would finish
+    first given what that path already has queued; a tie copies. For equal jobs on two servers this
+    greedy choice minimizes the later finish time, i.e. when the layer's experts are all done."""
+    copy_done, cpu_done = copy_backlog_ms, cpu_backlog_ms
+    to_copy: list[int] = []
+    to_cpu: list[int] = []
+    for e in misses:
+        if cpu_done + cost.cpu_ms < copy_done + cost.copy_ms:
+            cpu_done += cost.cpu_ms
+            to_cpu.append(e)
+        else:
+            copy_done += cost.copy_ms
+            to_copy.append(e)
+    return to_copy, to_cpu
+
+
+def _now_ms() -> float:
+    return time.perf_counter() * 1e3
+
+
+class CpuResults:
+    """Outputs of one layer's CPU experts, arriving from the worker thread; ``expert(e)`` stands in for
+    the expert's module and blocks (on the host, GPU work already enqueued) until its output exists."""
+
+    def __init__(self, future: Future, device: torch.device, dtype: torch.dtype, stats: LayerStats):
+        self.future, self.device, self.dtype, self.stats = future, device, dtype, stats
+        self._outputs: dict[int, torch.Tensor] | None = None
+
+    def _get(self) -> dict[int, torch.Tensor]:
+        if self._outputs is None:
+            start = _now_ms()
+            outputs = self.future.result()
+            self.stats.cpu_wait_ms += _now_ms() - start
+            self._outputs = {e: y.to(self.device, self.dtype) for e, y in outputs.items()}
+        return self._outputs
+
+    def expert(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda _x: self._get()[e]
+
+
+class HybridExecutor:
+    """The split decision, the CPU worker and the cost model, shared by every offloaded layer."""
+
+    def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
+                 threads: int):
+        self.store, self.cache, self.make_cpu_expert = store, cache, make_cpu_expert
+        self.cost, self.threads = cost, threads
+        self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
+        # torch's own CPU ops on the worker (int4 kernel, SiLU) get the same thread count
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload-cpu",
+                                        initializer=torch.set_num_threads, initargs=(threads,))
+        self._copy_free_at = 0.0  # host-clock estimate of when the copy queue drains
+        self._copies_seen = cache.copies
+        if cost.smoothing:
+            cache.sample_copies = 8  # time one copy in eight to refit copy_ms
+
+    def cpu_expert(self, key: Key) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        expert = self._experts.get(key)
+        if expert is None:  # cheap: views into the store plus a small struct per matrix
+            expert = self._experts[key] = self.make_cpu_expert(self.store.layout.views(self.store.buffer(key)))
+        return expert
+
+    # -- the copy queue's backlog ------------------------------------------------------------------
+    def _sync_copy_clock(self) -> float:
+        """Account for copies enqueued since the last call; returns now (ms)."""
+        now = _now_ms()
+        new = self.cache.copies - self._copies_seen
+        self._copies_seen = self.cache.copies
+        if new:
+            self._copy_free_at = max(self._copy_free_at, now) + new * self.cost.copy_ms
+        for ms in self.cache.take_copy_samples():
+            self.cost.observe_copy(ms)
+        return now
+
+    def copy_backlog_ms(self) -> float:
+        now = self._sync_copy_clock()
+        return max(0.0, self._copy_free_at - now)
+
+    # -- per layer -----------------------------------------------------------------------------------
+    def choose_cpu(self, misses: Sequence[int]) -> list[int]:
+        if not misses:
+            return []
+        return split_misses(misses, self.cost, self.copy_backlog_ms())[1]
+
+    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats) -> CpuResults:
+        """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB)."""
+        x_host = x.detach().to("cpu", torch.float32)
+        fns = {e: self.cpu_expert((layer, e)) for e in experts}
+
+        def run() -> dict[int, torch.Tensor]:
+            out = {}
+            for e, fn in fns.items():
+                start = _now_ms()
+                out[e] = fn(x_host, self.threads)
+                ms = _now_ms() - start
+                stats.cpu_ms += ms
+                self.cost.observe_cpu(ms)
+            return out
+
+        stats.cpu_experts += len(experts)
+        stats.misses += len(experts)
+        self._sync_copy_clock()
+        return CpuResults(self._pool.submit(run), x.device, x.dtype, stats)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, threads: int,
+              hidden_size: int, key: Key = (0, 0), repeats: int = 3) -> CostModel:
+    """Measure one expert's copy and CPU times on this machine, in the configuration the run will use."""
+    expert = make_cpu_expert(store.layout.views(store.buffer(key)))
+    x = torch.randn(1, hidden_size)
+    expert(x, threads)  # warm-up: page-in, kernel library load
+    cpu = []
+    for _ in range(repeats):
+        start = _now_ms()
+        expert(x, threads)
+        cpu.append(_now_ms() - start)
+    scratch = cache.slots[-1]
+    src = store.buffer(key)
+    copy = []
+    for _ in range(repeats + 1):
+        if cache.cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(cache.copy_stream):
+                begin.record(cache.copy_stream)
+                scratch.copy_(src, non_blocking=True)
+                end.record(cache.copy_stream)
+            end.synchronize()
+            copy.append(begin.elapsed_time(end))
+        else:
+            start = _now_ms()
+            scratch.copy_(src)
+            copy.append(_now_ms() - start)
+    return CostModel(copy_ms=statistics.median(copy[1:]), cpu_ms=statistics.median(cpu))

@@ -1,0 +1,142 @@
+"""The hybrid CPU path: the split decision, and outputs equal to the copy-only path within tolerance.
+
+On CPU the "device" is host memory too, so the whole path (worker thread, CPU kernel, late combination)
+runs here; a fixed cost model forces misses onto the CPU. The GPU run is in test_offloading_cuda.py."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import moe_offload
+from moe_offload.cli import app
+from moe_offload.errors import MoeOffloadError
+from moe_offload.kernels import cpu as cpu_kernels
+from moe_offload.offload.hybrid import CostModel, split_misses
+from moe_offload.placement import OffloadOptions
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler for the CPU kernel")
+
+ALL_CPU = CostModel(copy_ms=10.0, cpu_ms=0.1, smoothing=0.0)
+PROMPT = "Mixture of experts route tokens"
+
+
+# -- the decision -----------------------------------------------------------------------------------
+def test_split_all_copy_when_cpu_is_slow():
+    assert split_misses([1, 5], CostModel(copy_ms=1.0, cpu_ms=5.0)) == ([1, 5], [])
+
+
+def test_split_all_cpu_when_copies_are_slow():
+    assert split_misses([1, 5], CostModel(copy_ms=5.0, cpu_ms=1.0)) == ([], [1, 5])
+
+
+def test_split_balances_two_misses():
+    # one copy (1.3) and one CPU expert (1.9) both finish by 1.9; two copies would take 2.6
+    assert split_misses([3, 6], CostModel(copy_ms=1.3, cpu_ms=1.9)) == ([3], [6])
+
+
+def test_split_tie_copies():
+    assert split_misses([2], CostModel(copy_ms=1.0, cpu_ms=1.0)) == ([2], [])
+
+
+def test_split_counts_the_copy_backlog():
+    cost = CostModel(copy_ms=1.3, cpu_ms=1.9)
+    assert split_misses([4], cost, copy_backlog_ms=0.0) == ([4], [])
+    assert split_misses([4], cost, copy_backlog_ms=0.7) == ([], [4])  # 0.7 + 1.3 > 1.9
+
+
+def test_split_many_misses_spreads_by_finish_time():
+    to_copy, to_cpu = split_misses(list(range(8)), CostModel(copy_ms=1.0, cpu_ms=3.0))
+    assert len(to_copy) == 6 and len(to_cpu) == 2  # copies finish at 6, the CPU at 6
+
+
+# -- end to end on the CPU ------------------------------------------------------------------------
+def load(directory, **offload):
+    return moe_offload.load(directory, device="cpu", dtype="float32", quantize="4/2",
+                            offload=OffloadOptions(offload_per_layer=2, **offload))
+
+
+def decode_logits(engine, n=12):
+    """Greedy tokens and the logits of every decode step."""
+    session = engine.new_session()
+    completion = engine.generate(PROMPT, max_new_tokens=n, ignore_eos=True)
+    ids = engine.encode(PROMPT) + completion.tokens
+    kv = engine.model.new_kv_cache(64)
+    logits = [engine.model(torch.tensor([ids[:len(engine.encode(PROMPT))]]), kv, 0)[0, -1]]
+    for i in range(len(engine.encode(PROMPT)), len(ids) - 1):  # one token at a time: the decode path
+        logits.append(engine.model(torch.tensor([[ids[i]]]), kv, i)[0, -1])
+    del session
+    return completion.tokens, torch.stack(logits)
+
+
+@pytest.fixture(scope="module")
+def copy_only(tiny_dir):
+    return decode_logits(load(tiny_dir, hybrid="off"))
+
+
+def test_hybrid_matches_copy_only_within_tolerance(tiny_dir, copy_only):
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=ALL_CPU)
+    tokens, logits = decode_logits(engine)
+    assert tokens == copy_only[0]
+    assert torch.allclose(logits, copy_only[1], rtol=1e-4, atol=1e-4)
+    s = engine.cache_stats.summary()
+    assert s["cpu_experts"] > 0 and s["cpu_ms_per_token"] > 0
+
+
+def test_cpu_experts_are_not_cached_and_not_copied(tiny_dir):
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=ALL_CPU, prefetch=0)
+    engine.generate(PROMPT, max_new_tokens=8, ignore_eos=True)
+    total = engine.cache_stats.total()
+    layout_bytes = engine.expert_cache.store.layout.nbytes
+    # every miss is either copied (bytes) or computed on the CPU (no bytes); nothing else moves
+    assert total.bytes_copied == (total.misses - total.cpu_experts) * layout_bytes
+    assert total.cpu_experts > 0
+
+
+def test_off_is_bit_exact(tiny_dir):
+    exact = load(tiny_dir, hybrid="off").generate(PROMPT, max_new_tokens=8, ignore_eos=True)
+    resident = moe_offload.load(tiny_dir, device="cpu", dtype="float32", quantize="4/2").generate(
+        PROMPT, max_new_tokens=8, ignore_eos=True)
+    assert exact.tokens == resident.tokens
+
+
+def test_auto_is_off_without_cuda(tiny_dir):
+    assert load(tiny_dir, hybrid="auto").hybrid is None
+
+
+def test_calibrated_cost_model_is_positive(tiny_dir):
+    engine = load(tiny_dir, hybrid="on", cpu_threads=1)
+    assert engine.hybrid is not None and engine.hybrid.threads == 1
+    assert engine.hybrid.cost.copy_ms > 0 and engine.hybrid.cost.cpu_ms > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(hybrid="sometimes"), "--hybrid 'sometimes' is not one of off, auto, on"),
+    (dict(hybrid="on", cpu_threads=0), "--cpu-threads 0 must be >= 1"),
+])
+def test_bad_options(tiny_dir, options, message):
+    with pytest.raises(MoeOffloadError, match=message):
+        load(tiny_dir, **options)
+
+
+def test_no_cpu_kernel_is_a_clear_error(tiny_dir, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "no C compiler found")
+    with pytest.raises(MoeOffloadError, match="--hybrid on: the CPU expert path cannot run: no C compiler found"):
+        load(tiny_dir, hybrid="on")
+
+
+def test_cli_generate_json_reports_cpu_experts(tiny_dir):
+    result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hello", "--temperature", "0",
+                                      "--max-new-tokens", "4", "--device", "cpu", "--quantize", "4/2",
+                                      "--offload-per-layer", "2", "--hybrid", "on", "--cpu-threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["cpu_experts_per_token"] >= 0  # calibrated on CPU: a memcpy usually beats the kernel
+
+
+def test_cli_bad_hybrid_value(tiny_dir):
+    result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hi", "--device", "cpu",
+                                      "--offload-per-layer", "2", "--hybrid", "maybe"])
+    assert result.exit_code == 1
+    assert "--hybrid 'maybe' is not one of off, auto, on" in result.output
