@@ -66,6 +66,11 @@ def _load(model: str, device: str, dtype: str, max_context: int, quantize: str |
                       offload=offload, progress=progress)
     if engine.plan is not None:
         err.print(f"[dim]{engine.plan}[/]", highlight=False)
+    if engine.hybrid is not None:
+        h = engine.hybrid
+        err.print(f"[dim]{'CPU experts':<20}hybrid on, {h.threads} threads; copy {h.cost.copy_ms:.2f} ms vs CPU "
+                  f"{h.cost.cpu_ms:.2f} ms per expert; extra host memory 0 B (reads the expert store in place)[/]",
+                  highlight=False)
     return engine
 
 
@@ -78,7 +83,7 @@ def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="au
 
 def _cache_summary(engine) -> dict:
     if engine.cache_stats is None:  # everything resident: nothing is ever copied
-        return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0}
+        return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0, "cpu_experts_per_token": 0.0}
     s = engine.cache_stats.summary()
     return {k: s[k] for k in ("hit_rate", "prefetch_recall", "prefetch_precision", "bytes_copied_per_token",
                               "host_syncs_per_token", "cpu_experts_per_token", "cpu_ms_per_token")}
@@ -201,8 +206,9 @@ def chat(
             c, s = generation.completion, _cache_summary(engine)
             err.print(f"[dim]{c.completion_tokens} tokens, prefill {c.prefill_tok_s:.1f} tok/s, decode "
                       f"{c.decode_tok_s:.1f} tok/s | expert cache: hit rate {s['hit_rate']:.2f}, prefetch recall "
-                      f"{s['prefetch_recall']:.2f}, {s['bytes_copied_per_token'] / 2**20:.1f} MiB copied/token[/]", soft_wrap=True,
-                      highlight=False)
+                      f"{s['prefetch_recall']:.2f}, {s['bytes_copied_per_token'] / 2**20:.1f} MiB copied/token"
+                      + (f", {s['cpu_experts_per_token']:.1f} experts/token on the CPU ({s['cpu_ms_per_token']:.1f} ms)"
+                         if engine.hybrid is not None else "") + "[/]", soft_wrap=True, highlight=False)
 
 
 @app.command("quantize")
