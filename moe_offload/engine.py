@@ -283,9 +283,8 @@ def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path, layer
     engine = Engine(config, net, tokenizer, source, options)
     engine.preset, engine.plan = preset, plan
     if plan is not None:
-        engine.expert_cache = install_offload(net, store, plan, preset, dev, offload)
+        engine.expert_cache, engine.hybrid = install_offload(net, store, plan, preset, dev, offload)
         engine.cache_stats = engine.expert_cache.stats
-        engine.hybrid = net.moe_blocks()[0].experts.hybrid  # one executor, shared by every offloaded layer
     net.eval()
     return engine
 

@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .cpu_expert import make_cpu_expert
 from .errors import MoeOffloadError
 from .flat import FlatLayout
+from .kernels import cpu as cpu_kernels
 from .model import MoeTransformer, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
@@ -24,7 +25,6 @@ from .offload.planner import Plan, parse_size, plan
 from .offload.policy import NoCache, make_policy
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
-from .kernels import cpu as cpu_kernels
 from .quant.hqq import QuantSpec
 from .quant.presets import QuantPreset
 from .weights import build_expert, expert_layout, expert_shapes, non_expert_bytes
@@ -102,8 +102,8 @@ def prepare_offload(model: MoeTransformer, layout: FlatLayout, options: OffloadO
 
 
 def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: QuantPreset | None,
-                    device: torch.device, options: OffloadOptions) -> ExpertCache:
-    """Build the slot cache and give every MoE layer an OffloadedExperts provider."""
+                    device: torch.device, options: OffloadOptions) -> tuple[ExpertCache, HybridExecutor | None]:
+    """Build the slot cache (and the hybrid CPU path when on); give every MoE layer an OffloadedExperts provider."""
     c = model.config
     missing = len(store.keys()) - len(store.filled)
     if missing:
@@ -122,7 +122,7 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
         ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + options.prefetch, len(blocks)))]
         block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0,
                                            hybrid=hybrid))
-    return cache
+    return cache, hybrid
 
 
 HYBRID_MODES = ("off", "auto", "on")

@@ -141,12 +141,12 @@ class CpuMatrix:
         self._struct = m
         self._lib = _library()
 
-    def matvec(self, x: torch.Tensor, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def matvec(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         """x: float32 [K] contiguous on the CPU -> float32 [N]."""
         if x.dtype != torch.float32 or x.shape != (self.k,) or not x.is_contiguous() or x.device.type != "cpu":
             raise MoeOffloadError(f"matvec expects a contiguous float32 CPU vector of {self.k}, got {x.dtype} {tuple(x.shape)}")
         xsum = x.view(self.groups, -1).sum(dim=1)
-        y = torch.empty(self.n, dtype=torch.float32) if out is None else out
+        y = torch.empty(self.n, dtype=torch.float32)
         self._lib.hqq_matvec(ctypes.byref(self._struct), x.data_ptr(), xsum.data_ptr(), y.data_ptr(), int(threads))
         return y
 
@@ -178,8 +178,8 @@ class Int4Matrix:
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * self.dtype.itemsize
 
-    def matvec(self, x: torch.Tensor, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        # torch's own thread pool: set by the caller (the worker thread sets torch.set_num_threads once)
+    def matvec(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        # runs on torch's own thread pool, sized by the caller (the hybrid worker sets torch.set_num_threads)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1).to(self.dtype), self.packed, self.group,
                                                        self.scales_and_zeros)
         return y.view(-1).float()

@@ -14,6 +14,7 @@ from moe_offload.cli import app
 from moe_offload.errors import MoeOffloadError
 from moe_offload.kernels import cpu as cpu_kernels
 from moe_offload.offload.hybrid import CostModel, split_misses
+from moe_offload.offload.snapshot import snapshot
 from moe_offload.placement import OffloadOptions
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler for the CPU kernel")
@@ -59,14 +60,13 @@ def load(directory, **offload):
 
 def decode_logits(engine, n=12):
     """Greedy tokens and the logits of every decode step."""
-    session = engine.new_session()
     completion = engine.generate(PROMPT, max_new_tokens=n, ignore_eos=True)
-    ids = engine.encode(PROMPT) + completion.tokens
+    prompt = engine.encode(PROMPT)
+    ids = prompt + completion.tokens
     kv = engine.model.new_kv_cache(64)
-    logits = [engine.model(torch.tensor([ids[:len(engine.encode(PROMPT))]]), kv, 0)[0, -1]]
-    for i in range(len(engine.encode(PROMPT)), len(ids) - 1):  # one token at a time: the decode path
+    logits = [engine.model(torch.tensor([prompt]), kv, 0)[0, -1]]
+    for i in range(len(prompt), len(ids) - 1):  # one token at a time: the decode path
         logits.append(engine.model(torch.tensor([[ids[i]]]), kv, i)[0, -1])
-    del session
     return completion.tokens, torch.stack(logits)
 
 
@@ -92,6 +92,11 @@ def test_cpu_experts_are_not_cached_and_not_copied(tiny_dir):
     # every miss is either copied (bytes) or computed on the CPU (no bytes); nothing else moves
     assert total.bytes_copied == (total.misses - total.cpu_experts) * layout_bytes
     assert total.cpu_experts > 0
+    # the live expert view (server page) shows the last step's CPU experts, none of which sits in a slot
+    recent = engine.expert_cache.cpu_recent
+    assert recent and not recent & engine.expert_cache.policy.resident()
+    view = snapshot(engine.expert_cache)
+    assert {key for key in recent if view.state(*key) == "p"} == recent
 
 
 def test_off_is_bit_exact(tiny_dir):
