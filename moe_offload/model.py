@@ -192,11 +192,17 @@ class Router(nn.Module):
         return weights, indices
 
 
+# (x [T, D], weights [T, K], indices [T, K]) -> (weights [T, K'], indices [T, K']): see MoEBlock.routing_hook.
+RoutingHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class MoEBlock(nn.Module):
     """Routed experts, computed by a provider (``experts``), plus an optional resident shared expert.
 
     The shared expert (Qwen2-MoE) runs on every token, scaled by ``sigmoid(shared_expert_gate(x))``; it is
     part of the model, not of the provider, so it stays resident wherever the routed experts live.
+    ``routing_hook`` (None by default) sees the router's choice just before the experts and may replace it
+    (routing.py: record a trace, or replay one); it runs eagerly, also in a graphed decode step.
     """
 
     def __init__(self, config: ModelConfig):
@@ -207,6 +213,7 @@ class MoEBlock(nn.Module):
         if config.shared_expert_intermediate_size:
             self.shared_expert = Expert(config.hidden_size, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.routing_hook: RoutingHook | None = None
 
     def set_experts(self, experts: Experts) -> None:
         """Swap the expert provider (a module, or any callable with the Experts signature)."""
@@ -227,6 +234,8 @@ class MoEBlock(nn.Module):
     def combine(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 shared: torch.Tensor | None) -> torch.Tensor:
         """The routed experts' weighted sum [T, D], plus the shared expert's output (transformers' order)."""
+        if self.routing_hook is not None:
+            weights, indices = self.routing_hook(x, weights, indices)
         y = self.experts(x, indices, weights)
         return y if shared is None else y + shared
 
