@@ -16,7 +16,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import MoeOffloadError
+from .flat import FlatLayout
 from .generate import ChatSession, Completion, Generation, Session
+from .grouped import StackedExperts
 from . import checkpoint
 from .loading import find_checkpoint_files, resolve_model_dir
 from .model import MoeTransformer
@@ -97,6 +99,13 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
                     raise MoeOffloadError(f"{source}: layer {layer.index} has expert {e} but config.json says "
                                           f"num_local_experts={config.num_experts}")
                 _check_expert(flat, config, expert_spec, source, layer.index, e)
+                if store is None and expert_spec is not None and device.type == "cuda":
+                    # Resident quantized experts on a GPU: one stack per layer, so decode can pick them on the device.
+                    if not isinstance(experts, StackedExperts):
+                        experts = StackedExperts(FlatLayout.of(flat), config, expert_spec, device)
+                        moe.set_experts(experts)
+                    experts.put(e, flat)
+                    continue
                 target = torch.device("cpu") if store is not None else device
                 moved = {k: v.to(device=target, dtype=dtype if v.is_floating_point() and expert_spec is None
                                  else v.dtype) for k, v in flat.items()}
@@ -105,6 +114,10 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
                 else:
                     experts.experts[e] = build_expert(moved, config, expert_spec)
     model.tie_weights()
+    for i, block in enumerate(model.moe_blocks()):
+        if isinstance(block.experts, StackedExperts) and len(block.experts.filled) != config.num_experts:
+            raise MoeOffloadError(f"{source}: MoE layer {i} has {len(block.experts.filled)} of {config.num_experts} "
+                                  "experts; the checkpoint is incomplete")
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise MoeOffloadError(

@@ -5,7 +5,10 @@ pace. Here each layer's attention, norms and router run as one captured graph ov
 position lives in a device tensor, attention spans the whole KV cache under a mask). The experts stay
 eager: which ones run, and which copies they wait for, is decided on the host from the router's output.
 Per layer and token: one graph replay, the routing sync, the experts, one add. Quantized experts replay
-graphs of their own too (see weights.QuantExpert), keyed by their static input buffer.
+graphs of their own too (see weights.QuantExpert, grouped.SlotKernel), keyed by their static input buffer.
+
+When every MoE layer picks its experts on the device (resident quantized stacks, grouped.py), nothing needs
+the host between layers and the whole step, lm_head included, is one graph: one replay per token.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ class GraphedDecode:
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.expert_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        if self.use_graphs:
+        # Every MoE layer picks its experts on the device (resident stacks): the whole step is one graph.
+        probe = self.x[0].view(1, D)
+        self.whole = self.use_graphs and all(
+            getattr(block.experts, "decode_on_device", lambda _: False)(probe) for block in model.moe_blocks())
+        self.logits: torch.Tensor | None = None
+        if self.whole:
+            self._capture_whole()
+        elif self.use_graphs:
             self._capture()
 
     @torch.inference_mode()
@@ -57,6 +67,25 @@ class GraphedDecode:
             self.graphs.append(graph)
             self.outputs.append(out)
 
+    def _all_layers(self) -> torch.Tensor:
+        model = self.model
+        for i, layer in enumerate(model.layers):
+            layer.finish(self._dense(i), out=self.x[i + 1])
+        return model.lm_head(model.norm(self.x[-1])).float()[0, 0]
+
+    @torch.inference_mode()
+    def _capture_whole(self) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: kernels compiled, split-K scratch allocated
+            self._all_layers()
+            self._all_layers()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._all_layers()
+        self.graphs.append(graph)
+
     @torch.inference_mode()
     def step(self, token: int, position: int) -> torch.Tensor:
         """Feed ``token`` at ``position``; return float32 logits [V]. The caller owns ``kv.length``."""
@@ -66,6 +95,9 @@ class GraphedDecode:
         torch.le(self.positions, self.pos, out=self.mask[0])
         if c.sliding_window is not None:
             self.mask[0] &= (self.pos - self.positions) < c.sliding_window
+        if self.whole:
+            self.graphs[0].replay()
+            return self.logits.clone()
         graphed_experts = EXPERT_GRAPHS.set(self.expert_pool)
         try:
             for i, layer in enumerate(model.layers):

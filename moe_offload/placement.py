@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .cpu_expert import make_cpu_expert
 from .errors import MoeOffloadError
 from .flat import FlatLayout
+from .grouped import SlotKernel
 from .kernels import cpu as cpu_kernels
 from .model import MoeTransformer, combine_experts
 from .offload.cache import ExpertCache
@@ -117,11 +118,13 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
                         scratch_slots=2 if options.cache else max(2, c.top_k), timing=options.timing)
     hybrid = make_hybrid(store, cache, c, spec, device, options)
+    # Decode computes a token's experts straight from the slots (the slots are a stack: one stride apart).
+    grouped = SlotKernel(cache.modules[0], store.layout.nbytes, len(blocks), device) if device.type == "cuda" else None
     guesses: dict[int, set[int]] = {}
     for i, block in enumerate(blocks):
         ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + options.prefetch, len(blocks)))]
         block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0,
-                                           hybrid=hybrid))
+                                           hybrid=hybrid, grouped=grouped))
     return cache, hybrid
 
 

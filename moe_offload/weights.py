@@ -188,23 +188,30 @@ class QuantExpert(Expert):
         return kernels.expert_forward(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt)
 
     def _replay(self, x: torch.Tensor, pool) -> torch.Tensor:
-        graphs = self.__dict__.setdefault("_graphs", {})  # input data_ptr -> None (warmed) or (graph, output)
-        key = x.data_ptr()
-        if key not in graphs:
-            graphs[key] = None
-            return self._fused(x)
-        if graphs[key] is None:
-            graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                graph.capture_begin(pool=pool)
-                out = self._fused(x)
-                graph.capture_end()
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graphs[key] = (graph, out)
-        graph, out = graphs[key]
-        graph.replay()
-        return out
+        graphs = self.__dict__.setdefault("_graphs", {})
+        return replay_graph(graphs, x.data_ptr(), lambda: self._fused(x), x.device, pool)
+
+
+def replay_graph(graphs: dict, key, run: Callable[[], torch.Tensor], device: torch.device, pool) -> torch.Tensor:
+    """``run()`` through a CUDA graph cached in ``graphs[key]`` (key: the static buffers ``run`` reads).
+
+    The first call runs eagerly (compiling kernels, allocating scratch), the second captures, later ones
+    replay; the returned tensor is the graph's static output, valid until the next replay."""
+    if key not in graphs:
+        graphs[key] = None
+        return run()
+    if graphs[key] is None:
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=pool)
+            out = run()
+            graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graphs[key] = (graph, out)
+    graph, out = graphs[key]
+    graph.replay()
+    return out
 def build_expert(flat: dict[str, torch.Tensor], config: ModelConfig, spec: QuantSpec | None) -> Expert:
     """An Expert module whose weights are exactly the given tensors (views stay views: no copies).
 

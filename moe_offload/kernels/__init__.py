@@ -7,6 +7,7 @@ function) are loaded on first use and raise ``MoeOffloadError`` where they canno
 * ``quant_matmul(x, packed, scale, zero, bits, group_size, n, k, out=None)``: y = x @ dequantize(W).T
 * ``quant_linear(x, qt, bias=None)``: the same for a ``QuantizedTensor``; plugs into ``QuantLinear(matmul=...)``
 * ``gate_up_silu(x, gate, up, out=None)``, ``expert_forward(x, gate, up, down, out=None, hidden=None)``
+* ``grouped_expert_forward(x, ids, gate, up, down, expert_stride)``: K experts of a stack, chosen on the device
 * ``dequantize_cuda(qt, dtype=torch.bfloat16, out=None)``
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 
 from ..errors import MoeOffloadError
 
-__all__ = ["available", "dequantize_cuda", "expert_forward", "gate_up_silu", "quant_linear", "quant_matmul"]
+__all__ = ["available", "dequantize_cuda", "expert_forward", "gate_up_silu", "grouped_expert_forward", "quant_linear",
+           "quant_matmul"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -237,24 +237,44 @@ def _word_acc(lo, hi, s_raw, z_raw, x0, x1, xs, c, rows, ss_ptr, so_ptr, zs_ptr,
 
 @triton.jit(do_not_specialize=["WSTRIDE"])
 def _gemv_kernel(
-    x_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, y_ptr, ws_ptr, cnt_ptr, ids_ptr,
     w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr,
     w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr,
-    M, N, KW, K16, NG, NB, n_chunks, chunks_per_split, stride_xm, stride_ym, WSTRIDE,
+    M, N, KW, K16, NG, NB, n_chunks, chunks_per_split, stride_xm, stride_ym, WSTRIDE, ES_W, ES_M, ES_H,
     BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr, PREFETCH: tl.constexpr,
-    ONE_WORD: tl.constexpr, ASM: tl.constexpr,
+    ONE_WORD: tl.constexpr, ASM: tl.constexpr, GROUPED: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one row m of x and BN rows of W (decode).
 
     Reference: ``F.linear(x, moe_offload.quant.hqq.dequantize(qt, torch.float32))`` cast to x's dtype.
     GATED: w2 is a second matrix of the same shape and y = silu(x @ w.T) * (x @ w2.T) (SPLIT == 1).
+    GROUPED: row m multiplies the weights of expert ``ids[m]`` of a stack of identically laid-out experts
+    (expert j's tensors lie j * ES_* elements after the given ones: ES_W int32 words, ES_M elements of
+    the scale/zero tensors, ES_H float16 elements of quantized metadata's step/offset). The routing is
+    read on the device, so a decode step needs no host sync to pick experts.
     Every per-weight value lives in a [BN, words, codes] tile in the layout of the packed-word load,
     so the compiler inserts no layout conversion on them (only on x).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
+    if GROUPED:
+        e = tl.load(ids_ptr + pid_m).to(tl.int64)
+        w_ptr += e * ES_W
+        w2_ptr += e * ES_W
+        s_ptr += e * ES_M
+        z_ptr += e * ES_M
+        s2_ptr += e * ES_M
+        z2_ptr += e * ES_M
+        ss_ptr += e * ES_H
+        so_ptr += e * ES_H
+        zs_ptr += e * ES_H
+        zo_ptr += e * ES_H
+        ss2_ptr += e * ES_H
+        so2_ptr += e * ES_H
+        zs2_ptr += e * ES_H
+        zo2_ptr += e * ES_H
     UNIT: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     # Clamp instead of masking: out-of-range rows re-read row N-1 and are dropped at the store.
     rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
@@ -510,10 +530,20 @@ def _gemv_ok(bits: int, group: int) -> bool:
     return group >= (16 if bits == 3 else 32 // bits)
 
 
-def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None) -> None:
-    """w1/w2: (packed, (s, ss, so), (z, zs, zo), quant_meta) tuples. w2 given: gated (silu(w1) * w2)."""
-    m = x2.shape[0]
+def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None) -> None:
+    """w1/w2: (packed, (s, ss, so), (z, zs, zo), quant_meta) tuples. w2 given: gated (silu(w1) * w2).
+
+    grouped: (ids, expert_stride_bytes): row m of y uses expert ids[m] of the stack whose first expert
+    w1/w2 are; x2 may then be a single row shared by every expert (stride 0)."""
     gated = w2 is not None
+    if grouped is None:
+        m, stride_xm, ids, es = x2.shape[0], x2.stride(0), x2, (0, 0, 0)
+    else:
+        ids, stride = grouped
+        m = ids.numel()
+        stride_xm = 0 if x2.shape[0] == 1 else x2.stride(0)
+        meta_item = w1[1][0].element_size()
+        es = (stride // 4, stride // meta_item, stride // 2)
     bn, bk, warps, split, prefetch, maxnreg, one_word = _gemv_config(bits, group, n, k, gated)
     ng = k // group
     qmeta = w1[3]
@@ -528,10 +558,11 @@ def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None) -> None:
     packed, (s, ss, so), (z, zs, zo), _ = w1
     packed2, (s2, ss2, so2), (z2, zs2, zo2), _ = w2 if gated else w1
     _gemv_kernel[grid](
-        x2, y2, ws, cnt, packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
-        m, n, k * bits // 32, k // 16, ng, ng // mblk, n_chunks, per_split, x2.stride(0), y2.stride(0), 1,
+        x2, y2, ws, cnt, ids, packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
+        m, n, k * bits // 32, k // 16, ng, ng // mblk, n_chunks, per_split, stride_xm, y2.stride(0), 1, *es,
         BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BN=bn, BK=bk, SPLIT=split, GATED=gated, PREFETCH=prefetch,
-        ONE_WORD=one_word, ASM=_ASM, num_warps=warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        ONE_WORD=one_word, ASM=_ASM, GROUPED=grouped is not None, num_warps=warps, num_stages=1,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
 
 
@@ -671,3 +702,55 @@ def expert_forward(
     h = gate_up_silu(x, gate, up, out=hidden)
     n, k = down.shape
     return quant_matmul(h, down.qweight, down.scale, down.zero, down.spec.bits, down.spec.group_size, n, k, out=out)
+
+
+def grouped_expert_forward(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    gate: QuantizedTensor,
+    up: QuantizedTensor,
+    down: QuantizedTensor,
+    expert_stride: int,
+    out: Optional[torch.Tensor] = None,
+    hidden: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Several experts of one stack on one token: x [1, D], ids [K] -> [K, D], row k = expert ids[k](x).
+
+    ``gate``/``up``/``down`` are expert 0's tensors (views into a [E, B] byte buffer: a layer's resident
+    experts, or the offload cache's slots); expert j's lie ``j * expert_stride`` bytes further. Two launches
+    for all K experts, the choice read from ``ids`` on the device: no host sync, capturable in a CUDA graph.
+    Row k equals ``expert_forward(x, gate_j, up_j, down_j)`` for j = ids[k], bit for bit (the same kernel
+    configuration runs per row). Reference: that function, i.e. dequantize-then-matmul per expert.
+    """
+    n_i, d = gate.shape
+    if down.shape != (d, n_i) or up.shape != gate.shape or gate.spec != up.spec:
+        raise MoeOffloadError(f"gate {gate.shape}, up {up.shape} and down {down.shape} do not form an expert")
+    if expert_stride <= 0 or expert_stride % 64:
+        raise MoeOffloadError(f"expert_stride={expert_stride} must be a positive multiple of 64 bytes")
+    for qt in (gate, down):
+        if not _gemv_ok(qt.spec.bits, qt.spec.group_size):
+            raise MoeOffloadError(f"grouped experts need GEMV-capable weights, got {qt.spec}")
+    x2 = _rows(x, d)
+    if x2.shape[0] != 1:
+        raise MoeOffloadError(f"grouped experts take one token, got {x2.shape[0]}")
+    if ids.dim() != 1 or ids.device != x.device or ids.dtype not in (torch.int32, torch.int64) or not ids.is_contiguous():
+        raise MoeOffloadError(f"ids must be a contiguous 1-D int32/int64 tensor on {x.device}")
+    m = ids.numel()
+    for qt in (gate, up, down):
+        _check_weight(x2 if qt is not down else torch.empty(0, n_i, device=x.device, dtype=x.dtype),
+                      qt.qweight, qt.spec.bits, qt.spec.group_size, *qt.shape)
+    if hidden is None:
+        hidden = torch.empty((m, n_i), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((m, d), device=x.device, dtype=x.dtype)
+    if tuple(hidden.shape) != (m, n_i) or tuple(out.shape) != (m, d) or hidden.dtype != x.dtype or out.dtype != x.dtype:
+        raise MoeOffloadError(f"hidden/out must be {x.dtype} [{m}, {n_i}] / [{m}, {d}]")
+    if m == 0:
+        return out
+    bits, group = gate.spec.bits, gate.spec.group_size
+    _launch_gemv(x2, hidden, bits, group, n_i, d, _weight(gate.qweight, gate.scale, gate.zero, bits, group, n_i, d),
+                 _weight(up.qweight, up.scale, up.zero, bits, group, n_i, d), grouped=(ids, expert_stride))
+    bits, group = down.spec.bits, down.spec.group_size
+    _launch_gemv(hidden, out, bits, group, d, n_i, _weight(down.qweight, down.scale, down.zero, bits, group, d, n_i),
+                 grouped=(ids, expert_stride))
+    return out

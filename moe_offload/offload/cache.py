@@ -158,6 +158,20 @@ class ExpertCache:
 
         The caller enqueues the returned module's work before asking for the next one."""
         self._mark_used()
+        return self.modules[self._acquire(layer, expert)]
+
+    def slots_for(self, layer: int, experts: list[int]) -> list[int] | None:
+        """The slots holding these experts, for one kernel that reads them all (the grouped decode path);
+        the compute stream waits for their copies. The caller enqueues that kernel before the next call.
+
+        None when more of them need a scratch slot than there are scratch slots (then go expert by expert)."""
+        bypass = sum(self.policy.slot_of((layer, e)) is None for e in experts)
+        if bypass > len(self._scratch):
+            return None
+        self._mark_used()
+        return [self._acquire(layer, e) for e in experts]
+
+    def _acquire(self, layer: int, expert: int) -> int:
         key = (layer, expert)
         slot = self.policy.slot_of(key)
         if slot is None:  # no slot could be freed for it: stream it through a scratch slot
@@ -169,7 +183,7 @@ class ExpertCache:
             s.bytes_copied += self.store.layout.nbytes
         self._wait(slot, layer)
         self._unmarked.append(slot)
-        return self.modules[slot]
+        return slot
 
     def collect_timing(self) -> None:
         """Fold measured copy waits into the stats (synchronizes; call outside the decode loop)."""

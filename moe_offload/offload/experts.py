@@ -7,7 +7,7 @@ now, on the copy stream, while this layer computes. Guesses only move bytes: out
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -20,11 +20,19 @@ Combine = Callable[..., torch.Tensor]
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+class SlotKernel(Protocol):
+    """Computes one token's experts straight from the cache's slots in one go (grouped kernels)."""
+
+    def ok(self, x: torch.Tensor) -> bool: ...
+
+    def __call__(self, layer: int, x: torch.Tensor, slots: list[int], weights: torch.Tensor) -> torch.Tensor: ...
+
+
 class OffloadedExperts:
     def __init__(self, layer: int, cache: ExpertCache, combine: Combine,
                  lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
-                 counts_tokens: bool = False, hybrid: HybridExecutor | None = None):
-        self.layer, self.cache, self.combine, self.hybrid = layer, cache, combine, hybrid
+                 counts_tokens: bool = False, hybrid: HybridExecutor | None = None, grouped: SlotKernel | None = None):
+        self.layer, self.cache, self.combine, self.hybrid, self.grouped = layer, cache, combine, hybrid, grouped
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
         self.counts_tokens = counts_tokens  # the first offloaded layer counts tokens for per-token stats
@@ -60,6 +68,10 @@ class OffloadedExperts:
             cache.prefetch(layer, guess, protected)
             protected = protected + [(layer, e) for e in guess]
         if not on_cpu:
+            if self.grouped is not None and self.grouped.ok(x):  # decode: all chosen experts in two launches
+                slots = cache.slots_for(self.layer, flat[:n])  # rank order, as the router gave them
+                if slots is not None:
+                    return self.grouped(self.layer, x, slots, weights)
             return self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
         return self.combine(x, indices, weights,
                             lambda e: results.expert(e) if e in on_cpu else cache.module(self.layer, e),

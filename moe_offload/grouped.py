@@ -1,0 +1,114 @@
+"""Decode-time experts chosen on the device: experts stacked in one [E, B] byte buffer, computed for a token
+by two grouped kernel launches that read the routing from a device tensor.
+
+Per expert, batch-1 decode costs two kernel launches plus (for the choice) a host sync; at top-8 the
+launches dominate. A stack holds experts at a fixed stride (a layer's resident experts, or the offload
+cache's slots), so one launch can compute every chosen expert: ``ids`` says which row of the stack each
+output row uses. Resident experts then need no host sync at all and a whole decode step fits in one
+CUDA graph (graphs.py); offloaded ones still sync once per layer, to copy misses, but launch two kernels
+instead of 2K.
+
+Arithmetic: each expert's output is bit-identical to the per-expert kernels (same kernel, same
+configuration); the weighted sum runs in float32 in rank order. Resident and offloaded stacks share it,
+so offloading still changes no output bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .config import ModelConfig
+from .errors import MoeOffloadError
+from .flat import FlatLayout
+from .model import combine_experts
+from .quant.hqq import QuantSpec
+from .weights import EXPERT_GRAPHS, QuantExpert, build_expert, replay_graph
+
+
+def grouped_ok(x: torch.Tensor, expert: nn.Module) -> bool:
+    """Whether the grouped kernels compute this token (x [T, D]) with experts laid out like ``expert``."""
+    if x.shape[0] != 1 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not isinstance(expert, QuantExpert) or not kernels.available():
+        return False
+    spec = expert.gate_proj.spec
+    return spec.group_size >= (16 if spec.bits == 3 else 32 // spec.bits)  # the GEMV's word-in-group rule
+
+
+def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, base: QuantExpert,
+                    stride: int) -> torch.Tensor:
+    """sum_k weights[0, k] * expert_{ids[k]}(x) -> [1, D] for one token, experts at ``stride`` bytes from ``base``.
+
+    No host sync and no data-dependent shapes: capturable in a CUDA graph."""
+    y = kernels.grouped_expert_forward(x, ids, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt, stride)  # [K, D]
+    return (y.float() * weights.reshape(-1, 1).float()).sum(0, keepdim=True).to(x.dtype)
+
+
+class StackedExperts(nn.Module):
+    """A layer's resident quantized experts in one [E, B] device buffer (filled expert by expert at load).
+
+    Decode on CUDA runs the grouped kernels over the router's own device indices; everything else (CPU,
+    prefill, fp32) computes expert by expert through ``combine_experts`` like ``ResidentExperts``.
+    """
+
+    def __init__(self, layout: FlatLayout, config: ModelConfig, spec: QuantSpec, device: torch.device):
+        super().__init__()
+        self.layout = layout
+        self.buffer = torch.empty((config.num_experts, layout.nbytes), dtype=torch.uint8, device=device)  # [E, B]
+        self.experts = nn.ModuleList(build_expert(layout.views(self.buffer[e]), config, spec)
+                                     for e in range(config.num_experts))
+        self.filled: set[int] = set()
+
+    def put(self, expert: int, flat: dict[str, torch.Tensor]) -> None:
+        """Copy one expert's tensors (from any device) into its row of the stack."""
+        views = self.layout.views(self.buffer[expert])
+        if set(views) != set(flat):
+            raise MoeOffloadError(f"expert {expert} has tensors {sorted(flat)}, expected {sorted(views)}")
+        for name, view in views.items():
+            view.copy_(flat[name])
+        self.filled.add(expert)
+
+    def decode_on_device(self, x: torch.Tensor) -> bool:
+        """True when a decode step's experts are chosen on the device (no host sync): graphs may capture it."""
+        return grouped_ok(x, self.experts[0])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if grouped_ok(x, self.experts[0]):
+            return grouped_combine(x, indices.reshape(-1), weights, self.experts[0], self.layout.nbytes)
+        return combine_experts(x, indices, weights, self.experts.__getitem__)
+
+
+class SlotKernel:
+    """The offload cache's slots as a stack: one token's experts of a layer in two launches (offload.SlotKernel).
+
+    The host picks the slots (after the layer's one routing sync) and sends their numbers through a pinned
+    staging row per layer. That row is safe to rewrite at the next token: the host only gets there after the
+    routing sync of that layer, which waits for the stream, copy of the old row included. Inside a graphed
+    decode step (``EXPERT_GRAPHS``) the computation replays a CUDA graph per layer and input buffer.
+    """
+
+    def __init__(self, base: nn.Module, stride: int, num_layers: int, device: torch.device):
+        self.base, self.stride, self.device = base, stride, device
+        self._staging: dict[int, torch.Tensor] = {}  # K -> pinned int32 [L, K]
+        self._ids: dict[int, torch.Tensor] = {}  # K -> device int32 [L, K]
+        self._graphs: dict[tuple, object] = {}
+        self.num_layers = num_layers
+
+    def ok(self, x: torch.Tensor) -> bool:
+        return grouped_ok(x, self.base)
+
+    def __call__(self, layer: int, x: torch.Tensor, slots: list[int], weights: torch.Tensor) -> torch.Tensor:
+        k = len(slots)
+        if k not in self._ids:
+            self._staging[k] = torch.empty((self.num_layers, k), dtype=torch.int32, pin_memory=True)
+            self._ids[k] = torch.empty((self.num_layers, k), dtype=torch.int32, device=self.device)
+        staging, ids = self._staging[k][layer], self._ids[k][layer]
+        staging.copy_(torch.tensor(slots, dtype=torch.int32))
+        ids.copy_(staging, non_blocking=True)
+        pool = EXPERT_GRAPHS.get()
+        run = lambda: grouped_combine(x, ids, weights, self.base, self.stride)  # noqa: E731
+        if pool is None:
+            return run()
+        return replay_graph(self._graphs, (layer, k, x.data_ptr(), weights.data_ptr()), run, x.device, pool)
