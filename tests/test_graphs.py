@@ -71,3 +71,18 @@ def test_cuda_expert_graphs_equal_eager_experts(offloaded):
     outs = [graphed_logits(load_synthetic("tiny", preset="4/2", device="cuda", offload=offload, cuda_graphs=False),
                            prompt, use_graphs, 24) for use_graphs in (False, True)]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [None, 7])
+def test_cuda_decode_attention_kernel_matches_dynamic_sdpa(tmp_path, window):
+    """The static step's Triton decode attention (keys <= pos only) against the dynamic path's SDPA."""
+    from moe_offload.kernels.attention import decode_attention_ok
+
+    engine = moe_offload.load(make_checkpoint(tmp_path / "m", sliding_window=window), device="cuda",
+                              dtype="bfloat16", max_context=128, cuda_graphs=False)
+    c = engine.config
+    probe_q = torch.empty(1, c.num_heads, 1, c.head_dim, device="cuda", dtype=torch.bfloat16)
+    probe_k = torch.empty(1, c.num_kv_heads, 128, c.head_dim, device="cuda", dtype=torch.bfloat16)
+    assert decode_attention_ok(probe_q, probe_k), "the kernel must be the one under test"
+    assert compare(engine, list(range(3, 30)), steps=16, use_graphs=True) < 0.1

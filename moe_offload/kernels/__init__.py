@@ -9,6 +9,7 @@ function) are loaded on first use and raise ``MoeOffloadError`` where they canno
 * ``gate_up_silu(x, gate, up, out=None)``, ``expert_forward(x, gate, up, down, out=None, hidden=None)``
 * ``grouped_expert_forward(x, ids, gate, up, down, expert_stride)``: K experts of a stack, chosen on the device
 * ``dequantize_cuda(qt, dtype=torch.bfloat16, out=None)``
+* ``decode_attention(q, keys, values, pos, window=None)``: one query token over a KV cache, keys up to pos
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 
 from ..errors import MoeOffloadError
 
-__all__ = ["available", "dequantize_cuda", "expert_forward", "gate_up_silu", "grouped_expert_forward", "quant_linear",
-           "quant_matmul"]
+__all__ = ["available", "decode_attention", "dequantize_cuda", "expert_forward", "gate_up_silu",
+           "grouped_expert_forward", "quant_linear", "quant_matmul"]
+_ATTENTION = ("decode_attention",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,9 +35,12 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-def _module():
+def _module(name: str = ""):
     try:
-        from . import quant_kernels as module
+        if name in _ATTENTION:
+            from . import attention as module
+        else:
+            from . import quant_kernels as module
     except ImportError as e:  # no triton (CPU-only installs, CI)
         raise MoeOffloadError(f"the fused kernels need Triton and a CUDA GPU ({e}); use the reference matmul instead") from e
     return module
@@ -44,5 +49,5 @@ def _module():
 def __getattr__(name: str) -> Any:
     # Lazy: `from moe_offload.kernels import quant_matmul` imports Triton only when asked for.
     if name in __all__:
-        return getattr(_module(), name)
+        return getattr(_module(name), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
