@@ -34,10 +34,12 @@ class GraphedDecode:
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.expert_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        # Every MoE layer picks its experts on the device (resident stacks): the whole step is one graph.
+        # Every MoE layer picks its experts on the device (resident stacks): the whole step is one graph. A routing
+        # hook (routing.py: trace recording or replay) runs Python between router and experts: per-layer graphs.
         probe = self.x[0].view(1, D)
         self.whole = self.use_graphs and all(
-            getattr(block.experts, "decode_on_device", lambda _: False)(probe) for block in model.moe_blocks())
+            block.routing_hook is None and getattr(block.experts, "decode_on_device", lambda _: False)(probe)
+            for block in model.moe_blocks())
         self.logits: torch.Tensor | None = None
         if self.whole:
             self._capture_whole()
