@@ -10,10 +10,14 @@ import gc
 import resource
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .engine import Engine
+
+if TYPE_CHECKING:
+    from .routing import TraceReplay
 
 SYNTHETIC_ROUTING = "synthetic: random router weights, routing close to uniform over experts"
 
@@ -81,9 +85,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _greedy_run(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+def _greedy_run(engine: Engine, prompt: list[int], new_tokens: int, replay: TraceReplay | None = None
+                ) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 steps) of one greedy generation."""
     session = engine.new_session()
+    if replay is not None:
+        replay.rewind()  # a new sequence: its routing starts again at the trace's first token
     device = engine.device
     _sync(device)
     t0 = time.perf_counter()
@@ -104,8 +111,10 @@ def _greedy_run(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[flo
 
 def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_tokens: int = 512,
             new_tokens: int = 128, seed: int = 0, h2d_gb_s: float | None = None,
-            resident_ms_per_token: float | None = None, gpu_memory: str = "", routing: str = "") -> BenchResult:
-    """Warm up, then time one prefill of ``prompt_tokens`` random tokens and ``new_tokens`` greedy steps."""
+            resident_ms_per_token: float | None = None, gpu_memory: str = "", routing: str = "",
+            replay: TraceReplay | None = None) -> BenchResult:
+    """Warm up, then time one prefill of ``prompt_tokens`` random tokens and ``new_tokens`` greedy steps.
+    ``replay``: a routing trace installed on the model (routing.py), rewound for each run."""
     device = engine.device
     g = torch.Generator().manual_seed(seed)
     vocab = engine.config.vocab_size
@@ -117,10 +126,10 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
 
         raise MoeOffloadError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the context "
                               f"{engine.max_context}; raise --max-context")
-    _greedy_run(engine, warm, 32)  # kernels compiled, experts' decode graphs captured, caches warm
+    _greedy_run(engine, warm, 32, replay)  # kernels compiled, experts' decode graphs captured, caches warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prefill_s, decode_s = _greedy_run(engine, prompt, new_tokens)
+    prefill_s, decode_s = _greedy_run(engine, prompt, new_tokens, replay)
     steps = max(new_tokens - 1, 1)
     decode_ms = decode_s / steps * 1e3
     stats = engine.cache_stats

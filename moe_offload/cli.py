@@ -265,6 +265,12 @@ def bench(
                                    "everything resident (when it fits), with the same prompt and seed."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the numbers to this JSON file."),
     device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
+    trace: Optional[Path] = typer.Option(None, "--trace", help="No model: replay this routing trace through the "
+                                         "cache policies (hit rates per cache size, prefetch recall)."),
+    cache_sizes: Optional[str] = typer.Option(None, "--cache-sizes", help="With --trace: slots per layer, e.g. "
+                                              "8,16,32 or 1-8 (default 1..min(8, experts))."),
+    routing_trace: Optional[Path] = typer.Option(None, "--routing-trace", help="Route every MoE layer as this "
+                                                 "recorded trace says instead of by the routers (real reuse)."),
 ):
     """Measure prefill and batch-1 decode speed against the host-to-device transfer limit."""
     import dataclasses
@@ -272,11 +278,20 @@ def bench(
 
     from rich.table import Table
 
+    if trace is not None:
+        if model is not None or synthetic is not None or routing_trace is not None:
+            raise MoeOffloadError("--trace replays a trace without a model; drop MODEL, --synthetic and "
+                                  "--routing-trace")
+        return _bench_trace(trace, cache_sizes, json_file)
+    if cache_sizes is not None:
+        raise MoeOffloadError("--cache-sizes goes with --trace")
+
     from .bench import SYNTHETIC_ROUTING, measure, measure_h2d, release
     from .engine import load, load_synthetic, resolve_device
 
     if (model is None) == (synthetic is None):
         raise MoeOffloadError("give either MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
+    replay_trace = _routing_trace(routing_trace, model, synthetic) if routing_trace is not None else None
     base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads)
     base = dataclasses.replace(base, timing=True)
     runs = [("full", base)]
@@ -307,10 +322,16 @@ def bench(
                 raise
         if label == "full" and engine.plan is not None:
             err.print(f"[dim]{engine.plan}[/]", highlight=False)
+        routing, replay = SYNTHETIC_ROUTING if synthetic else "the model's own", None
+        if replay_trace is not None:
+            from .routing import TraceReplay
+
+            replay = TraceReplay(engine.model, replay_trace).install()
+            routing = replay.describe()
         err.print(f"[dim]measuring {label}...[/]")
         result = measure(engine, label=label, model=name, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                          seed=seed, h2d_gb_s=h2d, resident_ms_per_token=resident_ms, gpu_memory=gpu_memory or "",
-                         routing=SYNTHETIC_ROUTING if synthetic else "the model's own")
+                         routing=routing, replay=replay)
         if label == "resident":
             resident_ms = result.decode_ms_per_token
         results.append(result)
@@ -326,7 +347,9 @@ def bench(
                       f"{r.cpu_experts_per_token:.1f}", f"{r.h2d_gb_s:.1f}",
                       f"{r.peak_gpu_bytes / 2**30:.2f}")
     Console().print(table)
-    if synthetic:
+    if replay_trace is not None:
+        err.print(f"[dim]Routing: {results[0].routing}[/]", soft_wrap=True, highlight=False)
+    elif synthetic:
         err.print("[dim]Routing is synthetic: random routers spread tokens close to uniformly over the experts "
                   "(real Mixtral routing is close to uniform too); the hit rate is reported beside every speed.[/]",
                   soft_wrap=True)
@@ -335,6 +358,111 @@ def bench(
         payload = {**full, "date": datetime.date.today().isoformat(), "command": "moe-offload " + " ".join(sys.argv[1:]),
                    "runs": [r.to_json() for r in results]}
         _write_json_atomic(json_file, payload)
+
+
+def _routing_trace(path: Path, model: str | None, synthetic: str | None):
+    """Read a routing trace for --routing-trace and check it fits the model before anything is built."""
+    from .config import ModelConfig
+    from .trace import check_matches, read_trace
+
+    trace = read_trace(path)
+    if synthetic is not None:
+        from .synthetic import synthetic_config
+
+        config = synthetic_config(synthetic)
+    else:
+        from .loading import resolve_model_dir
+
+        config = ModelConfig.from_file(resolve_model_dir(model) / "config.json")
+    check_matches(trace, len(config.moe_layers), config.num_experts)
+    return trace
+
+
+def _parse_sizes(text: str) -> list[int]:
+    sizes: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            sizes += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise MoeOffloadError(f"--cache-sizes {text!r}: expected numbers and ranges, e.g. 8,16,32 or 1-8") from None
+    return sizes
+
+
+def _bench_trace(path: Path, cache_sizes: str | None, json_file: Path | None) -> None:
+    """bench --trace: the cache policies replayed on a recorded trace, decode-style from a cold cache."""
+    import datetime
+
+    from rich.table import Table
+
+    from .trace import read_trace
+    from .trace_stats import trace_report
+
+    trace = read_trace(path)
+    sizes = _parse_sizes(cache_sizes) if cache_sizes else list(range(1, min(8, trace.num_experts) + 1))
+    report = trace_report(trace, sizes)
+    table = Table(title=f"bench --trace {trace.source}: {trace.num_layers} layers x {trace.num_experts} experts, "
+                        f"top-{trace.top_k}", caption=f"hit rate over {report['replayed']}, cold start")
+    names = {"lru": "LRU per layer", "global-lru": "global LRU (same total)", "lfu": "LFU per layer",
+             "belady": "Belady (optimal per layer)"}
+    table.add_column("slots per layer", justify="right")
+    for name in report["hit_rate"]:
+        table.add_column(names.get(name, name), justify="right")
+    for n in report["cache_sizes"]:
+        table.add_row(str(n), *(f"{by_size[str(n)]:.3f}" for by_size in report["hit_rate"].values()))
+    Console().print(table)
+    recall = report["prefetch_recall"]
+    if recall:
+        err.print("prefetch recall (router of layer l + d on layer l's input, top-k): "
+                  + ", ".join(f"{d} layer{'s' if d != '1' else ''} ahead {r:.3f}" for d, r in recall.items()),
+                  highlight=False, soft_wrap=True)
+    else:
+        err.print("[dim]prefetch recall: the trace records no look-ahead guesses (moe-offload trace records them)[/]",
+                  soft_wrap=True)
+    if json_file is not None:
+        _write_json_atomic(json_file, {**report, "date": datetime.date.today().isoformat(),
+                                       "command": "moe-offload " + " ".join(sys.argv[1:])})
+
+
+@app.command("trace")
+@user_errors
+def trace_command(
+    model: str = ModelArg,
+    text: Path = typer.Option(..., "--text", help="Held-out text to run the model over (UTF-8)."),
+    out: Path = typer.Option(..., "--out", help="Trace to write: JSON lines (moe_offload.route_trace v2)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Trace at most this many tokens of the text."),
+    context: int = typer.Option(512, "--context", help="Tokens per window; each window starts with an empty "
+                                "KV cache."),
+    device: str = Device, dtype: str = Dtype, quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
+    gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
+    no_pin: bool = NoPin,
+):
+    """Record which experts MODEL routes each token of held-out text to, per MoE layer, with the experts the
+    next layers' routers would guess from it (prefetch): teacher-forced, in windows of --context tokens."""
+    from .routing import LOOKAHEAD, record_trace
+    from .trace import write_trace
+    from .trace_stats import prefetch_recall
+
+    if max_tokens < 1:
+        raise MoeOffloadError(f"--max-tokens {max_tokens} must be at least 1")
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoeOffloadError(f"cannot read --text {text}: {e}") from None
+    engine = _load(model, device, dtype, max(context, 1) + 1, quantize, not no_verify,
+                   _offload(gpu_memory, offload_per_layer, "lru", 0, no_pin, "off"))
+    tokens = engine.encode(content)[:max_tokens]
+    name = Path(model).name if Path(model).exists() else model
+    with _ProgressBar() as progress:
+        trace = record_trace(engine.model, tokens, min(context, engine.max_context - 1), LOOKAHEAD,
+                             source=f"{name} on {text.name}", progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_trace(trace, out)
+    recall = ", ".join(f"{d} ahead {prefetch_recall(trace, d):.3f}" for d in range(1, trace.lookahead + 1)
+                       if d < trace.num_layers)
+    err.print(f"wrote {out}: {len(trace)} tokens x {trace.num_layers} MoE layers, top-{trace.top_k} of "
+              f"{trace.num_experts}" + (f"; prefetch recall {recall}" if recall else ""), highlight=False,
+              soft_wrap=True)
 
 
 @app.command()

@@ -45,8 +45,11 @@ def test_read_csv(tmp_path):
     assert trace.phases == ["prefill", "prefill", "decode"]
     assert trace.expert_bytes == [100, 200]
     assert trace.source == "t.route.csv"
+    assert trace.weights == [[[0.6, 0.4], []], [[0.5, 0.5], [0.7, 0.3]], [[0.9, 0.1], [0.8, 0.2]]]
+    assert trace.guesses is None and trace.lookahead == 0
     decode = trace.decode_only()
     assert decode.steps == [[[0, 3], [2, 3]]] and decode.phases == ["decode"] and len(trace) == 3
+    assert decode.weights == [[[0.9, 0.1], [0.8, 0.2]]]
 
 
 def test_read_real_qwen_trace():
@@ -68,6 +71,7 @@ def test_read_real_qwen_trace():
     (ROWS[:-1] + ["0,1,2,1,0,3,0.2,0,200"], r"t.route.csv:15: duplicate row for step 2 layer 1 slot 0"),
     (ROWS[:-1] + ["0,0,2,1,1,3,0.2,0,200"], r"step 2 appears as both prefill and decode"),
     (ROWS[:-1], r"step 2 layer 1 has only some of its 2 experts"),
+    (ROWS[:-1] + ["0,1,2,1,1,3,heavy,0,200"], r"t.route.csv:15: weight='heavy' is not a number"),
 ])
 def test_csv_errors(tmp_path, rows, match):
     with pytest.raises(MoeOffloadError, match=match):
@@ -153,3 +157,82 @@ def test_recorder_single_token_prompt_is_prefill():
     for e in (0, 1, 2):
         rec.record(0, [[e]])
     assert rec.trace().phases == ["prefill", "decode", "decode"]
+
+
+V2 = ('{"format": "moe_offload.route_trace", "version": 2, "num_layers": 3, "num_experts": 4, "top_k": 2, '
+      '"weights": true, "lookahead": 2}')
+STEP = {"phase": "decode", "experts": [[0, 1], [2, 3], [1, 2]], "weights": [[0.5, 0.5], [0.7, 0.3], [0.6, 0.4]],
+        "guesses": [[[], [2, 1], [1, 0]], [[], [], [3, 2]]]}
+
+
+def with_step(**changes) -> str:
+    import json
+
+    return json.dumps({**STEP, **changes})
+
+
+def test_v2_round_trip_with_weights_and_guesses(tmp_path):
+    trace = RoutingTrace(3, 4, 2, [STEP["experts"], [[3, 2], [0, 1], []]], ["prefill", "decode"], "mine",
+                         weights=[STEP["weights"], [[0.9, 0.1], [0.123456789, 0.876543211], []]],
+                         guesses=[STEP["guesses"], [[[], [0, 1], []], [[], [], []]]])
+    assert trace.lookahead == 2
+    out = tmp_path / "v2.jsonl"
+    write_trace(trace, out)
+    back = read_trace(out)
+    assert back.steps == trace.steps and back.guesses == trace.guesses and back.lookahead == 2
+    assert back.weights[1][1] == [0.12346, 0.87654]  # 5 decimals on disk
+    assert back.select([1]).guesses == [trace.guesses[1]] and back.decode_only().weights == [back.weights[1]]
+
+
+def test_reads_version_1(tmp_path):
+    path = tmp_path / "v1.jsonl"
+    path.write_text('{"format": "moe_offload.route_trace", "version": 1, "num_layers": 1, "num_experts": 4, '
+                    '"top_k": 2}\n{"phase": "decode", "experts": [[0, 3]]}\n')
+    trace = read_trace(path)
+    assert trace.steps == [[[0, 3]]] and trace.weights is None and trace.guesses is None
+
+
+@pytest.mark.parametrize("line, match", [
+    (with_step(weights=[[0.5, 0.5], [0.7], [0.6, 0.4]]), "weights must match experts"),
+    (with_step(weights=[[0.5, 0.5], [0.7, "x"], [0.6, 0.4]]), "weights must be numbers"),
+    (with_step(guesses=[[[], [2, 1], [1, 0]]]), "expected guesses for 2 layers ahead"),
+    (with_step(guesses=[[[], [2, 7], [1, 0]], [[], [], []]]), r"expert ids \[2, 7\] outside 0..3"),
+    (with_step(guesses=[[[], [2, 2], [1, 0]], [[], [], []]]), "distinct experts"),
+    ('{"phase": "decode", "experts": [[0, 1], [2, 3], [1, 2]]}', "no 'weights' field"),
+])
+def test_v2_errors(tmp_path, line, match):
+    path = tmp_path / "x.jsonl"
+    path.write_text(V2 + "\n" + line + "\n")
+    with pytest.raises(MoeOffloadError, match=r"x.jsonl:2: bad routing step.*" + match):
+        read_trace(path)
+
+
+def test_unknown_version(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(V2.replace('"version": 2', '"version": 3') + "\n")
+    with pytest.raises(MoeOffloadError, match="x.jsonl:1: bad routing trace header.*version 1 or 2"):
+        read_trace(path)
+
+
+def test_recorder_weights_and_guesses():
+    rec = TraceRecorder(num_layers=3, num_experts=8, top_k=2, lookahead=2)
+    rec.record(0, [[1, 2], [3, 4]], [[0.6, 0.4], [0.5, 0.5]], {1: [[5, 6], [7, 0]], 2: [[1, 3], [2, 4]]})
+    rec.record(1, [[5, 7], [0, 1]], [[0.9, 0.1], [0.8, 0.2]], {1: [[1, 2], [2, 3]]})
+    rec.record(2, [[1, 2], [2, 4]], [[0.7, 0.3], [0.6, 0.4]], {})
+    rec.record(0, [[6, 7]], [[0.5, 0.5]], {1: [[0, 1]], 2: [[2, 3]]})  # a decode token
+    trace = rec.trace()
+    assert trace.steps[1] == [[3, 4], [0, 1], [2, 4]] and trace.steps[2] == [[6, 7], [], []]
+    assert trace.weights[0] == [[0.6, 0.4], [0.9, 0.1], [0.7, 0.3]]
+    # guesses[token][d - 1][target layer]: made d layers before the target
+    assert trace.guesses[0] == [[[], [5, 6], [1, 2]], [[], [], [1, 3]]]
+    assert trace.guesses[1] == [[[], [7, 0], [2, 3]], [[], [], [2, 4]]]
+    assert trace.guesses[2] == [[[], [0, 1], []], [[], [], [2, 3]]]
+    assert trace.phases == ["prefill", "prefill", "decode"]
+
+
+def test_recorder_without_weights_keeps_none():
+    rec = TraceRecorder(1, 4, 1)
+    rec.record(0, [[1]], [[1.0]])
+    rec.record(0, [[2]])
+    trace = rec.trace()
+    assert trace.weights is None and trace.guesses is None
