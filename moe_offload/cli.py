@@ -74,6 +74,15 @@ def _load(model: str, device: str, dtype: str, max_context: int, quantize: str |
     return engine
 
 
+def _model(model: str | None, hint: str = "pass MODEL (a model directory or Hugging Face Hub repo id)") -> str:
+    """MODEL as given, or the directory of the demo model shipped inside the package when none is."""
+    if model is not None:
+        return model
+    from .demo import demo_model_dir
+
+    return str(demo_model_dir(hint))
+
+
 def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None):
     from .placement import OffloadOptions
 
@@ -97,6 +106,8 @@ def _params(temperature, top_p, top_k, max_new_tokens, seed, stop):
 
 
 ModelArg = typer.Argument(..., help="Model directory or Hugging Face Hub repo id.")
+DefaultModel = typer.Argument(None, help="Model directory or Hugging Face Hub repo id (default: the small demo model "
+                              "shipped with moe-offload).", show_default=False)
 Temperature = typer.Option(0.9, help="Sampling temperature; 0 means greedy.")
 TopP = typer.Option(0.9, "--top-p", help="Nucleus sampling mass.")
 TopK = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off).")
@@ -122,7 +133,7 @@ CpuThreads = typer.Option(None, "--cpu-threads", help="Threads for CPU experts (
 @app.command()
 @user_errors
 def generate(
-    model: str = ModelArg,
+    model: Optional[str] = DefaultModel,
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the text."),
     temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
@@ -134,7 +145,7 @@ def generate(
 ):
     """Continue a prompt and print the completion."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
-    engine = _load(model, device, dtype, max_context, quantize, not no_verify,
+    engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
                    _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads))
     generation = engine.stream(prompt, params)
     if json_out:
@@ -158,7 +169,7 @@ def generate(
 @app.command()
 @user_errors
 def chat(
-    model: str = ModelArg,
+    model: Optional[str] = DefaultModel,
     system: Optional[str] = typer.Option(None, help="System prompt."),
     temperature: float = Temperature, top_p: float = TopP, top_k: int = TopK, max_new_tokens: int = MaxNew,
     seed: Optional[int] = Seed, device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
@@ -170,10 +181,10 @@ def chat(
 ):
     """Interactive multi-turn chat. /reset starts over, /exit quits; Ctrl-C stops the current answer."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
-    engine = _load(model, device, dtype, max_context, quantize, not no_verify,
+    engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
                    _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads))
     conversation = engine.new_chat(system=system)
-    err.print(f"[bold]moe-offload chat[/] {model} on {engine.device}. /reset starts over, /exit quits, "
+    err.print(f"[bold]moe-offload chat[/] {model or 'demo model'} on {engine.device}. /reset starts over, /exit quits, "
               "Ctrl-C stops an answer.", highlight=False, soft_wrap=True)
     while True:
         try:
@@ -289,8 +300,10 @@ def bench(
     from .bench import SYNTHETIC_ROUTING, measure, measure_h2d, release
     from .engine import load, load_synthetic, resolve_device
 
-    if (model is None) == (synthetic is None):
-        raise MoeOffloadError("give either MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
+    if model is not None and synthetic is not None:
+        raise MoeOffloadError("give either MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b), not both")
+    if model is None and synthetic is None:  # the shipped demo model
+        model = _model(None, "pass MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
     replay_trace = _routing_trace(routing_trace, model, synthetic) if routing_trace is not None else None
     base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads)
     base = dataclasses.replace(base, timing=True)
@@ -468,7 +481,7 @@ def trace_command(
 @app.command()
 @user_errors
 def serve(
-    model: str = ModelArg,
+    model: Optional[str] = DefaultModel,
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOE_OFFLOAD_API_KEY",
@@ -485,13 +498,78 @@ def serve(
 
     from .server.app import create_app
 
-    engine = _load(model, device, dtype, max_context, quantize, not no_verify,
+    from .demo import DEMO_NAME
+
+    engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
                    _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads))
-    name = Path(model).name if Path(model).exists() else model
+    name = DEMO_NAME if model is None else Path(model).name if Path(model).exists() else model
     err.print(f"serving {name} on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'})",
               highlight=False, soft_wrap=True)
     uvicorn.run(create_app(engine, name, api_key=api_key, max_queue=max_queue), host=host, port=port,
                 log_level="warning")
+
+
+@app.command("perplexity")
+@user_errors
+def perplexity_command(
+    model: Optional[str] = DefaultModel,
+    text: Path = typer.Option(..., "--text", help="Held-out text (UTF-8), e.g. WikiText-2's test split."),
+    context: int = typer.Option(512, "--context", help="Tokens per window."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens from one window to the next (default: half of "
+                                         "--context). Each token is scored once, with at least context - stride "
+                                         "tokens before it (fewer at the start)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the result to this JSON file."),
+    device: str = Device, dtype: str = Dtype, quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
+    gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
+    policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
+):
+    """Perplexity of MODEL on held-out text, in sliding windows of --context tokens."""
+    import datetime
+
+    from .config import ModelConfig
+    from .evaluate import check_window, perplexity
+    from .loading import resolve_model_dir
+
+    stride = context // 2 if stride is None else stride
+    check_window(context, stride)
+    if max_tokens is not None and max_tokens < 2:
+        raise MoeOffloadError(f"--max-tokens {max_tokens} must be at least 2")
+    content = _read_text(text)
+    path = _model(model)
+    limit = ModelConfig.from_file(resolve_model_dir(path) / "config.json").max_position_embeddings
+    if context > limit:  # before loading: a big model takes minutes to load
+        raise MoeOffloadError(f"--context {context} is longer than the model's context window ({limit} tokens, "
+                              "max_position_embeddings in config.json); lower --context")
+    engine = _load(path, device, dtype, context, quantize, not no_verify,
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, "off"))
+    ids = engine.encode(content)[:max_tokens]
+    with _ProgressBar() as progress:
+        result = perplexity(engine, ids, context, stride, progress)
+    preset = engine.preset.name if engine.preset else None
+    dt = str(engine.options.dtype).removeprefix("torch.")
+    print(f"perplexity {result.perplexity:.3f} on {text.name}: {result.tokens:,} tokens, {result.windows} windows of "
+          f"{context} (stride {stride}), {preset or 'unquantized'}, {dt} on {engine.device}, "
+          f"{result.tokens_per_s:,.0f} tok/s")
+    if json_file is not None:
+        _write_json_atomic(json_file, {
+            "model": model or "demo", "text": str(text), "perplexity": result.perplexity, "nll": result.nll,
+            "tokens": result.tokens, "windows": result.windows, "context": context, "stride": stride,
+            "max_tokens": max_tokens, "preset": preset, "dtype": dt, "device": str(engine.device),
+            "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
+            "date": datetime.date.today().isoformat(), "command": "moe-offload " + " ".join(sys.argv[1:])})
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise MoeOffloadError(f"--text {path}: no such file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MoeOffloadError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not content.strip():
+        raise MoeOffloadError(f"--text {path}: the file is empty")
+    return content
 
 
 def torch_oom():

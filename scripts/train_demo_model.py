@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=512, help="Final scoring: sliding-window context.")
     p.add_argument("--stride", type=int, default=256, help="Final scoring: sliding-window stride.")
     p.add_argument("--experts-impl", default="auto", help="transformers' experts implementation: auto (time "
-                   "each that works, keep the fastest), eager, grouped_mm, batched_mm.")
+                   "grouped_mm and eager, keep the faster that works), grouped_mm, eager.")
     args = p.parse_args(argv)
     for name, value in SIZES["tiny" if args.tiny else "demo"].items():
         if getattr(args, name) is None:
@@ -166,7 +166,10 @@ def make_config(args, vocab_size: int, eos_id: int):
 
 
 def set_experts_impl(model, name: str) -> None:
-    model.config._experts_implementation = name
+    for module in model.modules():  # every module's config (one object today; copies would miss the change)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = name
 
 
 def experts_impl(model) -> str:
@@ -180,7 +183,8 @@ def pick_experts_impl(model, batch, autocast, requested: str, device: torch.devi
         set_experts_impl(model, requested)
         return requested
     timings = {}
-    for name in dict.fromkeys([default, "grouped_mm", "batched_mm", "eager"]):
+    # Not batched_mm: it gathers a copy of the expert weights per token (tens of GB at a training batch).
+    for name in dict.fromkeys([default, "grouped_mm", "eager"]):
         try:
             set_experts_impl(model, name)
             for k in range(3):  # one warm-up, then two timed
@@ -409,6 +413,12 @@ def save(model, tokenizer, out: Path) -> None:
     (out / "chat_template.jinja").unlink(missing_ok=True)
 
 
+def window(args) -> tuple[int, int]:
+    """The final scoring's (context, stride): the model's context at most, stride below it."""
+    context = min(args.context, args.seq_len)
+    return context, args.stride if args.stride < context else context // 2
+
+
 def evaluate(args, device: torch.device) -> dict:
     """Reload the saved checkpoint (bfloat16 weights), score in float32: what users of the checkpoint get."""
     from transformers import AutoTokenizer, MixtralForCausalLM
@@ -420,7 +430,8 @@ def evaluate(args, device: torch.device) -> dict:
     scores = {}
     for name, path in texts.items():
         ids = tokenizer.encode(path.read_text(encoding="utf-8"))
-        result = perplexity(model, ids, min(args.context, args.seq_len), min(args.stride, args.seq_len), device)
+        context, stride = window(args)
+        result = perplexity(model, ids, context, stride, device)
         scores[name] = {"file": path.name, **result}
         print(f"perplexity on {name} ({path.name}): {result['perplexity']:.3f} over {result['tokens']:,} tokens")
     return scores
@@ -485,7 +496,7 @@ weights, check that they suit you.
 
 ## Held-out perplexity
 
-Sliding window of {min(args.context, args.seq_len)} tokens with stride {min(args.stride, args.seq_len)} (each token
+Sliding window of {window(args)[0]} tokens with stride {window(args)[1]} (each token
 scored once), bfloat16 weights computed in float32, per token of this model's tokenizer (so not comparable with
 other models' perplexities). `moe-offload perplexity` measures the same way; quantized numbers are in the
 project's BENCHMARKS.md.

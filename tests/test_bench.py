@@ -43,6 +43,7 @@ def test_offloaded_with_ablations(tmp_path):
     assert runs["no cache"]["bytes_copied_per_token"] > full["bytes_copied_per_token"]
 
 
-def test_needs_model_or_synthetic():
+def test_needs_model_or_synthetic(monkeypatch, tmp_path):
+    monkeypatch.setattr("moe_offload.demo.DEMO_MODEL", tmp_path / "absent")  # no MODEL: the demo model, if shipped
     result = CliRunner().invoke(app, ["bench"])
     assert result.exit_code == 1 and "--synthetic" in result.stderr
