@@ -76,7 +76,7 @@ def main() -> None:
                 samples.append(begin.elapsed_time(end))
             copy_ms = statistics.median(samples[1:])
         x = torch.randn(1, config.hidden_size)
-        for kernel in ("hqq", "int4"):
+        for kernel in ("hqq", "hqq-f32", "int4"):
             try:
                 experts = [CpuExpert(layout.views(b), config, spec, kernel) for b in buffers]
             except Exception as e:  # e.g. int4 with group 16

@@ -3,7 +3,8 @@
 The hybrid path (``offload.hybrid``) hands some cache misses to the CPU instead of copying them to the
 GPU. The CPU reads the same bytes the copy would have moved, in place: quantized experts through the
 C kernel of ``kernels.cpu`` (HQQ packing, no conversion, no extra host memory), 16/32-bit experts
-through torch. Math is float32; the result differs from the GPU's only by floating-point rounding.
+through torch. Math is float32, except that 2-bit group-16 experts (the 4/2 preset) round their inputs to
+int8 per group of 16 for the integer fast path: the result differs from the GPU's by that rounding.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class CpuExpert:
             if not cpu_kernels.supports(qt):
                 raise MoeOffloadError(f"{proj} {shape} group {spec.group_size}: the CPU expert kernel needs rows "
                                       "and group size in multiples of 16; use --hybrid off")
-            self.matrices[proj] = cpu_kernels.CpuMatrix(qt)
+            self.matrices[proj] = cpu_kernels.CpuMatrix(qt, int8_activations=False if kernel == "hqq-f32" else None)
 
     def _apply(self, proj: str, x: torch.Tensor, threads: int) -> torch.Tensor:
         m = self.matrices[proj]
@@ -46,11 +47,18 @@ class CpuExpert:
 
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         x = x.float().contiguous()
-        h = F.silu(self._apply("gate_proj", x, threads)) * self._apply("up_proj", x, threads)
+        gate, up = self.matrices.get("gate_proj"), self.matrices.get("up_proj")
+        if isinstance(gate, cpu_kernels.CpuMatrix) and gate.int8 and isinstance(up, cpu_kernels.CpuMatrix) and up.int8:
+            rows = [cpu_kernels.QuantizedVector(row) for row in x]  # rounded to int8 once for gate and up
+            h = torch.stack([F.silu(gate.matvec(r, threads)) * up.matvec(r, threads) for r in rows])
+        else:
+            h = F.silu(self._apply("gate_proj", x, threads)) * self._apply("up_proj", x, threads)
         return self._apply("down_proj", h.contiguous(), threads)
 
 
-CPU_KERNELS = ("hqq", "int4")  # our kernel over the store in place; torch's int4 over a converted copy
+# Our kernel over the store in place (int8 activations where its fast path applies; hqq-f32: float32 always);
+# torch's int4 over a converted copy.
+CPU_KERNELS = ("hqq", "hqq-f32", "int4")
 
 
 def make_cpu_expert(config: ModelConfig, spec: QuantSpec | None, kernel: str = "hqq"):

@@ -156,3 +156,154 @@ void hqq_matvec(const hqq_matrix *w, const float *x, const float *xsum, float *y
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int b = 0; b < blocks; b++) row_block(w, b * R, x, xsum, y);
 }
+
+/* ---------------------------------------------------------------------------------------------
+   Fast path for 2-bit codes in groups of 16 (the 4/2 preset's experts): integer dot products.
+
+   x is quantized to int8 once per call, per group of 16 (dx = max|x| / 127), so a group's dot
+   product sum_k q_k x8_k is exact integer arithmetic, and
+       y[n] = sum_g s_g dx_g (sum_k q_k x8_k - z_g sum_k x8_k).
+   The only new error is x's rounding to 8 bits (about 0.4% per element, relative to the group's
+   largest; llama.cpp rounds activations the same way for its CPU experts).
+
+   A 32-byte load holds 128 codes (8 words, 8 groups). Byte b of it, shifted right by 2t and masked
+   to 2 bits, is the code of element 4b + t, so x8 is stored permuted to match: xp[128c + 32t + b] =
+   x8[128c + 4b + t]. u8 x s8 products of 4 adjacent bytes add into one int32 lane, and lane l's
+   bytes 4l..4l+3 are exactly group l of the chunk: four multiply-adds give eight group dots.
+   AVX-512 VNNI / AVX-VNNI do that in one instruction (vpdpbusd), AVX2 in two (maddubs, madd).
+   --------------------------------------------------------------------------------------------- */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#include <math.h>
+
+int hqq_has_int8(void) { return 1; }
+
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* x: float32 [K] -> xp: int8 [K] (permuted as above), dx: float32 [K/16] (step), xs: float32 [K/16] (sum of x8). */
+void hqq_quantize_x16(const float *x, int k, int8_t *xp, float *dx, float *xs) {
+    for (int g = 0; g < k / 16; g++) {
+        float amax = 0.0f;
+        for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(x[16 * g + j]));
+        const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < 16; j++) {
+            const int e = 16 * g + j, c = e / 128, r = e % 128;
+            int q = (int)lrintf(x[e] * inv);
+            q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            xp[128 * c + 32 * (r % 4) + r / 4] = (int8_t)q;
+            sum += q;
+        }
+        dx[g] = d;
+        xs[g] = (float)sum;
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float half1(uint16_t h) { return _cvtsh_ss(h); }
+
+/* Eight groups' int32 dots q . x8 of one row for chunk c (32 bytes of codes, 128 bytes of permuted x8). */
+static inline __m256i chunk_dots(const uint8_t *q, const int8_t *xc, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
+    const __m256i mask = _mm256_set1_epi8(3);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)q);
+    __m256i d = dot_u8s8(_mm256_setzero_si256(), _mm256_and_si256(v, mask), x0);
+    d = dot_u8s8(d, _mm256_and_si256(_mm256_srli_epi16(v, 2), mask), x1);
+    d = dot_u8s8(d, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), x2);
+    (void)xc;
+    return dot_u8s8(d, _mm256_and_si256(_mm256_srli_epi16(v, 6), mask), x3);
+}
+
+/* Row n's scale and zero of groups m .. m+7 (plain float16 metadata). */
+static inline void meta_f16(const hqq_matrix *w, size_t m, __m256 *s, __m256 *z) {
+    *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->scale + m)));
+    *z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->zero + m)));
+}
+
+static inline __m256 u8x8(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* Rows [n0, n1) of a 2-bit group-16 matrix, two rows at a time (each x load serves both). Requires K % 128
+   == 0 and, for 8-bit metadata, a block of groups that is a multiple of 8: eight consecutive groups then
+   share one step/offset, loaded once per block (the loops run block by block: no division per chunk). */
+static void rows_2bit_g16(const hqq_matrix *w, int n0, int n1, const int8_t *xp, const float *dx, const float *xs,
+                          float *y) {
+    const int K = w->k, M = K / 16, chunks = K / 128;
+    const int per_block = w->meta_q8 ? w->meta_block / 8 : chunks; /* chunks per metadata block */
+    const size_t row_bytes = (size_t)K / 4;
+    for (int n = n0; n < n1; n += 2) {
+        const int two = n + 1 < n1;
+        const int n2 = two ? n + 1 : n; /* an odd last row is computed twice, stored once */
+        const uint8_t *qa = (const uint8_t *)w->qweight + (size_t)n * row_bytes;
+        const uint8_t *qb = (const uint8_t *)w->qweight + (size_t)n2 * row_bytes;
+        __m256 acc_a = _mm256_setzero_ps(), acc_b = _mm256_setzero_ps();
+        for (int c0 = 0; c0 < chunks; c0 += per_block) {
+            __m256 ssa = _mm256_setzero_ps(), soa = ssa, zsa = ssa, zoa = ssa, ssb = ssa, sob = ssa, zsb = ssa, zob = ssa;
+            if (w->meta_q8) {
+                const int MB = M / w->meta_block, b = c0 / per_block;
+                const size_t ia = (size_t)n * MB + b, ib = (size_t)n2 * MB + b;
+                ssa = _mm256_set1_ps(half1(w->scale_step[ia])); soa = _mm256_set1_ps(half1(w->scale_offset[ia]));
+                zsa = _mm256_set1_ps(half1(w->zero_step[ia])); zoa = _mm256_set1_ps(half1(w->zero_offset[ia]));
+                ssb = _mm256_set1_ps(half1(w->scale_step[ib])); sob = _mm256_set1_ps(half1(w->scale_offset[ib]));
+                zsb = _mm256_set1_ps(half1(w->zero_step[ib])); zob = _mm256_set1_ps(half1(w->zero_offset[ib]));
+            }
+            for (int c = c0; c < c0 + per_block; c++) {
+                const int8_t *xc = xp + 128 * c;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xc);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xc + 32));
+                const __m256i x2 = _mm256_loadu_si256((const __m256i *)(xc + 64));
+                const __m256i x3 = _mm256_loadu_si256((const __m256i *)(xc + 96));
+                const __m256 da = _mm256_cvtepi32_ps(chunk_dots(qa + 32 * c, xc, x0, x1, x2, x3));
+                const __m256 db = _mm256_cvtepi32_ps(chunk_dots(qb + 32 * c, xc, x0, x1, x2, x3));
+                const size_t ma = (size_t)n * M + 8 * c, mb = (size_t)n2 * M + 8 * c;
+                __m256 sa, za, sb, zb;
+                if (w->meta_q8) {
+                    sa = _mm256_fmadd_ps(u8x8(w->scale_q + ma), ssa, soa);
+                    za = _mm256_fmadd_ps(u8x8(w->zero_q + ma), zsa, zoa);
+                    sb = _mm256_fmadd_ps(u8x8(w->scale_q + mb), ssb, sob);
+                    zb = _mm256_fmadd_ps(u8x8(w->zero_q + mb), zsb, zob);
+                } else {
+                    meta_f16(w, ma, &sa, &za);
+                    meta_f16(w, mb, &sb, &zb);
+                }
+                const __m256 xsum = _mm256_loadu_ps(xs + 8 * c), step = _mm256_loadu_ps(dx + 8 * c);
+                acc_a = _mm256_fmadd_ps(_mm256_mul_ps(sa, step), _mm256_fnmadd_ps(za, xsum, da), acc_a);
+                acc_b = _mm256_fmadd_ps(_mm256_mul_ps(sb, step), _mm256_fnmadd_ps(zb, xsum, db), acc_b);
+            }
+        }
+        y[n] = hsum8(acc_a);
+        if (two) y[n2] = hsum8(acc_b);
+    }
+}
+
+/* y = W x for a 2-bit group-16 matrix, x given quantized by hqq_quantize_x16. */
+void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx, const float *xs, float *y,
+                         int threads) {
+    const int rows = 16, blocks = (w->n + rows - 1) / rows;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int n1 = (b + 1) * rows < w->n ? (b + 1) * rows : w->n;
+        rows_2bit_g16(w, b * rows, n1, xp, dx, xs, y);
+    }
+}
+#else
+int hqq_has_int8(void) { return 0; }
+void hqq_quantize_x16(const float *x, int k, int8_t *xp, float *dx, float *xs) { (void)x; (void)k; (void)xp; (void)dx; (void)xs; }
+void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx, const float *xs, float *y, int threads) {
+    (void)w; (void)xp; (void)dx; (void)xs; (void)y; (void)threads;
+}
+#endif

@@ -23,9 +23,48 @@ def test_hqq_kernel_matches_reference(spec, shape):
     qt = quantize(torch.randn(n, k), spec, optimize=False)
     x = torch.randn(k)
     ref = cpu.hqq_matvec_reference(x, qt).double()
-    got = cpu.CpuMatrix(qt).matvec(x, threads=2).double()
+    got = cpu.CpuMatrix(qt, int8_activations=False).matvec(x, threads=2).double()
     # float32 accumulation over K terms against a float64 reference
     assert (got - ref).abs().max() <= 1e-5 * k ** 0.5 * ref.abs().max()
+
+
+needs_int8 = pytest.mark.skipif(not cpu.available() or not cpu._library().hqq_has_int8(), reason="no AVX2 build")
+
+
+@needs_int8
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, True), QuantSpec(2, 16)], ids=str)
+@pytest.mark.parametrize("shape", [(64, 512), (1024, 4096), (256, 14336)])
+def test_int8_fast_path(spec, shape):
+    """The integer path is exact given its int8-rounded x, and off from the float product by at most what
+    that rounding can move: sum_k |W[n, k]| |x_k - x8_k dx|."""
+    n, k = shape
+    torch.manual_seed(n + k)
+    qt = quantize(torch.randn(n, k), spec, optimize=False)
+    x = torch.randn(k) * torch.linspace(0.1, 3.0, k)  # uneven magnitudes across groups
+    matrix = cpu.CpuMatrix(qt)
+    assert matrix.int8 and cpu.int8_path(qt)
+    q = cpu.QuantizedVector(x)
+    xq = q.dequantized()
+    assert (xq - x).abs().max() <= x.abs().max() / 127  # half a step of the largest group, at most
+    got = matrix.matvec(x, threads=2).double()
+    assert torch.equal(got.float(), matrix.matvec(q, threads=2))  # rounding once or per call: the same
+    exact_given_xq = cpu.hqq_matvec_reference(xq, qt).double()
+    assert (got - exact_given_xq).abs().max() <= 1e-5 * k ** 0.5 * exact_given_xq.abs().max()
+    w = dequantize(qt, torch.float64)
+    bound = w.abs() @ (x.double() - xq.double()).abs()
+    ref = cpu.hqq_matvec_reference(x, qt).double()
+    assert ((got - ref).abs() <= bound * 1.001 + 1e-4).all()
+    assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+@needs_int8
+def test_int8_path_needs_its_layout():
+    assert not cpu.int8_path(quantize(torch.randn(16, 512), QuantSpec(2, 32)))  # group 32
+    assert not cpu.int8_path(quantize(torch.randn(16, 1600), QuantSpec(2, 16)))  # K % 128
+    # 136 groups: 8-bit metadata in blocks of 68 groups, not a multiple of 8
+    assert not cpu.int8_path(quantize(torch.randn(16, 2176), QuantSpec(2, 16, True)))
+    with pytest.raises(MoeOffloadError, match="int8 activations"):
+        cpu.CpuMatrix(quantize(torch.randn(16, 512), QuantSpec(4, 64)), int8_activations=True)
 
 
 def test_hqq_kernel_rejects_unsupported_shapes():

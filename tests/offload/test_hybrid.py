@@ -79,7 +79,10 @@ def test_hybrid_matches_copy_only_within_tolerance(tiny_dir, copy_only):
     engine = load(tiny_dir, hybrid="on", hybrid_cost=ALL_CPU)
     tokens, logits = decode_logits(engine)
     assert tokens == copy_only[0]
-    assert torch.allclose(logits, copy_only[1], rtol=1e-4, atol=1e-4)
+    # The 4/2 experts' CPU path rounds its inputs to int8 per group of 16 (kernels/cpu.py): about 1% here,
+    # where float32 activations would agree to 1e-4 (tests/kernels/test_cpu.py bounds both paths).
+    err = (logits - copy_only[1]).norm() / copy_only[1].norm()
+    assert err < 2e-2, f"relative logit error {err:.2e}"
     s = engine.cache_stats.summary()
     assert s["cpu_experts"] > 0 and s["cpu_ms_per_token"] > 0
 
