@@ -85,12 +85,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _greedy_run(engine: Engine, prompt: list[int], new_tokens: int, replay: TraceReplay | None = None
-                ) -> tuple[float, float]:
+def _greedy_run(engine: Engine, prompt: list[int], new_tokens: int, replay: TraceReplay | None = None,
+                warmup: bool = False) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 steps) of one greedy generation."""
     session = engine.new_session()
-    if replay is not None:
-        replay.rewind()  # a new sequence: its routing starts again at the trace's first token
+    if replay is not None:  # a new sequence: routing restarts at the trace's first token (other experts in warm-up)
+        replay.rewind(warmup)
     device = engine.device
     _sync(device)
     t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
 
         raise MoeOffloadError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the context "
                               f"{engine.max_context}; raise --max-context")
-    _greedy_run(engine, warm, 32, replay)  # kernels compiled, experts' decode graphs captured, caches warm
+    _greedy_run(engine, warm, 32, replay, warmup=True)  # kernels compiled, expert decode graphs captured, caches warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill_s, decode_s = _greedy_run(engine, prompt, new_tokens, replay)

@@ -340,7 +340,7 @@ def bench(
             from .routing import TraceReplay
 
             replay = TraceReplay(engine.model, replay_trace).install()
-            routing = replay.describe()
+            routing = replay.describe(prompt_tokens + new_tokens)
         err.print(f"[dim]measuring {label}...[/]")
         result = measure(engine, label=label, model=name, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                          seed=seed, h2d_gb_s=h2d, resident_ms_per_token=resident_ms, gpu_memory=gpu_memory or "",

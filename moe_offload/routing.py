@@ -94,7 +94,11 @@ class TraceReplay(_Hooks):
     """Routes the token at position p (from the last ``rewind()``) as the trace's p-th complete token, wrapping
     around at its end. Complete tokens have every layer (the shared CSVs skip the last layer for most prompt
     tokens). The trace's top-k is used, whatever the model's; weights are the trace's, or 1/k when it has none.
-    The routers still run (prefetch keeps guessing with them), their choice is replaced."""
+    The routers still run (prefetch keeps guessing with them), their choice is replaced.
+
+    ``rewind(warmup=True)`` replays the same tokens with every expert id shifted by E/2: the same shapes and
+    buffers (kernels compile, graphs are captured), other experts, so a warm-up run does not leave the
+    measured run's experts in the cache."""
 
     def __init__(self, model: MoeTransformer, trace: RoutingTrace):
         super().__init__(model)
@@ -115,15 +119,19 @@ class TraceReplay(_Hooks):
         K = trace.top_k
         self._decode_w = torch.zeros(len(self.blocks), 1, K, dtype=torch.float32, device=device)  # [L, 1, K]
         self._decode_i = torch.zeros(len(self.blocks), 1, K, dtype=torch.long, device=device)  # [L, 1, K]
+        self._shifted = (self.indices + c.num_experts // 2) % c.num_experts  # [N, L, K] warm-up routing
+        self._table = self.indices
         self.cursor = 0  # position of the next token
         self._start = 0  # position of the forward pass's first token
 
     def __len__(self) -> int:
         return len(self.trace)
 
-    def rewind(self) -> None:
-        """A new sequence starts: its first token replays the trace's first complete token."""
+    def rewind(self, warmup: bool = False) -> None:
+        """A new sequence starts: its first token replays the trace's first complete token (with shifted expert
+        ids if ``warmup``)."""
         self.cursor = 0
+        self._table = self._shifted if warmup else self.indices
 
     def _hook(self, layer, x, weights, indices):
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -136,17 +144,23 @@ class TraceReplay(_Hooks):
             s = self._start % N
             w, i = self._decode_w[layer], self._decode_i[layer]
             w.copy_(self.weights[s, layer, None])
-            i.copy_(self.indices[s, layer, None])
+            i.copy_(self._table[s, layer, None])
             return w, i
         rows = (torch.arange(self._start, self._start + T) % N).to(self.indices.device)
-        return self.weights[rows, layer], self.indices[rows, layer]  # [T, K]
+        return self.weights[rows, layer], self._table[rows, layer]  # [T, K]
 
-    def describe(self) -> str:
+    def describe(self, sequence: int | None = None) -> str:
+        """What the replay does, for the output and the JSON; ``sequence``: tokens per run (prompt + new)."""
         t = self.trace
         phases = {p: t.phases.count(p) for p in ("prefill", "decode") if p in t.phases}
         made = " + ".join(f"{n} {p}" for p, n in phases.items()) or "phases unknown"
         k = (f"top-{t.top_k} from the trace (the model's own top-{self.model_top_k} unused)"
              if t.top_k != self.model_top_k else f"top-{t.top_k}")
         weights = "the trace's weights" if t.weights is not None else f"weights 1/{t.top_k} (the trace has none)"
-        return (f"trace {t.source}: {len(t)} complete tokens ({made}), {k}, {weights}; token at position p "
-                f"replays trace token p mod {len(t)}; prefetch guesses come from the model's routers")
+        text = (f"trace {t.source}: {len(t)} complete tokens ({made}), {k}, {weights}; token at position p "
+                f"replays trace token p mod {len(t)}; warm-up with expert ids shifted by E/2; prefetch guesses come "
+                "from the model's routers")
+        if sequence is not None and sequence > len(t):
+            text += (f"; WRAPS: {sequence} tokens per run exceed the trace's {len(t)}, so the decode replays tokens "
+                     "the prompt already routed (flatters the hit rate; keep prompt + new tokens within the trace)")
+        return text

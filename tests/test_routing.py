@@ -127,7 +127,17 @@ def test_replay_equals_replaced_routers(tiny_dir, offload):
         assert torch.equal(a, b)
     replay.rewind()  # a new sequence starts at trace token 0 again
     assert torch.equal(engine.new_session().prefill(feeds[0])[0], expected[0])
+    # a warm-up run: the same tokens with expert ids shifted by E/2
+    shifted = RoutingTrace(2, 4, 3, [[[(e + 2) % 4 for e in c] for c in s] for s in trace.steps], source="shifted",
+                           weights=trace.weights)
+    replay.rewind(warmup=True)
+    warm = engine.new_session().prefill(feeds[0])[0]
+    replay.remove()
+    assert torch.equal(warm, routed_by_hand(engine, shifted, positions[:1], feeds[:1])[0])
+    assert not torch.equal(warm, expected[0])
+    replay.install()
     assert "top-3 from the trace (the model's own top-2 unused)" in replay.describe()
+    assert "WRAPS: 7 tokens per run exceed the trace's 5" in replay.describe(7) and "WRAPS" not in replay.describe(5)
     with pytest.raises(MoeOffloadError, match="already installed"):
         TraceReplay(engine.model, trace).install()
     replay.remove()
@@ -181,6 +191,7 @@ def test_bench_routing_trace_same_experts_always_hit(tmp_path):
     data = json.loads(out.read_text())
     assert data["hit_rate"] == 1.0 and data["bytes_copied_per_token"] == 0  # warm after prefill
     assert data["routing"].startswith("trace same.jsonl: 4 complete tokens") and "top-1 from the trace" in data["routing"]
+    assert "WRAPS: 20 tokens per run exceed the trace's 4" in data["routing"]
     assert "Routing: trace same.jsonl" in result.stderr
 
 
