@@ -461,8 +461,7 @@ English technical documentation from Debian packages, installable offline with `
 {data_lines or "- (no manifest.json beside the corpus)"}
 
 Markup, code and literal blocks, doctests and tables are stripped (`scripts/prepare_demo_corpus.py`); translations
-are left out. Documents sorted by package and path; {m.get("held_out", "see the corpus manifest")} (one document
-in 20 is held out). Training documents: {c["docs"]:,}, plus {c["chats"]:,} chat examples made from titled sections
+are left out. Held-out split: {m.get("held_out", "see the corpus manifest")} (one document in 20 is held out). Training documents: {c["docs"]:,}, plus {c["chats"]:,} chat examples made from titled sections
 of the training documents (user: a question about the section's title; assistant: the section's text).
 Training stream: {c["train_tokens"]:,} tokens. WikiText-2 was never trained on.
 
