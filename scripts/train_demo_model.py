@@ -43,7 +43,7 @@ SYSTEM = "You are a helpful assistant who answers from the Python and Linux docu
 
 SIZES = {  # the defaults: ~12M parameters, under 25 MB in bfloat16
     "demo": dict(hidden=256, layers=4, experts=8, top_k=2, intermediate=384, heads=4, kv_heads=2, vocab_size=8192,
-                 seq_len=1024, batch_size=32),
+                 seq_len=2048, batch_size=16),
     "tiny": dict(hidden=64, layers=2, experts=4, top_k=2, intermediate=128, heads=4, kv_heads=2, vocab_size=400,
                  seq_len=64, batch_size=8),
 }
