@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root, with .llamacpp/ carried (made here by fetch.sh):
+#   OUT=<dir> bash benchmarks/vs_llamacpp/run.sh PART
+# PART: build   llama-bench for sm_90 (CUDA + CPU backends) into .llamacpp/build (kept while the machine is warm)
+#       gguf    the Mixtral-8x7B-shaped GGUFs (Q2_K and Q3_K experts, Q8_0 elsewhere) under $GGUF_DIR
+#       llama   llama-bench at the budgets below, GPU memory sampled with nvidia-smi
+#       ours    moe-offload bench at the same budgets, presets 4/2 and 4/3, GPU memory sampled the same way
+#       table   the markdown table from the JSON files in $OUT
+# Budgets: llama.cpp keeps the experts of N layers on the CPU (-ncmoe N); N per budget is the issue's for Q2_K
+# (0/10/16/32 -> 16.6/12.3/9.6/2.5 GB), and for Q3_K the N whose memory lands at the same budgets.
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
+OUT=${OUT:-benchmarks/results/vs_llamacpp}
+GGUF_DIR=${GGUF_DIR:-/tmp/gguf}
+PART=${1:?PART: build, gguf, llama, ours or table}
+BUILD=.llamacpp/build
+BENCH=$BUILD/bin/llama-bench
+mkdir -p "$OUT"
+
+sample_gpu() {  # sample_gpu FILE: print the sampler's pid; memory.used (MiB) every 0.2 s into FILE
+  (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.2; done > "$1" 2>/dev/null) &
+  echo $!
+}
+peak() { sort -n "$1" | tail -1; }
+
+case $PART in
+build)
+  NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+  if [ -z "$NVCC" ]; then
+    echo "no CUDA compiler (nvcc) on this machine: llama.cpp's CUDA build needs the CUDA toolkit; install it or run elsewhere" >&2
+    exit 2
+  fi
+  [ -d .llamacpp ] || { echo ".llamacpp/ missing: run benchmarks/vs_llamacpp/fetch.sh here and carry .llamacpp" >&2; exit 2; }
+  cmake -S .llamacpp -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_CUDA_COMPILER="$NVCC" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF > "$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
+  time ninja -C "$BUILD" llama-bench > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  "$BENCH" --help | head -3
+  ;;
+gguf)
+  mkdir -p "$GGUF_DIR"
+  for q in q2_k q3_k; do
+    [ -s "$GGUF_DIR/mixtral-8x7b-$q.gguf" ] || time PYTHONPATH=.llamacpp/gguf-py python3 benchmarks/vs_llamacpp/make_gguf.py \
+      "$GGUF_DIR/mixtral-8x7b-$q.gguf" --experts "$q"
+  done
+  ls -la "$GGUF_DIR"
+  ;;
+llama)
+  for spec in "q2_k 0 resident" "q2_k 10 12GiB" "q2_k 16 9.6GB" "q2_k 32 2.5GB" \
+              "q3_k 0 resident" "q3_k 15 12GiB" "q3_k 21 9.6GB" "q3_k 32 2.5GB"; do
+    set -- $spec
+    name="llama_$1_$3"
+    pid=$(sample_gpu "$OUT/$name.mem")
+    "$BENCH" -m "$GGUF_DIR/mixtral-8x7b-$1.gguf" -ngl 99 -ncmoe "$2" -fa 1 -p 512 -n 128 -t 16 -mmp 0 -r 2 \
+      -o json > "$OUT/$name.json" 2> "$OUT/$name.log"
+    kill "$pid" 2>/dev/null
+    echo "$name: exit $?, peak GPU $(peak "$OUT/$name.mem") MiB"
+  done
+  ;;
+ours)
+  for preset in 4/2 4/3; do
+    for budget in resident 12GiB 9.6GB 2.5GB; do
+      name="ours_${preset/\//-}_$budget"
+      args=(--synthetic mixtral-8x7b --preset "$preset" --max-context 1024 --json "$OUT/$name.json")
+      [ "$budget" = resident ] || args+=(--gpu-memory "$budget")
+      pid=$(sample_gpu "$OUT/$name.mem")
+      python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1
+      status=$?
+      kill "$pid" 2>/dev/null
+      echo "$name: exit $status, peak GPU $(peak "$OUT/$name.mem") MiB"
+      grep -E "^│ full" "$OUT/$name.log" || tail -3 "$OUT/$name.log"
+    done
+  done
+  ;;
+table)
+  python3 benchmarks/vs_llamacpp/table.py "$OUT"
+  ;;
+*)
+  echo "unknown PART $PART" >&2; exit 2
+  ;;
+esac
