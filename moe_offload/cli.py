@@ -440,7 +440,7 @@ def _bench_trace(path: Path, cache_sizes: str | None, json_file: Path | None) ->
 @app.command("trace")
 @user_errors
 def trace_command(
-    model: str = ModelArg,
+    model: Optional[str] = DefaultModel,
     text: Path = typer.Option(..., "--text", help="Held-out text to run the model over (UTF-8)."),
     out: Path = typer.Option(..., "--out", help="Trace to write: JSON lines (moe_offload.route_trace v2)."),
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Trace at most this many tokens of the text."),
@@ -458,14 +458,13 @@ def trace_command(
 
     if max_tokens < 1:
         raise MoeOffloadError(f"--max-tokens {max_tokens} must be at least 1")
-    try:
-        content = text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoeOffloadError(f"cannot read --text {text}: {e}") from None
-    engine = _load(model, device, dtype, max(context, 1) + 1, quantize, not no_verify,
+    content = _read_text(text)
+    engine = _load(_model(model), device, dtype, max(context, 1) + 1, quantize, not no_verify,
                    _offload(gpu_memory, offload_per_layer, "lru", 0, no_pin, "off"))
     tokens = engine.encode(content)[:max_tokens]
-    name = Path(model).name if Path(model).exists() else model
+    from .demo import DEMO_NAME
+
+    name = DEMO_NAME if model is None else Path(model).name if Path(model).exists() else model
     with _ProgressBar() as progress:
         trace = record_trace(engine.model, tokens, min(context, engine.max_context - 1), LOOKAHEAD,
                              source=f"{name} on {text.name}", progress=progress)
