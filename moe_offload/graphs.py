@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .kv_cache import KVCache
 from .model import MoeTransformer, Pending, rope_cos_sin
 from .weights import EXPERT_GRAPHS
@@ -33,6 +34,11 @@ class GraphedDecode:
         self.outputs: list[Pending] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        if self.device.type == "cuda" and kernels.available():  # attention over keys <= pos, not the whole cache
+            from .kernels.attention import decode_attention_if_supported
+
+            for layer in model.layers:
+                layer.self_attn.decode_attention = decode_attention_if_supported
         self.expert_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # Every MoE layer picks its experts on the device (resident stacks): the whole step is one graph. A routing
         # hook (routing.py: trace recording or replay) runs Python between router and experts: per-layer graphs.

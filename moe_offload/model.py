@@ -72,17 +72,9 @@ def attention_mask(start: int, new: int, window: int | None, device: torch.devic
     return mask
 
 
-def _decode_kernel(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether the Triton decode-attention kernel takes this static-shape decode step (CUDA, 16-bit, batch 1)."""
-    if not q.is_cuda:
-        return False
-    from . import kernels
-
-    if not kernels.available():
-        return False
-    from .kernels.attention import decode_attention_ok
-
-    return decode_attention_ok(q, keys)
+# (q [1, H, 1, Dh], keys/values [1, Hk, M, Dh], pos [1], window) -> [1, H, 1, Dh], or None where it does not apply:
+# a faster attention for the static decode step, installed by graphs.GraphedDecode (kernels/attention.py).
+DecodeAttention = Callable[..., "torch.Tensor | None"]
 
 
 class Attention(nn.Module):
@@ -96,6 +88,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, kv, bias=c.qkv_bias)
         self.o_proj = nn.Linear(q, c.hidden_size, bias=c.o_bias)
         self.qk_norm, self.clip_qkv, self.window = c.qk_norm, c.clip_qkv, c.sliding_window
+        self.decode_attention: DecodeAttention | None = None  # static decode steps only; None: SDPA under the mask
         if c.qk_norm is not None:  # Qwen3: each head over Dh; OLMoE: the whole projection, before the head split
             per_head = c.qk_norm == "head"
             self.q_norm = RMSNorm(c.head_dim if per_head else q, c.rms_norm_eps)
@@ -120,11 +113,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(start, torch.Tensor):
             keys, values = kv.update_at(layer, start, k, v)  # [B, Hk, M, Dh]
-            if _decode_kernel(q, keys):  # visits keys <= start only, each K/V head once (kernels/attention.py)
-                from .kernels import decode_attention
-
-                out = decode_attention(q, keys, values, start, self.window)  # [B, H, 1, Dh]
-                return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+            if self.decode_attention is not None:  # visits keys <= start only (kernels/attention.py)
+                out = self.decode_attention(q, keys, values, start, self.window)  # [B, H, 1, Dh] or None
+                if out is not None:
+                    return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
         else:
             keys, values = kv.update(layer, start, k, v)  # [B, Hk, P, Dh]
         # cuDNN's attention builds a plan per new key length: ~1.3 ms of host time per call at decode.

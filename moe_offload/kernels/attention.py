@@ -112,6 +112,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return y
 
 
+def decode_attention_if_supported(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                                  window: int | None = None) -> torch.Tensor | None:
+    """``decode_attention`` where its shapes are supported, else None (the caller falls back to SDPA)."""
+    if not decode_attention_ok(q, keys):
+        return None
+    return decode_attention(q, keys, values, pos, window)
+
+
 def decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
                                window: int | None = None) -> torch.Tensor:
     """The semantics: float32 SDPA of q over keys 0..pos (inside the window), heads grouped (GQA)."""
