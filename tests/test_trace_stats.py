@@ -14,6 +14,7 @@ from moe_offload.trace_stats import (check_sizes, lru_hit_rates, policy_hit_rate
                                      prefetch_recall_by_layer, replay_tokens, trace_report)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny4.trace.jsonl"
+DEMO_FIXTURE = Path(__file__).parent / "fixtures" / "demo.trace.jsonl"
 
 
 def brute_lru(steps, layer: int, size: int) -> tuple[int, int]:
@@ -122,10 +123,13 @@ def test_global_lru_gets_the_same_total():
     assert rates["belady"][2] >= max(rates[p][2] for p in ("lru", "lfu", "global-lru"))
 
 
-def test_fixture_numbers_are_computed():
-    trace = read_trace(FIXTURE)
+@pytest.mark.parametrize("fixture, tokens", [(FIXTURE, 768), (DEMO_FIXTURE, 1024)], ids=["tiny4", "demo"])
+def test_fixture_numbers_are_computed(fixture, tokens):
+    """The paper's Figure 2 measurements (LRU hit rate per cache size, prefetch recall 1 and 2 layers ahead) on
+    the shipped traces: the demo model's real routing on held-out text, and a random tiny model's."""
+    trace = read_trace(fixture)
     assert (trace.num_layers, trace.num_experts, trace.top_k, trace.lookahead) == (4, 8, 2, 2)
-    assert len(trace) == 768 and trace.weights is not None
+    assert len(trace) == tokens and trace.weights is not None
     rates = lru_hit_rates(trace, range(1, 9))
     assert all(0 <= r.hit_rate <= 1 for r in rates.values())
     # With every expert fitting, only first uses miss.
