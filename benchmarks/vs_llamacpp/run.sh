@@ -18,7 +18,8 @@ BENCH=$BUILD/bin/llama-bench
 mkdir -p "$OUT"
 
 sample_gpu() {  # sample_gpu FILE: print the sampler's pid; memory.used (MiB) every 0.2 s into FILE
-  (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.2; done > "$1" 2>/dev/null) &
+  # The subshell's own stdout goes to FILE: left on the $(...) pipe, the caller would wait for it forever.
+  (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.2; done) > "$1" 2>/dev/null &
   echo $!
 }
 peak() { sort -n "$1" | tail -1; }
@@ -51,10 +52,11 @@ llama)
     set -- $spec
     name="llama_$1_$3"
     pid=$(sample_gpu "$OUT/$name.mem")
-    "$BENCH" -m "$GGUF_DIR/mixtral-8x7b-$1.gguf" -ngl 99 -ncmoe "$2" -fa 1 -p 512 -n 128 -t 16 -mmp 0 -r 2 \
-      -o json > "$OUT/$name.json" 2> "$OUT/$name.log"
+    timeout "${LLAMA_TIMEOUT:-150}" "$BENCH" -m "$GGUF_DIR/mixtral-8x7b-$1.gguf" -ngl 99 -ncmoe "$2" -fa 1 \
+      -p 512 -n 128 -t 16 -mmp 0 -r "${REPS:-2}" -o json > "$OUT/$name.json" 2> "$OUT/$name.log"
+    status=$?
     kill "$pid" 2>/dev/null
-    echo "$name: exit $?, peak GPU $(peak "$OUT/$name.mem") MiB"
+    echo "$name: exit $status, peak GPU $(peak "$OUT/$name.mem") MiB"
   done
   ;;
 ours)
@@ -64,7 +66,7 @@ ours)
       args=(--synthetic mixtral-8x7b --preset "$preset" --max-context 1024 --json "$OUT/$name.json")
       [ "$budget" = resident ] || args+=(--gpu-memory "$budget")
       pid=$(sample_gpu "$OUT/$name.mem")
-      python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1
+      timeout "${OURS_TIMEOUT:-200}" python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1
       status=$?
       kill "$pid" 2>/dev/null
       echo "$name: exit $status, peak GPU $(peak "$OUT/$name.mem") MiB"
