@@ -215,8 +215,9 @@ def belady_hit_rate(trace: RoutingTrace | Steps, num_layers: int, slots_per_laye
 
     After each token a layer keeps, of its residents and the experts it just used, the ones needed again
     soonest. That is optimal when a miss need not take a slot (it can be computed elsewhere or bypass the
-    cache) and a layer's experts need not be resident together, so it bounds every policy ``simulate``
-    replays, which must admit a miss and protect the layer's experts. Counting is the same as ``simulate``'s.
+    cache) and a layer's experts need not be resident together, so it bounds every per-layer policy
+    ``simulate`` replays (they must admit a miss and protect the layer's experts). It does not bound a global
+    cache, which may lend one layer's slots to another. Counting is the same as ``simulate``'s.
     """
     steps = trace.steps if isinstance(trace, RoutingTrace) else trace
     capacity = _per_layer(num_layers, slots_per_layer)
