@@ -65,6 +65,8 @@ ours)
       name="ours_${preset/\//-}_$budget"
       args=(--synthetic mixtral-8x7b --preset "$preset" --max-context 1024 --json "$OUT/$name.json")
       [ "$budget" = resident ] || args+=(--gpu-memory "$budget")
+      # 2.5 GB leaves ~8 expert slots: fewer than one per layer, so one LRU shared by all layers
+      [ "$budget" = 2.5GB ] && args+=(--policy global-lru)
       pid=$(sample_gpu "$OUT/$name.mem")
       timeout "${OURS_TIMEOUT:-200}" python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1
       status=$?

@@ -106,7 +106,8 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
             f"{format_bytes(non_expert_bytes)} + KV cache {format_bytes(kv_cache_bytes)} + workspace "
             f"{format_bytes(workspace_bytes)} leave {format_bytes(max(budget_bytes - fixed, 0))} for experts, but "
             f"{what} x {format_bytes(expert_bytes)} (at least {format_bytes(fixed + minimum * expert_bytes)} in "
-            f"all); raise --gpu-memory, lower --max-context or use a smaller preset")
+            f"all); raise --gpu-memory, lower --max-context or use a smaller preset"
+            + (f", or --policy global-lru (needs {top_k} slots in all)" if per_layer and slots >= top_k else ""))
     spl = slots // num_layers if per_layer else None  # slots <= everything, so spl <= num_experts
     total = spl * num_layers if spl is not None else slots
     return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, total, non_expert_bytes,

@@ -37,9 +37,12 @@ def test_budget_too_small_names_the_numbers():
     msg = str(e.value)
     for text in ("3.00 GiB", "non-expert weights 1.50 GiB", "KV cache 256.0 MiB", "workspace 256.0 MiB",
                  "leave 1.00 GiB", "32 x 66.0 MiB", "at least 4.06 GiB", "--gpu-memory", "--max-context",
-                 "smaller preset"):
+                 "smaller preset", "or --policy global-lru (needs 2 slots in all)"):
         assert text in msg, (text, msg)
     assert "\n" not in msg
+    with pytest.raises(MoeOffloadError) as e:  # not even top_k slots: no global-lru hint
+        plan(FIXED + 66 * MiB, **MODEL)
+    assert "global-lru" not in str(e.value)
 
 
 def test_global_policy_needs_top_k_slots():
