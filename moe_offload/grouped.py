@@ -93,7 +93,7 @@ class SlotKernel:
         self.base, self.stride, self.device = base, stride, device
         self._staging: dict[int, torch.Tensor] = {}  # K -> pinned int32 [L, K]
         self._ids: dict[int, torch.Tensor] = {}  # K -> device int32 [L, K]
-        self._graphs: dict[tuple, object] = {}
+        self._graphs: dict[tuple, object] = {}  # (layer, K, x ptr, weights ptr) -> see weights.replay_graph
         self.num_layers = num_layers
 
     def ok(self, x: torch.Tensor) -> bool:
@@ -105,7 +105,7 @@ class SlotKernel:
             self._staging[k] = torch.empty((self.num_layers, k), dtype=torch.int32, pin_memory=True)
             self._ids[k] = torch.empty((self.num_layers, k), dtype=torch.int32, device=self.device)
         staging, ids = self._staging[k][layer], self._ids[k][layer]
-        staging.copy_(torch.tensor(slots, dtype=torch.int32))
+        staging.numpy()[:] = slots  # pinned host row, written in place: no allocation per layer
         ids.copy_(staging, non_blocking=True)
         pool = EXPERT_GRAPHS.get()
         run = lambda: grouped_combine(x, ids, weights, self.base, self.stride)  # noqa: E731

@@ -21,10 +21,14 @@ import json
 import math
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package beside this script, installed or not
+from moe_offload.evaluate import windows as sliding_windows  # noqa: E402 (the windows `moe-offload perplexity` uses)
 
 EOS = "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
@@ -231,21 +235,6 @@ def mean_loss(model, ids: torch.Tensor, seq_len: int, batch_size: int, autocast,
                                                 reduction="sum")
         total, count = total + float(nll), count + x[:, 1:].numel()
     return total / max(count, 1)
-
-
-def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) per window: each token but the first is scored once, with at least
-    context - stride tokens before it in its window (all of them near the start)."""
-    out, prev_end = [], 0
-    for begin in range(0, n, stride):
-        end = min(begin + context, n)
-        first = max(prev_end, begin + 1)
-        if first < end:
-            out.append((begin, end, first))
-        prev_end = end
-        if end == n:
-            break
-    return out
 
 
 @torch.no_grad()

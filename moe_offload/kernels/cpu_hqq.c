@@ -216,14 +216,13 @@ static inline float hsum8(__m256 v) {
 
 static inline float half1(uint16_t h) { return _cvtsh_ss(h); }
 
-/* Eight groups' int32 dots q . x8 of one row for chunk c (32 bytes of codes, 128 bytes of permuted x8). */
-static inline __m256i chunk_dots(const uint8_t *q, const int8_t *xc, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
+/* Eight groups' int32 dots q . x8 of one row's 32 bytes of codes against the chunk's 128 bytes of permuted x8. */
+static inline __m256i chunk_dots(const uint8_t *q, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
     const __m256i mask = _mm256_set1_epi8(3);
     const __m256i v = _mm256_loadu_si256((const __m256i *)q);
     __m256i d = dot_u8s8(_mm256_setzero_si256(), _mm256_and_si256(v, mask), x0);
     d = dot_u8s8(d, _mm256_and_si256(_mm256_srli_epi16(v, 2), mask), x1);
     d = dot_u8s8(d, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), x2);
-    (void)xc;
     return dot_u8s8(d, _mm256_and_si256(_mm256_srli_epi16(v, 6), mask), x3);
 }
 
@@ -267,8 +266,8 @@ static void rows_2bit_g16(const hqq_matrix *w, int n0, int n1, const int8_t *xp,
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xc + 32));
                 const __m256i x2 = _mm256_loadu_si256((const __m256i *)(xc + 64));
                 const __m256i x3 = _mm256_loadu_si256((const __m256i *)(xc + 96));
-                const __m256 da = _mm256_cvtepi32_ps(chunk_dots(qa + 32 * c, xc, x0, x1, x2, x3));
-                const __m256 db = _mm256_cvtepi32_ps(chunk_dots(qb + 32 * c, xc, x0, x1, x2, x3));
+                const __m256 da = _mm256_cvtepi32_ps(chunk_dots(qa + 32 * c, x0, x1, x2, x3));
+                const __m256 db = _mm256_cvtepi32_ps(chunk_dots(qb + 32 * c, x0, x1, x2, x3));
                 const size_t ma = (size_t)n * M + 8 * c, mb = (size_t)n2 * M + 8 * c;
                 __m256 sa, za, sb, zb;
                 if (w->meta_q8) {

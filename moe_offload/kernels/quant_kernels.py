@@ -736,11 +736,10 @@ def grouped_expert_forward(
     if ids.dim() != 1 or ids.device != x.device or ids.dtype not in (torch.int32, torch.int64) or not ids.is_contiguous():
         raise MoeOffloadError(f"ids must be a contiguous 1-D int32/int64 tensor on {x.device}")
     m = ids.numel()
-    for qt in (gate, up, down):
-        _check_weight(x2 if qt is not down else torch.empty(0, n_i, device=x.device, dtype=x.dtype),
-                      qt.qweight, qt.spec.bits, qt.spec.group_size, *qt.shape)
     if hidden is None:
         hidden = torch.empty((m, n_i), device=x.device, dtype=x.dtype)
+    for qt, inputs in ((gate, x2), (up, x2), (down, hidden)):
+        _check_weight(inputs, qt.qweight, qt.spec.bits, qt.spec.group_size, *qt.shape)
     if out is None:
         out = torch.empty((m, d), device=x.device, dtype=x.dtype)
     if tuple(hidden.shape) != (m, n_i) or tuple(out.shape) != (m, d) or hidden.dtype != x.dtype or out.dtype != x.dtype:
