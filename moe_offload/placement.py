@@ -115,8 +115,10 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     spec = preset.experts if preset else None
     # cache=False (an ablation): no slot keeps anything, every routed expert is copied on use.
     policy = make_policy(p.policy, len(blocks), slots) if options.cache else NoCache()
+    # Scratch slots for experts that get no cache slot: top_k of them, so one token's experts always fit at once
+    # and decode keeps computing them in one grouped launch, the arithmetic of the resident model.
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
-                        scratch_slots=2 if options.cache else max(2, c.top_k), timing=options.timing)
+                        scratch_slots=max(2, c.top_k), timing=options.timing)
     hybrid = make_hybrid(store, cache, c, spec, device, options)
     # Decode computes a token's experts straight from the slots (the slots are a stack: one stride apart).
     grouped = SlotKernel(cache.modules[0], store.layout.nbytes, len(blocks), device) if device.type == "cuda" else None
