@@ -307,7 +307,7 @@ def load_synthetic(name: str, *, preset: str | QuantPreset | None = "4/2", devic
                    offload: OffloadOptions | None = None, seed: int = 0, cuda_graphs: bool = True,
                    progress: Progress | None = None) -> Engine:
     """A model with real shapes (``mixtral-8x7b``, ``mixtral-8x22b``, ``qwen3-30b-a3b``, ``olmoe-1b-7b``,
-    ``qwen1.5-moe-a2.7b``, ``tiny``) and random weights, built quantized on the device. It has no tokenizer:
+    ``qwen1.5-moe-a2.7b``, ``tiny``, ``tiny-qwen3``) and random weights, built quantized on the device. It has no tokenizer:
     feed it token ids."""
     from .synthetic import synthetic_config, synthetic_layers
 

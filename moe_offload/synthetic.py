@@ -46,6 +46,10 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(model_type="mixtral", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, rope_theta=1e6,
                  max_position_embeddings=32768, eos_token_ids=(2,)),
+    # Top-8 of 16 with q/k norms: many misses per layer, for tests of the batched copies.
+    "tiny-qwen3": dict(model_type="qwen3_moe", vocab_size=320, hidden_size=64, intermediate_size=64, num_layers=3,
+                       num_heads=4, num_kv_heads=2, head_dim=32, num_experts=16, top_k=8, rope_theta=1e6,
+                       max_position_embeddings=32768, qk_norm="head", norm_topk_prob=True, eos_token_ids=(2,)),
 }
 
 

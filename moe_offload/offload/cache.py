@@ -14,7 +14,9 @@ Stream/event protocol (CUDA):
     next ``module()`` call, since the caller computes one expert at a time), so the overwrite cannot
     race with them, yet need not wait for unrelated compute;
   * after the copy, ``ready[slot]`` is recorded on the copy stream; the compute stream waits on that
-    event (``wait_event``, no host sync) right before it first uses the slot.
+    event (``wait_event``, no host sync) right before it first uses the slot;
+  * a layer's misses (and a layer's prefetch guesses) are enqueued as one batch: one entry into the copy
+    stream and, when one kernel reads them all (grouped decode), one ``ready`` event for the batch.
 On a CPU "device" the slots are plain memory and a copy is a synchronous memcpy.
 """
 
@@ -50,48 +52,70 @@ class ExpertCache:
         self.prefetched: set[Key] = set()  # resident because of a prefetch, not yet used
         self.timing = timing and self.cuda
         self._pending_waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._waited: torch.cuda.Event | None = None  # the ready event the compute stream waited on last
         self.cpu_recent: set[Key] = set()  # experts the hybrid path computed on the CPU in the latest step
         self.copies = 0  # copies enqueued so far (the hybrid scheduler tracks the copy queue's backlog by it)
         self.sample_copies = 0  # time every n-th copy with CUDA events (0: none); read by take_copy_samples
-        self._copy_samples: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._copy_samples: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, copies)
 
     # -- copies -------------------------------------------------------------------------------
-    def _copy(self, key: Key, slot: int) -> None:
-        src = self.store.buffer(key)
-        if not self.cuda:
-            self.copies += 1
-            self.slots[slot].copy_(src)
+    def _copy(self, pairs: list[tuple[Key, int]], together: bool = True) -> None:
+        """Copy each (key, slot) pair's expert into its slot: on CUDA one batch on the copy stream.
+
+        A batch enters the copy stream once (top-8 models miss several experts per layer; per-copy stream
+        switches cost more host time than the 1-2 MB copies themselves). ``together``: the experts are used
+        by one kernel, so one ``ready`` event serves them all; otherwise each gets its own, so computing
+        the first need not wait for the last copy (prefill, expert by expert)."""
+        if not pairs:
             return
-        if slot in self._unmarked:
+        self.copies += len(pairs)
+        if not self.cuda:
+            for key, slot in pairs:
+                self.slots[slot].copy_(self.store.buffer(key))
+            return
+        if any(slot in self._unmarked for _, slot in pairs):
             self._mark_used()
-        free = self.free[slot]
-        self.copies += 1
-        sample = self.sample_copies and self.copies % self.sample_copies == 0
+        frees = []  # distinct events: a batch's slots were usually freed together
+        for _, slot in pairs:
+            free = self.free[slot]
+            if free is not None and all(free is not f for f in frees):
+                frees.append(free)
+        sample = bool(self.sample_copies) and self.copies // self.sample_copies != (self.copies - len(pairs)) // self.sample_copies
         with torch.cuda.stream(self.copy_stream):
-            if free is not None:
+            for free in frees:
                 self.copy_stream.wait_event(free)
             if sample:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(self.copy_stream)
-            self.slots[slot].copy_(src, non_blocking=True)
+            for key, slot in pairs:
+                self.slots[slot].copy_(self.store.buffer(key), non_blocking=True)
+                if not together:
+                    self.ready[slot] = torch.cuda.Event()
+                    self.ready[slot].record(self.copy_stream)
             ready = torch.cuda.Event(enable_timing=sample)
             ready.record(self.copy_stream)
         if sample:
-            self._copy_samples.append((start, ready))
-        self.ready[slot] = ready
+            self._copy_samples.append((start, ready, len(pairs)))
+        if together:
+            for _, slot in pairs:
+                self.ready[slot] = ready
 
     def take_copy_samples(self) -> list[float]:
-        """Milliseconds of the sampled copies that have finished (never blocks)."""
+        """Milliseconds per copy of the sampled batches that have finished (never blocks)."""
         done, pending = [], []
-        for start, end in self._copy_samples:
-            (done if end.query() else pending).append((start, end))
+        for sample in self._copy_samples:
+            (done if sample[1].query() else pending).append(sample)
         self._copy_samples = pending
-        return [start.elapsed_time(end) for start, end in done]
+        return [start.elapsed_time(end) / n for start, end, n in done]
 
     def _wait(self, slot: int, layer: int) -> None:
         event = self.ready[slot]
         if event is None:
             return
+        self.ready[slot] = None  # one wait per copy is enough: later uses are ordered after it
+        if event is self._waited:  # a batch's slots share one event: the stream already waits on it
+            return
+        self._waited = event
         if self.timing:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -100,13 +124,15 @@ class ExpertCache:
             self._pending_waits.append((layer, start, end))
         else:
             torch.cuda.current_stream().wait_event(event)
-        self.ready[slot] = None  # one wait per copy is enough: later uses are ordered after it
 
     # -- the two entry points -----------------------------------------------------------------
-    def load(self, layer: int, experts: list[int]) -> None:
-        """Start copies for this layer's non-resident experts (hits are counted, misses copied)."""
+    def load(self, layer: int, experts: list[int], together: bool = False) -> None:
+        """Start copies for this layer's non-resident experts (hits are counted, misses copied).
+
+        ``together``: one kernel will read them all (``slots_for``), so their copies share one event."""
         protected = [(layer, e) for e in experts]
         s = self.stats.layers[layer]
+        batch = []
         for key in protected:
             slot = self.policy.slot_of(key)
             if slot is not None:
@@ -122,25 +148,28 @@ class ExpertCache:
                 continue  # gets the scratch slot when it is used
             slot, evicted = admitted
             self.prefetched.discard(evicted)
-            self._copy(key, slot)
-            s.bytes_copied += self.store.layout.nbytes
+            batch.append((key, slot))
+        self._copy(batch, together)
+        s.bytes_copied += len(batch) * self.store.layout.nbytes
 
     def prefetch(self, layer: int, experts: list[int], protected: Collection[Key]) -> None:
         """Speculatively start copies for guessed experts of a later layer. A wrong guess costs only bytes."""
         s = self.stats.layers[layer]
+        batch = []
         for e in experts:
             key = (layer, e)
             if self.policy.slot_of(key) is not None:
                 continue
             admitted = self.policy.admit(key, protected)
             if admitted is None:
-                return
+                break
             slot, evicted = admitted
             self.prefetched.discard(evicted)
             self.prefetched.add(key)
-            self._copy(key, slot)
-            s.prefetch_copies += 1
-            s.bytes_copied += self.store.layout.nbytes
+            batch.append((key, slot))
+        self._copy(batch)
+        s.prefetch_copies += len(batch)
+        s.bytes_copied += len(batch) * self.store.layout.nbytes
 
     def _mark_used(self) -> None:
         """Every reader of the slots handed out so far is enqueued: record when they will be done."""
@@ -177,7 +206,7 @@ class ExpertCache:
         if slot is None:  # no slot could be freed for it: stream it through a scratch slot
             slot = self._scratch[self._scratch_next]
             self._scratch_next = (self._scratch_next + 1) % len(self._scratch)
-            self._copy(key, slot)
+            self._copy([(key, slot)])
             s = self.stats.layers[layer]
             s.bypass += 1
             s.bytes_copied += self.store.layout.nbytes

@@ -60,7 +60,8 @@ class OffloadedExperts:
             results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer])
             cache.cpu_recent = cache.cpu_recent | {(self.layer, e) for e in on_cpu}  # new set: readers copy-free
         on_gpu = [e for e in used if e not in on_cpu]
-        cache.load(self.layer, on_gpu)  # this layer's misses first: they are needed soonest
+        grouped = not on_cpu and self.grouped is not None and self.grouped.ok(x)  # decode: two launches in all
+        cache.load(self.layer, on_gpu, together=grouped)  # this layer's misses first: they are needed soonest
         protected = [(self.layer, e) for e in used]
         for i, (layer, _) in enumerate(lookahead):
             guess = sorted(set(flat[n + i * n : n + (i + 1) * n]))
@@ -68,7 +69,7 @@ class OffloadedExperts:
             cache.prefetch(layer, guess, protected)
             protected = protected + [(layer, e) for e in guess]
         if not on_cpu:
-            if self.grouped is not None and self.grouped.ok(x):  # decode: all chosen experts in two launches
+            if grouped:
                 slots = cache.slots_for(self.layer, flat[:n])  # rank order, as the router gave them
                 if slots is not None:
                     return self.grouped(self.layer, x, slots, weights)

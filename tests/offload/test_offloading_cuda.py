@@ -63,3 +63,23 @@ def test_cuda_hybrid_matches_copy_only(dtype, tol):
     assert torch.allclose(a[0].float(), b[0].float(), rtol=tol, atol=tol)  # prefill never uses the CPU
     assert a[1] == b[1]
     assert hybrid.cache_stats.summary()["cpu_experts"] > 0
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("offloaded_per_layer", [6, 10])  # 10 slots, or 6 (< top-8: scratch slots too)
+def test_cuda_top8_batched_copies_bit_identical(prefetch, offloaded_per_layer):
+    """Top-8 of 16: several misses per layer go to the copy stream as one batch sharing one ready event;
+    the tokens and logits stay those of the resident model."""
+    prompt = list(range(3, 40))
+    resident = load_synthetic("tiny-qwen3", preset="4/2", device="cuda")
+    offloaded = load_synthetic("tiny-qwen3", preset="4/2", device="cuda",
+                               offload=OffloadOptions(offload_per_layer=offloaded_per_layer, prefetch=prefetch, hybrid="off"))
+    cache = offloaded.expert_cache
+    batches = []
+    copy = cache._copy
+    cache._copy = lambda pairs, together=True: (batches.append((len(pairs), together)), copy(pairs, together))[1]
+    a, b = greedy(resident, prompt), greedy(offloaded, prompt)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    decode = [n for n, together in batches if together]
+    assert decode and max(decode) > 1  # a decode step's misses of a layer went in one batch
+    assert cache.copies == sum(n for n, _ in batches)
