@@ -21,7 +21,8 @@ from .generate import ChatSession, Completion, Generation, Session
 from .grouped import StackedExperts
 from . import checkpoint
 from .loading import find_checkpoint_files, resolve_model_dir
-from .model import MoeTransformer
+from . import kernels
+from .model import Attention, MoeTransformer, RMSNorm, Router
 from .quant.hqq import QuantSpec
 from .quant.linear import QuantLinear
 from .quant.presets import QuantPreset, make_preset
@@ -124,6 +125,23 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
             f"{source}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]!r}; "
             "the checkpoint is incomplete"
         )
+    if device.type == "cuda" and kernels.available():
+        install_fused_kernels(model)
+
+
+def install_fused_kernels(model: MoeTransformer) -> None:
+    """One launch each for the norms, RoPE and routing (kernels/fused.py) in every step on the GPU.
+
+    Installed for every CUDA model alike, so resident and offloaded runs still compute the same bits."""
+    from .kernels import fused
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.fused = fused.rms_norm
+        elif isinstance(module, Attention):
+            module.fused_rope = fused.rope
+        elif isinstance(module, Router):
+            module.fused = fused.route
 
 
 def _linear(model: nn.Module, path: str, source: Path) -> nn.Linear:

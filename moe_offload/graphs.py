@@ -30,6 +30,9 @@ class GraphedDecode:
         self.pos = torch.full((1,), M - 1, dtype=torch.long, device=self.device)  # capture writes the last slot
         self.positions = torch.arange(M, device=self.device)
         self.mask = torch.ones(1, M, dtype=torch.bool, device=self.device)  # [S=1, M]
+        # RoPE tables of the step's position: computed once per step (in layer 0), read by every layer.
+        self.cos = torch.zeros(1, 1, 1, c.head_dim, dtype=self.dtype, device=self.device)
+        self.sin = torch.zeros_like(self.cos)
         self.x = [torch.zeros(1, 1, D, dtype=self.dtype, device=self.device) for _ in range(c.num_layers + 1)]
         self.outputs: list[Pending] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -56,8 +59,11 @@ class GraphedDecode:
     def _dense(self, i: int) -> Pending:
         """Layer i up to its routed experts (attention, norms, router, shared expert; all of a dense layer)."""
         c, layer = self.model.config, self.model.layers[i]
-        cos, sin = rope_cos_sin(self.pos.view(1, 1), c.head_dim, c.rope_theta, self.dtype)
-        return layer.prepare(self.x[i], cos, sin, self.kv, self.pos, self.mask)
+        if i == 0:
+            cos, sin = rope_cos_sin(self.pos.view(1, 1), c.head_dim, c.rope_theta, self.dtype)
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+        return layer.prepare(self.x[i], self.cos, self.sin, self.kv, self.pos, self.mask)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream(self.device)

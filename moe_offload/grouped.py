@@ -42,8 +42,11 @@ def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, b
     """sum_k weights[0, k] * expert_{ids[k]}(x) -> [1, D] for one token, experts at ``stride`` bytes from ``base``.
 
     No host sync and no data-dependent shapes: capturable in a CUDA graph."""
+    from .kernels.fused import weighted_sum
+
     y = kernels.grouped_expert_forward(x, ids, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt, stride)  # [K, D]
-    return (y.float() * weights.reshape(-1, 1).float()).sum(0, keepdim=True).to(x.dtype)
+    out = weighted_sum(y, weights.reshape(-1))  # one launch, float32 in rank order
+    return out if out is not None else (y.float() * weights.reshape(-1, 1).float()).sum(0, keepdim=True).to(x.dtype)
 
 
 class StackedExperts(nn.Module):

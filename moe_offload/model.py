@@ -28,13 +28,26 @@ from .kv_cache import KVCache
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# Fused replacements for the small operations of a step, installed per module on a GPU (engine.py,
+# kernels/fused.py). Each takes the PyTorch code's inputs and returns its result, or None where it does not
+# apply (then the PyTorch code below runs).
+FusedNorm = Callable[[torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]  # (x, weight, eps)
+FusedRope = Callable[..., "tuple[torch.Tensor, torch.Tensor] | None"]  # (q, k, cos, sin) -> (q, k)
+FusedRoute = Callable[[torch.Tensor, int, bool], "tuple[torch.Tensor, torch.Tensor] | None"]  # (logits, k, normalize)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused: FusedNorm | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            y = self.fused(x, self.weight, self.eps)
+            if y is not None:
+                return y
         # Normalize in float32 like the reference, then scale in the activation dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,6 +102,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, c.hidden_size, bias=c.o_bias)
         self.qk_norm, self.clip_qkv, self.window = c.qk_norm, c.clip_qkv, c.sliding_window
         self.decode_attention: DecodeAttention | None = None  # static decode steps only; None: SDPA under the mask
+        self.fused_rope: FusedRope | None = None
         if c.qk_norm is not None:  # Qwen3: each head over Dh; OLMoE: the whole projection, before the head split
             per_head = c.qk_norm == "head"
             self.q_norm = RMSNorm(c.head_dim if per_head else q, c.rms_norm_eps)
@@ -110,7 +124,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh], [B, Hk, S, Dh]
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hk, S, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotated = None if self.fused_rope is None else self.fused_rope(q, k, cos, sin)
+        q, k = rotated if rotated is not None else (apply_rope(q, cos, sin), apply_rope(k, cos, sin))
         if isinstance(start, torch.Tensor):
             keys, values = kv.update_at(layer, start, k, v)  # [B, Hk, M, Dh]
             if self.decode_attention is not None:  # visits keys <= start only (kernels/attention.py)
@@ -193,9 +208,15 @@ class Router(nn.Module):
         super().__init__()
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.top_k, self.normalize = config.top_k, config.norm_topk_prob
+        self.fused: FusedRoute | None = None  # softmax, top-k and renormalization in one step
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        logits = self.gate(x)  # [T, E]
+        if self.fused is not None:
+            routed = self.fused(logits, self.top_k, self.normalize)
+            if routed is not None:
+                return routed
+        probs = F.softmax(logits.float(), dim=-1)  # [T, E]
         weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
