@@ -34,6 +34,7 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 FusedNorm = Callable[[torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]  # (x, weight, eps)
 FusedRope = Callable[..., "tuple[torch.Tensor, torch.Tensor] | None"]  # (q, k, cos, sin) -> (q, k)
 FusedRoute = Callable[[torch.Tensor, int, bool], "tuple[torch.Tensor, torch.Tensor] | None"]  # (logits, k, normalize)
+FusedQKV = Callable[[torch.Tensor], torch.Tensor]  # x [.., D] -> [.., q + 2 kv]: the three projections in one matmul
 
 
 class RMSNorm(nn.Module):
@@ -103,6 +104,7 @@ class Attention(nn.Module):
         self.qk_norm, self.clip_qkv, self.window = c.qk_norm, c.clip_qkv, c.sliding_window
         self.decode_attention: DecodeAttention | None = None  # static decode steps only; None: SDPA under the mask
         self.fused_rope: FusedRope | None = None
+        self.fused_qkv: FusedQKV | None = None
         if c.qk_norm is not None:  # Qwen3: each head over Dh; OLMoE: the whole projection, before the head split
             per_head = c.qk_norm == "head"
             self.q_norm = RMSNorm(c.head_dim if per_head else q, c.rms_norm_eps)
@@ -113,7 +115,11 @@ class Attention(nn.Module):
         (CUDA-graph capturable: the key is written at that position and attention spans the whole cache
         under ``mask``)."""
         B, S, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*Dh], [B, S, Hk*Dh], [B, S, Hk*Dh]
+        if self.fused_qkv is not None:
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = self.fused_qkv(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*Dh], [B, S, Hk*Dh], [B, S, Hk*Dh]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
