@@ -135,12 +135,22 @@ def sweep_variants() -> list[tuple]:
     return out
 
 
+def ab_variants() -> list[tuple]:
+    """The default config of every expert matrix (gated gate+up, down) of each format, and its x16 twin."""
+    out = []
+    for bits, group, _ in FORMATS[:4]:
+        for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False), (6144, HIDDEN, False), (HIDDEN, HIDDEN, False)):
+            cfg = Q._gemv_config(bits, group, n, k, gated)
+            out += [(bits, group, n, k, gated, cfg), (bits, group, n, k, gated, cfg._replace(x16=True))]
+    return out
+
+
 def _compile_one(v: tuple) -> str:
     """Worker: run a variant once so Triton's on-disk cache holds its binary."""
     bits, group, n, k, gated, cfg = v
     try:
         Q.GEMV_OVERRIDES[(bits, group, n, k, gated)] = cfg
-        qt = rand_qt(n, k, bits, group)
+        qt = rand_qt(n, k, bits, group, group == 16)  # g16: the 4/2 preset, 8-bit metadata
         x = torch.randn(1, k, device="cuda").bfloat16()
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         gemv_call(x, y, qt, qt if gated else None)()
@@ -169,8 +179,8 @@ def variant_error(x, y, qt: QuantizedTensor, qt2: QuantizedTensor | None) -> flo
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def run_sweep(l2: int, d2d: float, jobs: int, results: dict) -> None:
-    variants = sweep_variants()
+def run_sweep(l2: int, d2d: float, jobs: int, results: dict, ab: bool = False) -> None:
+    variants = ab_variants() if ab else sweep_variants()
     status = precompile(variants, jobs)
     rows = []
     pools: dict = {}
@@ -184,9 +194,9 @@ def run_sweep(l2: int, d2d: float, jobs: int, results: dict) -> None:
         key = (bits, group, n, k)
         if key not in pools:
             pools.clear()
-            one = rand_qt(n, k, bits, group)
+            one = rand_qt(n, k, bits, group, group == 16)
             r = sets_needed(one.nbytes, l2)
-            pools[key] = [one] + [rand_qt(n, k, bits, group, seed=i) for i in range(1, r + 1)]
+            pools[key] = [one] + [rand_qt(n, k, bits, group, group == 16, seed=i) for i in range(1, r + 1)]
         qts = pools[key]
         Q.GEMV_OVERRIDES[(bits, group, n, k, gated)] = cfg
         x = torch.randn(1, k, device="cuda").bfloat16()
@@ -393,6 +403,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", help="run one GEMV variant for a profiler and exit")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--ab", action="store_true", help="sweep only the default configs against their x16 twins")
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--json", default="kernels.json")
     ap.add_argument("--skip", default="", help="comma-separated: matrices,experts,baselines,batches")
@@ -407,7 +418,7 @@ def main() -> None:
     d2d = d2d_bandwidth()
     results["d2d_GBps"] = d2d / 1e9
     print(f"{props.name}: D2D copy {d2d / 1e9:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
-    sections = [("sweep", lambda: run_sweep(l2, d2d, args.jobs, results)) if args.sweep else None,
+    sections = [("sweep", lambda: run_sweep(l2, d2d, args.jobs, results, args.ab)) if args.sweep or args.ab else None,
                 ("matrices", lambda: results.__setitem__("matrices", bench_matrices(l2, d2d))),
                 ("experts", lambda: results.__setitem__("experts", bench_experts(l2, d2d))),
                 ("baselines", lambda: results.__setitem__("baselines", bench_baselines(l2, d2d))),

@@ -213,12 +213,12 @@ def _word_acc(lo, hi, s_raw, z_raw, x0, x1, xs, c, rows, ss_ptr, so_ptr, zs_ptr,
     if BITS == 3:
         wi = c * (BK // 16) + tl.arange(0, BK // 16)
         hi = hi >> ((wi & 1) * 16)[None, :, None]
-        d = tl.sum(_fields3(lo, hi, ASM) * x0[None, :, :], axis=2)
-        d += tl.sum(_fields3(lo >> 16, hi >> 8, ASM) * x1[None, :, :], axis=2)
+        d = tl.sum(_fields3(lo, hi, ASM) * x0[None, :, :].to(tl.float32), axis=2)
+        d += tl.sum(_fields3(lo >> 16, hi >> 8, ASM) * x1[None, :, :].to(tl.float32), axis=2)
     else:
         # Fields above bit 15 come from the upper half (the arithmetic shift's sign bits are masked off).
-        d = tl.sum(_fields(lo, BITS, 16 // BITS, ASM) * x0[None, :, :], axis=2)
-        d += tl.sum(_fields(lo >> 16, BITS, 16 // BITS, ASM) * x1[None, :, :], axis=2)
+        d = tl.sum(_fields(lo, BITS, 16 // BITS, ASM) * x0[None, :, :].to(tl.float32), axis=2)
+        d += tl.sum(_fields(lo >> 16, BITS, 16 // BITS, ASM) * x1[None, :, :].to(tl.float32), axis=2)
     s = s_raw.to(tl.float32)
     z = z_raw.to(tl.float32)
     if QMETA:
@@ -243,7 +243,7 @@ def _gemv_kernel(
     M, N, KW, K16, NG, NB, n_chunks, chunks_per_split, stride_xm, stride_ym, WSTRIDE, ES_W, ES_M, ES_H,
     BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr, PREFETCH: tl.constexpr,
-    ONE_WORD: tl.constexpr, ASM: tl.constexpr, GROUPED: tl.constexpr,
+    ONE_WORD: tl.constexpr, ASM: tl.constexpr, GROUPED: tl.constexpr, X16: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one row m of x and BN rows of W (decode).
 
@@ -309,9 +309,13 @@ def _gemv_kernel(
             lo2, hi2, s2, z2 = lo, hi, s, z
             if GATED:
                 lo2, hi2, s2, z2 = _fetch_w(w2_ptr, s2_ptr, z2_ptr, rows, c, True, KW, K16, NG, WSTRIDE, BITS, G, BK, ONE_WORD)
-        x0 = x0.to(tl.float32)
-        x1 = x1.to(tl.float32)
-        xs = tl.sum(x0, axis=1) + tl.sum(x1, axis=1)
+        if X16:
+            # x reaches every thread's rows through shared memory: send it at 16 bits, widen it after.
+            xs = tl.sum(x0.to(tl.float32), axis=1) + tl.sum(x1.to(tl.float32), axis=1)
+        else:
+            x0 = x0.to(tl.float32)
+            x1 = x1.to(tl.float32)
+            xs = tl.sum(x0, axis=1) + tl.sum(x1, axis=1)
         acc += _word_acc(lo, hi, s, z, x0, x1, xs, c, rows, ss_ptr, so_ptr, zs_ptr, zo_ptr, NB,
                          BITS, G, BK, QMETA, MBLK, ASM)
         if GATED:
@@ -426,6 +430,7 @@ class GemvConfig(NamedTuple):
     prefetch: bool = False  # load chunk c+1 while computing chunk c
     maxnreg: Optional[int] = None  # register cap (occupancy vs spills)
     one_word: bool = False  # one packed word per thread and row (see _fetch_w) instead of 16-byte vectors
+    x16: bool = False  # redistribute x at 16 bits (widened to float32 after the shared-memory exchange)
 
 
 def _gemv_config(bits: int, group: int, n: int, k: int, gated: bool) -> GemvConfig:
@@ -544,7 +549,7 @@ def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None) -> None:
         stride_xm = 0 if x2.shape[0] == 1 else x2.stride(0)
         meta_item = w1[1][0].element_size()
         es = (stride // 4, stride // meta_item, stride // 2)
-    bn, bk, warps, split, prefetch, maxnreg, one_word = _gemv_config(bits, group, n, k, gated)
+    bn, bk, warps, split, prefetch, maxnreg, one_word, x16 = _gemv_config(bits, group, n, k, gated)
     ng = k // group
     qmeta = w1[3]
     mblk = _meta_block(ng) if qmeta else 1
@@ -561,7 +566,7 @@ def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None) -> None:
         x2, y2, ws, cnt, ids, packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
         m, n, k * bits // 32, k // 16, ng, ng // mblk, n_chunks, per_split, stride_xm, y2.stride(0), 1, *es,
         BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BN=bn, BK=bk, SPLIT=split, GATED=gated, PREFETCH=prefetch,
-        ONE_WORD=one_word, ASM=_ASM, GROUPED=grouped is not None, num_warps=warps, num_stages=1,
+        ONE_WORD=one_word, ASM=_ASM, GROUPED=grouped is not None, X16=x16, num_warps=warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
 
