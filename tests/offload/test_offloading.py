@@ -124,3 +124,14 @@ def test_cli_json_reports_cache_fields(tiny_dir):
                                         "--max-new-tokens", "6", "--json"])
     assert json.loads(resident.stdout)["tokens"] == data["tokens"]
     assert json.loads(resident.stdout)["hit_rate"] == 1.0
+
+
+def test_no_prefetch_from_pageable_memory_to_a_gpu():
+    """A copy from pageable memory blocks the host until staged: speculative copies only cost there."""
+    from moe_offload.placement import prefetch_depth
+
+    with pytest.warns(RuntimeWarning, match="pageable"):
+        assert prefetch_depth(2, pinned=False, device=torch.device("cuda")) == 0
+    assert prefetch_depth(2, pinned=True, device=torch.device("cuda")) == 2
+    assert prefetch_depth(1, pinned=False, device=torch.device("cpu")) == 1  # CPU "copies" are memcpys anyway
+    assert prefetch_depth(0, pinned=False, device=torch.device("cuda")) == 0
