@@ -24,6 +24,13 @@ kernels)
   timeout 400 python3 benchmarks/kernels.py --ab --skip matrices,baselines,batches,host --json "$OUT/kernels_ab.json" 2>&1 \
     | grep -E "^sweep|FAILED|^[0-9].*D2D|expert|error" | head -60
   ;;
+hybrid)
+  for pin in "" "--no-pin"; do
+    name=mixtral-8x7b_4-2_12GiB${pin:+_pageable}_hybrid_s4
+    timeout 280 python3 -m moe_offload bench --synthetic mixtral-8x7b --preset 4/2 --gpu-memory 12GiB --hybrid on $pin \
+      --new-tokens 64 --json "$OUT/$name.json" 2>&1 | grep -E "^│|^┃|Warning"
+  done
+  ;;
 qwen3)
   timeout 240 python3 -m moe_offload bench --synthetic qwen3-30b-a3b --preset 4/2 --gpu-memory 7GiB --hybrid off --ablations \
     --new-tokens 96 --json "$OUT/qwen3-30b-a3b_4-2_7GiB_batched.json" 2>&1 | grep -E "^│|^┃"
