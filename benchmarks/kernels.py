@@ -136,12 +136,14 @@ def sweep_variants() -> list[tuple]:
 
 
 def ab_variants() -> list[tuple]:
-    """The default config of every expert matrix (gated gate+up, down) of each format, and its x16 twin."""
+    """The default config of every expert/attention matrix of each format, its x16 twin, and x16 with twice
+    the rows per program or twice the warps (x at 16 bits frees registers)."""
     out = []
     for bits, group, _ in FORMATS[:4]:
         for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False), (6144, HIDDEN, False), (HIDDEN, HIDDEN, False)):
             cfg = Q._gemv_config(bits, group, n, k, gated)
-            out += [(bits, group, n, k, gated, cfg), (bits, group, n, k, gated, cfg._replace(x16=True))]
+            out += [(bits, group, n, k, gated, c) for c in
+                    (cfg, cfg._replace(x16=True), cfg._replace(x16=True, bn=2 * cfg.bn), cfg._replace(x16=True, warps=2 * cfg.warps))]
     return out
 
 
