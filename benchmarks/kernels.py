@@ -140,7 +140,8 @@ def ab_variants() -> list[tuple]:
     the rows per program or twice the warps (x at 16 bits frees registers)."""
     out = []
     for bits, group, _ in FORMATS[:4]:
-        for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False), (6144, HIDDEN, False), (HIDDEN, HIDDEN, False)):
+        attention = ((6144, HIDDEN, False), (HIDDEN, HIDDEN, False)) if (bits, group) == (4, 64) else ()  # stacked qkv, o
+        for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False)) + attention:
             cfg = Q._gemv_config(bits, group, n, k, gated)
             out += [(bits, group, n, k, gated, c) for c in
                     (cfg, cfg._replace(x16=True), cfg._replace(x16=True, bn=2 * cfg.bn), cfg._replace(x16=True, warps=2 * cfg.warps))]
