@@ -50,7 +50,7 @@ def test_rms_norm(dtype, shape):
     ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -23}[dtype]
     assert torch.allclose(got.double(), exact, rtol=2 * ulp, atol=0)  # two roundings, as in the model's code
     ref = rms_norm_reference(x, w, 1e-5)  # PyTorch's own: the same two roundings, the mean added in another order
-    assert torch.allclose(got.double(), ref.double(), rtol=2 * ulp, atol=0)
+    assert torch.allclose(got.double(), ref.double(), rtol=2 * ulp if dtype != torch.float32 else 1e-6, atol=0)
     if dtype != torch.float32:  # rounding to 8-11 bits absorbs the mean's last-bit difference nearly always
         assert (got == ref).float().mean() > 0.95
 
