@@ -53,7 +53,7 @@ llama)
     name="llama_$1_$3"
     pid=$(sample_gpu "$OUT/$name.mem")
     timeout "${LLAMA_TIMEOUT:-150}" "$BENCH" -m "$GGUF_DIR/mixtral-8x7b-$1.gguf" -ngl 99 -ncmoe "$2" -fa 1 \
-      -p 512 -n 128 -t 16 -mmp 0 -r "${REPS:-2}" -o json > "$OUT/$name.json" 2> "$OUT/$name.log"
+      -p 512 -n 128 -t 16 -lm none -r "${REPS:-2}" -o json > "$OUT/$name.json" 2> "$OUT/$name.log"
     status=$?
     kill "$pid" 2>/dev/null
     echo "$name: exit $status, peak GPU $(peak "$OUT/$name.mem") MiB"
