@@ -11,8 +11,8 @@ its PyTorch code, which is also the reference):
 * :func:`route` - :func:`route_reference` (``model.Router``: float32 softmax, top-k, optional renormalization);
 * :func:`weighted_sum` - :func:`weighted_sum_reference` (a token's expert outputs summed in rank order, float32).
 
-Rounding: RoPE rounds after every multiply and add like eager code in bfloat16/float16, so it is
-bit-identical to it there (in float32 the compiler may fuse a multiply and the add). The reductions (the norm's mean of squares, the softmax) add in another order than PyTorch, so they
+Rounding: RoPE rounds after every multiply and the add like eager code; it matches it but for a rare unit in
+the last place (bfloat16 on an H100). The reductions (the norm's mean of squares, the softmax) add in another order than PyTorch, so they
 agree to float32 rounding, not bit for bit; every decode path (resident, offloaded, graphed or not) runs
 the same kernels, so offloading still changes no output bit.
 """
