@@ -11,7 +11,7 @@ case $p in
 tests)
   timeout 300 python3 -m pytest tests/kernels/test_fused.py tests/test_engine.py tests/kernels/test_attention.py \
     tests/kernels/test_grouped_kernels.py tests/test_graphs.py tests/test_grouped.py tests/offload/test_offloading_cuda.py \
-    tests/test_routing.py tests/test_families.py -q -x -p no:cacheprovider -W ignore 2>&1 | tail -15 | tee "$OUT/pytest_fused.txt"
+    tests/test_routing.py tests/test_families.py -q -p no:cacheprovider -W ignore 2>&1 | tail -15 | tee "$OUT/pytest_fused.txt"
   ;;
 mixtral)
   timeout 150 python3 benchmarks/profile_decode.py --synthetic mixtral-8x7b --preset 4/2 --steps 16 \
