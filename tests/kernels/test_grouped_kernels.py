@@ -81,7 +81,8 @@ def test_grouped_mixtral_shapes_and_combine():
     views = {f"{proj}.{k}": v for proj, qt in zip(("gate_proj", "up_proj", "down_proj"), experts[0])
              for k, v in qt.tensors().items()}
     out = grouped_combine(x, ids, weights, build_expert(views, config, spec), stride)
-    assert torch.equal(out[0], (0.7 * y[0].float() + 0.3 * y[1].float()).to(torch.bfloat16))
+    exact = 0.7 * y[0].double() + 0.3 * y[1].double()  # rank order in float32 (fused multiply-adds), one rounding
+    assert torch.allclose(out[0].double(), exact, rtol=2 ** -8, atol=1e-6)
 
 
 @gpu
