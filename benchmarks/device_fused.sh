@@ -20,6 +20,9 @@ mixtral)
   timeout 300 python3 -m moe_offload bench --synthetic mixtral-8x7b --preset 4/2 --gpu-memory 12GiB --hybrid off --ablations \
     --json "$OUT/mixtral-8x7b_4-2_12GiB_fused.json" 2>&1 | grep -E "^│|^┃"
   ;;
+memory)
+  timeout 150 python3 benchmarks/gpu_memory.py --gpu-memory 12GiB 2>&1 | grep -v Warn | tail -6
+  ;;
 kernels)
   timeout 400 python3 benchmarks/kernels.py --ab --skip matrices,baselines,batches,host --json "$OUT/kernels_ab.json" 2>&1 \
     | grep -E "^sweep|FAILED|^[0-9].*D2D|expert|error" | head -60

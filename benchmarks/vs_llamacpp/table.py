@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-BUDGETS = ("resident", "12GiB", "9.6GB", "2.5GB")
+BUDGETS = ("resident", "12GiB", "9.6GB", "2.5GB", "4.5GB")  # 4.5GB: moe-offload only (its smallest fit)
+OURS_EXPERT_MIB = {"4-2": 63.7, "4-3": 73.5}  # a resident run records no expert size
 # Bytes of one Mixtral-8x7B expert (w1, w2, w3): Q2_K 2.625 and Q3_K 3.4375 bits per weight.
 LLAMA_EXPERT_BYTES = {"q2_k": 3 * 14336 * 4096 // 256 * 84, "q3_k": 3 * 14336 * 4096 // 256 * 110}
 PAIRS = (("q2_k", "4-2"), ("q3_k", "4-3"))
@@ -42,7 +43,10 @@ def ours_row(out: Path, preset: str, budget: str) -> tuple[list[str], dict | Non
     try:
         r = json.loads((out / f"{name}.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return ["failed", "failed", peak_gib(out / f"{name}.mem")], None
+        log = out / f"{name}.log"
+        fits = not (log.exists() and "too small" in log.read_text())
+        status = "failed" if fits else "does not fit"
+        return [status, status, peak_gib(out / f"{name}.mem")], None
     return [f"{r['decode_tok_s']:.1f}", f"{r['prefill_tok_s']:.0f}", peak_gib(out / f"{name}.mem")], r
 
 
@@ -53,13 +57,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for budget in BUDGETS:
         for quant, preset in PAIRS:
-            cells = llama_row(out, quant, budget)
-            mib = LLAMA_EXPERT_BYTES[quant] / 2**20
-            print(f"| {budget} | llama.cpp (-ncmoe {NCMOE[quant, budget]}) | {quant.upper()} | " + " | ".join(cells)
-                  + f" | {mib:.1f} | - | - | static split, no copies |")
+            if (quant, budget) in NCMOE:
+                cells = llama_row(out, quant, budget)
+                mib = LLAMA_EXPERT_BYTES[quant] / 2**20
+                print(f"| {budget} | llama.cpp (-ncmoe {NCMOE[quant, budget]}) | {quant.upper()} | " + " | ".join(cells)
+                      + f" | {mib:.1f} | - | - | static split, no copies |")
             cells, r = ours_row(out, preset, budget)
+            if r is None and not (out / f"ours_{preset}_{budget}.log").exists():
+                continue
             extra = ["-", "-", "-", "-"] if r is None else [
-                f"{r['expert_bytes'] / 2**20:.1f}", f"{r['hit_rate']:.2f}", f"{r.get('cpu_experts_per_token', 0):.1f}",
+                f"{(r['expert_bytes'] / 2**20) or OURS_EXPERT_MIB[preset]:.1f}", f"{r['hit_rate']:.2f}", f"{r.get('cpu_experts_per_token', 0):.1f}",
                 "synthetic (near uniform)" if r["routing"].startswith("synthetic") else r["routing"]]
             print(f"| {budget} | moe-offload | {preset.replace('-', '/')} | " + " | ".join(cells + extra) + " |")
 

@@ -30,6 +30,7 @@ class Plan:
     non_expert_bytes: int
     kv_cache_bytes: int
     workspace_bytes: int
+    runtime_bytes: int = 0  # outside PyTorch's tensors: CUDA context, loaded kernels, library workspaces
 
     @property
     def all_resident(self) -> bool:
@@ -45,7 +46,8 @@ class Plan:
 
     @property
     def used_bytes(self) -> int:
-        return self.experts_total_bytes + self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes
+        return (self.experts_total_bytes + self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes
+                + self.runtime_bytes)
 
     def rows(self) -> list[tuple[str, str]]:
         per_layer = "shared" if self.slots_per_layer is None else f"{self.slots_per_layer} per layer"
@@ -54,6 +56,7 @@ class Plan:
             ("non-expert weights", format_bytes(self.non_expert_bytes)),
             ("KV cache", format_bytes(self.kv_cache_bytes)),
             ("workspace", format_bytes(self.workspace_bytes)),
+            *([("CUDA runtime", format_bytes(self.runtime_bytes))] if self.runtime_bytes else []),
             ("expert slots", f"{self.total_slots} ({per_layer}) of {self.num_layers * self.num_experts} experts, "
                              f"{self.resident_fraction:.1%}"),
             ("expert memory", f"{self.total_slots} x {format_bytes(self.expert_bytes)} = "
@@ -70,12 +73,12 @@ class Plan:
 
 def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int, top_k: int,
          non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, offload_per_layer: int | None = None,
-         policy: str = "lru") -> Plan:
+         policy: str = "lru", runtime_bytes: int = 0) -> Plan:
     if policy not in POLICIES:
         raise MoeOffloadError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
     assert expert_bytes > 0 and num_layers > 0 and 0 < top_k <= num_experts
     per_layer = policy in PER_LAYER_POLICIES
-    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes
+    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes
 
     if offload_per_layer is not None:
         # The original project's knob: K experts of each layer stay in host memory.
@@ -92,7 +95,7 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
                 f"{format_bytes(needed)}, more than the {format_bytes(budget_bytes)} budget; offload more experts "
                 f"per layer, raise --gpu-memory or lower --max-context")
         return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl if per_layer else None, total,
-                    non_expert_bytes, kv_cache_bytes, workspace_bytes)
+                    non_expert_bytes, kv_cache_bytes, workspace_bytes, runtime_bytes)
 
     everything = num_layers * num_experts
     slots = everything if budget_bytes is None else min(max(budget_bytes - fixed, 0) // expert_bytes, everything)
@@ -104,14 +107,16 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
         raise MoeOffloadError(
             f"GPU budget {format_bytes(budget_bytes)} is too small: non-expert weights "
             f"{format_bytes(non_expert_bytes)} + KV cache {format_bytes(kv_cache_bytes)} + workspace "
-            f"{format_bytes(workspace_bytes)} leave {format_bytes(max(budget_bytes - fixed, 0))} for experts, but "
+            f"{format_bytes(workspace_bytes)}"
+            + (f" + CUDA runtime {format_bytes(runtime_bytes)}" if runtime_bytes else "")
+            + f" leave {format_bytes(max(budget_bytes - fixed, 0))} for experts, but "
             f"{what} x {format_bytes(expert_bytes)} (at least {format_bytes(fixed + minimum * expert_bytes)} in "
             f"all); raise --gpu-memory, lower --max-context or use a smaller preset"
             + (f", or --policy global-lru (needs {top_k} slots in all)" if per_layer and slots >= top_k else ""))
     spl = slots // num_layers if per_layer else None  # slots <= everything, so spl <= num_experts
     total = spl * num_layers if spl is not None else slots
     return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, total, non_expert_bytes,
-                kv_cache_bytes, workspace_bytes)
+                kv_cache_bytes, workspace_bytes, runtime_bytes)
 
 
 def parse_size(text: str) -> int:
