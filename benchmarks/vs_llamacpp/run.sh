@@ -60,14 +60,14 @@ llama)
   done
   ;;
 ours)
-  for preset in 4/2 4/3; do
+  for preset in ${OURS_PRESETS:-4/2 4/3}; do
     # 4.5GB: our smallest fit once the CUDA runtime (~1.6 GiB) is counted; 2.5GB is expected not to fit.
-    for budget in resident 12GiB 9.6GB 2.5GB 4.5GB; do
+    for budget in ${OURS_BUDGETS:-resident 12GiB 9.6GB 2.5GB 4.5GB}; do
       name="ours_${preset/\//-}_$budget"
       args=(--synthetic mixtral-8x7b --preset "$preset" --max-context 1024 --json "$OUT/$name.json")
       [ "$budget" = resident ] || args+=(--gpu-memory "$budget")
       # 2.5 GB leaves ~8 expert slots: fewer than one per layer, so one LRU shared by all layers
-      [ "$budget" = 2.5GB ] && args+=(--policy global-lru)
+      [ "$budget" = 2.5GB ] || [ "$budget" = 4.5GB ] && args+=(--policy global-lru)
       pid=$(sample_gpu "$OUT/$name.mem")
       timeout "${OURS_TIMEOUT:-200}" python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1
       status=$?
