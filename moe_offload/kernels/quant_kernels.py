@@ -49,7 +49,7 @@ _ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter runs no
 # tiled GEMM is flat at ~85-135 us up to 64 rows; dequantize + cuBLAS costs one dequantization
 # (~60 us) plus a bf16 GEMM and wins from somewhere in 64..256 rows (128 is not measured).
 GEMV_MAX_M = {2: 8, 3: 3, 4: 3, 8: 3}
-DEQUANT_MIN_M = {2: 16, 3: 128, 4: 128, 8: 128}
+DEQUANT_MIN_M = {2: 16, 3: 16, 4: 128, 8: 128}  # 3-bit: the fused GEMM was slow at prefill's per-expert batches
 _SMS = 132  # an H100's SMs: below this many programs the GEMV splits K
 
 # (bits, group, n, k, gated) -> GemvConfig; the benchmark fills this to try configs.
@@ -444,14 +444,17 @@ def _gemv_config(bits: int, group: int, n: int, k: int, gated: bool) -> GemvConf
     if key in GEMV_OVERRIDES:
         return GEMV_OVERRIDES[key]
     unit = 16 if bits == 3 else 32 // bits
+    # x16 (x through shared memory at 16 bits; bit-identical) measured +7% / +3% on 2-bit g16 gate+up / down and
+    # nothing elsewhere (benchmarks/results/kernels_ab_h100.json).
+    x16 = bits == 2 and group == 16
     if gated:
-        return GemvConfig(4, _pick_bk(k, group, 64 * unit), 2, 1, one_word=False)
+        return GemvConfig(4, _pick_bk(k, group, 64 * unit), 2, 1, one_word=False, x16=x16)
     bn = 8 if (bits == 2 and n > 1024) or (bits == 4 and k > n >= 4096) else 4
     bk = _pick_bk(k, group, 128 * unit)
     split = 1
     while triton.cdiv(n, bn) * split < _SMS and split * 2 <= min(k // bk, 8):
         split *= 2
-    return GemvConfig(bn, bk, 4, split, one_word=False)
+    return GemvConfig(bn, bk, 4, split, one_word=False, x16=x16)
 
 
 @functools.lru_cache(maxsize=None)
