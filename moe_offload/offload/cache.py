@@ -54,6 +54,7 @@ class ExpertCache:
         self._pending_waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._waited: torch.cuda.Event | None = None  # the ready event the compute stream waited on last
         self.cpu_recent: set[Key] = set()  # experts the hybrid path computed on the CPU in the latest step
+        self._last_ready: torch.cuda.Event | None = None  # recorded after the latest batch of copies
         self.copies = 0  # copies enqueued so far (the hybrid scheduler tracks the copy queue's backlog by it)
         self.sample_copies = 0  # time every n-th copy with CUDA events (0: none); read by take_copy_samples
         self._copy_samples: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, copies)
@@ -94,11 +95,16 @@ class ExpertCache:
                     self.ready[slot].record(self.copy_stream)
             ready = torch.cuda.Event(enable_timing=sample)
             ready.record(self.copy_stream)
+        self._last_ready = ready
         if sample:
             self._copy_samples.append((start, ready, len(pairs)))
         if together:
             for _, slot in pairs:
                 self.ready[slot] = ready
+
+    def copies_idle(self) -> bool:
+        """True when every copy enqueued so far has landed (never blocks; CPU copies are synchronous)."""
+        return self._last_ready is None or self._last_ready.query()
 
     def take_copy_samples(self) -> list[float]:
         """Milliseconds per copy of the sampled batches that have finished (never blocks)."""

@@ -63,10 +63,15 @@ class OffloadedExperts:
         grouped = not on_cpu and self.grouped is not None and self.grouped.ok(x)  # decode: two launches in all
         cache.load(self.layer, on_gpu, together=grouped)  # this layer's misses first: they are needed soonest
         protected = [(self.layer, e) for e in used]
+        # Guesses are copied only while the copy queue is idle: when copies set the pace, a speculative copy
+        # takes the link from a needed one and a wrong guess (~1 in 5) is pure loss (BENCHMARKS.md, session 4).
+        # They are still recorded, so prefetch recall stays measured.
+        speculate = cache.copies_idle()
         for i, (layer, _) in enumerate(lookahead):
             guess = sorted(set(flat[n + i * n : n + (i + 1) * n]))
             self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
-            cache.prefetch(layer, guess, protected)
+            if speculate:
+                cache.prefetch(layer, guess, protected)
             protected = protected + [(layer, e) for e in guess]
         if not on_cpu:
             if grouped:
