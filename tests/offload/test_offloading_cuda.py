@@ -83,3 +83,5 @@ def test_cuda_top8_batched_copies_bit_identical(prefetch, offloaded_per_layer):
     decode = [n for n, together in batches if together]
     assert decode and max(decode) > 1  # a decode step's misses of a layer went in one batch
     assert cache.copies == sum(n for n, _ in batches)
+    torch.cuda.synchronize()
+    assert cache.copies_idle()  # what prefetch asks before it speculates
