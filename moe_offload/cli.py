@@ -123,7 +123,8 @@ GpuMemory = typer.Option(None, "--gpu-memory", help="GPU memory budget, e.g. 12G
                          "experts that do not fit are offloaded to host memory.")
 OffloadPerLayer = typer.Option(None, "--offload-per-layer", help="Keep this many experts per layer off the GPU.")
 Policy = typer.Option("lru", "--policy", help="Expert cache policy: lru (per layer), global-lru, lfu.")
-Prefetch = typer.Option(1, "--prefetch", help="Layers ahead to guess and prefetch experts for (0: off).")
+Prefetch = typer.Option(0, "--prefetch", help="Layers ahead to guess and prefetch experts for (0: off, the "
+                        "default: measured faster when copies set the pace).")
 NoPin = typer.Option(False, "--no-pin", help="Keep offloaded experts in pageable memory (slower copies).")
 Hybrid = typer.Option("auto", "--hybrid", help="Compute some decode cache misses on the CPU while others are "
                       "copied: off (bit-exact), auto (on with a CUDA GPU), on.")
@@ -310,7 +311,8 @@ def bench(
     runs = [("full", base)]
     if ablations:
         runs = [("resident", dataclasses.replace(base, gpu_memory=None, offload_per_layer=None))] + runs + [
-            ("no prefetch", dataclasses.replace(base, prefetch=0)),
+            ("no prefetch", dataclasses.replace(base, prefetch=0)) if base.prefetch else
+            ("prefetch 1", dataclasses.replace(base, prefetch=1)),
             ("no cache", dataclasses.replace(base, cache=False, force=True)),
         ]
     dev = resolve_device(device)

@@ -57,7 +57,9 @@ class OffloadOptions:
     gpu_memory: int | str | None = None  # bytes or "12GiB"
     offload_per_layer: int | None = None
     policy: str = "lru"
-    prefetch: int = 1  # layers ahead whose experts are guessed and copied early (0: off)
+    # Layers ahead whose experts are guessed and copied early (0: off). Off by default: on the H100 every
+    # measured case ran faster without it once decode was copy-bound (BENCHMARKS.md, session 4).
+    prefetch: int = 0
     pin: bool = True
     timing: bool = False  # measure copy waits with CUDA events (benchmarks)
     cache: bool = True  # False: keep no expert on the device between uses (ablation)

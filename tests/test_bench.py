@@ -30,10 +30,11 @@ def test_everything_fits(tmp_path):
 def test_offloaded_with_ablations(tmp_path):
     data = bench(tmp_path, "--offload-per-layer", "2", "--ablations")
     runs = {r["label"]: r for r in data["runs"]}
-    assert set(runs) == {"resident", "full", "no prefetch", "no cache"}
+    assert set(runs) == {"resident", "full", "prefetch 1", "no cache"}  # prefetch is off by default
     assert runs["resident"]["hit_rate"] == 1.0 and runs["resident"]["bytes_copied_per_token"] == 0
     assert runs["no cache"]["hit_rate"] == 0.0
-    assert runs["no prefetch"]["prefetch"] == 0 and runs["full"]["prefetch"] == 1
+    assert runs["prefetch 1"]["prefetch"] == 1 and runs["full"]["prefetch"] == 0
+    assert runs["prefetch 1"]["prefetch_recall"] > 0 and runs["full"]["prefetch_recall"] == 0
     full = runs["full"]
     assert 0 < full["hit_rate"] < 1 and full["bytes_copied_per_token"] > 0
     expected_limit = 1 / (full["bytes_copied_per_token"] / (full["h2d_gb_s"] * 1e9)
