@@ -135,3 +135,15 @@ def test_no_prefetch_from_pageable_memory_to_a_gpu():
     assert prefetch_depth(2, pinned=True, device=torch.device("cuda")) == 2
     assert prefetch_depth(1, pinned=False, device=torch.device("cpu")) == 1  # CPU "copies" are memcpys anyway
     assert prefetch_depth(0, pinned=False, device=torch.device("cuda")) == 0
+
+
+def test_prefetch_waits_for_an_idle_copy_queue(tiny_dir, resident, monkeypatch):
+    """While copies are in flight, guesses are scored but not copied: outputs and misses are those of no prefetch."""
+    from moe_offload.offload.cache import ExpertCache
+
+    monkeypatch.setattr(ExpertCache, "copies_idle", lambda self: False)
+    engine = load(tiny_dir, OffloadOptions(offload_per_layer=2, prefetch=1))
+    prefill, tokens = run(engine)
+    assert torch.equal(prefill, resident[0]) and tokens == resident[1]
+    s = engine.cache_stats.summary()
+    assert s["prefetch_copies"] == 0 and 0 < s["prefetch_recall"] <= 1  # guesses still measured
