@@ -66,7 +66,7 @@ class OffloadedExperts:
         # Guesses are copied only while the copy queue is idle: when copies set the pace, a speculative copy
         # takes the link from a needed one and a wrong guess (~1 in 5) is pure loss (BENCHMARKS.md, session 4).
         # They are still recorded, so prefetch recall stays measured.
-        speculate = cache.copies_idle()
+        speculate = bool(lookahead) and cache.copies_idle()  # no event query per layer when prefetch is off
         for i, (layer, _) in enumerate(lookahead):
             guess = sorted(set(flat[n + i * n : n + (i + 1) * n]))
             self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
