@@ -18,8 +18,8 @@ Every kernel here computes what ``moe_offload.quant.linear.reference_matmul`` co
 * GEMM (``GEMV_MAX_M`` < M < ``DEQUANT_MIN_M``): tiles dequantized in registers to the activation
   dtype (exactly the reference's rounding) and fed to ``tl.dot`` (tensor cores, fp32 accumulation).
 * M >= ``DEQUANT_MIN_M`` (prefill): one Triton pass writes the dequantized weight to a scratch
-  buffer and cuBLAS does the product. Measured faster than the fused GEMM from 128-256 rows (2-bit:
-  from 16, where the fused GEMM is slow), and within 5-9% of a plain bf16 cuBLAS GEMM at 4096 rows.
+  buffer and cuBLAS does the product. Measured faster than the fused GEMM from 128-256 rows (2- and
+  3-bit: from 16, where the fused GEMM is slow), and within 5-9% of a plain bf16 cuBLAS GEMM at 4096 rows.
 
 All launches are CUDA-graph capturable: no host syncs, and no allocation when ``out`` is given
 (split-K uses a per-device scratch buffer that is allocated on first use, so run once before
@@ -47,9 +47,10 @@ _ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter runs no
 # Path by rows of x (M), from benchmarks/kernels.py on H100 for a 14336x4096 matrix: the GEMV costs
 # about M times its M=1 time (it re-decodes the weights per row; 2-bit 20 us, 3/4-bit ~29 us); the
 # tiled GEMM is flat at ~85-135 us up to 64 rows; dequantize + cuBLAS costs one dequantization
-# (~60 us) plus a bf16 GEMM and wins from somewhere in 64..256 rows (128 is not measured).
+# (~60 us) plus a bf16 GEMM and wins from somewhere in 64..256 rows (128 is not measured). 3-bit dequantizes
+# from 16 rows like 2-bit: Mixtral 4/3 prefill went 598 -> 1126 tok/s (BENCHMARKS.md, session 4).
 GEMV_MAX_M = {2: 8, 3: 3, 4: 3, 8: 3}
-DEQUANT_MIN_M = {2: 16, 3: 16, 4: 128, 8: 128}  # 3-bit: the fused GEMM was slow at prefill's per-expert batches
+DEQUANT_MIN_M = {2: 16, 3: 16, 4: 128, 8: 128}
 _SMS = 132  # an H100's SMs: below this many programs the GEMV splits K
 
 # (bits, group, n, k, gated) -> GemvConfig; the benchmark fills this to try configs.
