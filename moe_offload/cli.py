@@ -274,7 +274,8 @@ def bench(
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads,
     seed: int = typer.Option(0, help="Seed of the synthetic weights and the random prompt."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run with prefetch toggled (off by "
-                                   "default, so 'prefetch 1'), without cache, and everything resident (when it fits), with the same prompt and seed."),
+                                   "default, so 'prefetch 1'), without cache, and everything resident (when it "
+                                   "fits), with the same prompt and seed."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the numbers to this JSON file."),
     device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
     trace: Optional[Path] = typer.Option(None, "--trace", help="No model: replay this routing trace through the "
