@@ -194,3 +194,24 @@ def test_serve_command(tiny_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_every_family_served_offloaded(tmp_path, family):
+    """Each family's tiny checkpoint, experts offloaded, answers through the openai client as the engine does."""
+    import moe_offload
+    from conftest import make_checkpoint
+    from moe_offload.placement import OffloadOptions
+    from moe_offload.server.app import create_app
+    from openai import OpenAI
+
+    directory = make_checkpoint(tmp_path / family, seed=2, family=family)
+    engine = moe_offload.load(directory, device="cpu", dtype="float32", max_context=256,
+                              offload=OffloadOptions(offload_per_layer=2))
+    expected = engine.generate("Experts of every family", max_new_tokens=8, ignore_eos=False)
+    with ServerThread(create_app(engine, family, api_key=API_KEY, max_queue=4)) as s:
+        client = OpenAI(base_url=s.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        reply = client.completions.create(model=family, prompt="Experts of every family", max_tokens=8, temperature=0)
+    assert expected.completion_tokens > 0
+    assert reply.choices[0].text == expected.text and reply.usage.completion_tokens == expected.completion_tokens
+    assert engine.cache_stats.summary()["misses"] > 0
