@@ -44,7 +44,8 @@ def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, b
     No host sync and no data-dependent shapes: capturable in a CUDA graph."""
     from .kernels.fused import weighted_sum
 
-    y = kernels.grouped_expert_forward(x, ids, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt, stride)  # [K, D]
+    y = kernels.grouped_expert_forward(x, ids, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt, stride,
+                                       int8_activations=base.int8_activations)  # [K, D]
     out = weighted_sum(y, weights.reshape(-1))  # one launch, float32 in rank order
     return out if out is not None else (y.float() * weights.reshape(-1, 1).float()).sum(0, keepdim=True).to(x.dtype)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -176,16 +177,25 @@ class QuantExpert(Expert):
     The first call per input runs eagerly (compiling kernels, allocating scratch); the second captures.
     """
 
+    int8_activations = False  # round the inputs of every product to int8 per block of 32 (engine option)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available():
             pool = EXPERT_GRAPHS.get()
             if x.shape[0] == 1 and pool is not None:
                 return self._replay(x, pool)
             return self._fused(x)
+        if self.int8_activations:  # the kernels' arithmetic on other devices: inputs rounded, then exact
+            from .kernels.gemv_int8 import fake_quantize_reference as rounded
+
+            xr = rounded(x).to(x.dtype)
+            h = F.silu(self.gate_proj(xr)) * self.up_proj(xr)
+            return self.down_proj(rounded(h).to(h.dtype))
         return super().forward(x)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.expert_forward(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt)
+        return kernels.expert_forward(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt,
+                                      int8_activations=self.int8_activations)
 
     def _replay(self, x: torch.Tensor, pool) -> torch.Tensor:
         graphs = self.__dict__.setdefault("_graphs", {})

@@ -115,3 +115,16 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(tiny_dir):
         proc.kill()
     assert proc.returncode == 0, err.decode()
     assert b"[stopped]" in seen + out and b"Traceback" not in err
+
+
+def test_generate_with_int8_activations(tiny_dir):
+    """--int8-activations reaches the engine: the command answers as the API does with the option."""
+    from moe_offload.engine import load
+
+    args = ["generate", str(tiny_dir), "-p", "Hello", "--temperature", "0", "--max-new-tokens", "6", "--json",
+            "--device", "cpu", "--quantize", "4/2"]
+    result = runner.invoke(app, args + ["--int8-activations"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    expected = load(tiny_dir, device="cpu", quantize="4/2", int8_activations=True).generate("Hello", max_new_tokens=6)
+    assert data["tokens"] == expected.tokens

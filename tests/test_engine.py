@@ -1,7 +1,8 @@
-"""engine.py's GPU-side assembly, checked on the CPU: the q/k/v projections stacked into one matmul."""
+"""engine.py's GPU-side assembly, checked on the CPU: the q/k/v projections stacked into one matmul, int8 activations."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_offload.config import ModelConfig
 from moe_offload.engine import _fused_qkv, load_synthetic
@@ -71,3 +72,44 @@ def test_model_with_stacked_qkv_generates_the_same():
         token = int(la.argmax())
         assert token == int(lb.argmax())
         la, lb = a.step(token), b.step(token)
+
+
+@pytest.mark.parametrize("preset, rounded", [("4/2", True), ("4/3", True), ("4/4", False)])
+def test_int8_activations_reach_the_2_and_3_bit_experts(preset, rounded):
+    """The option marks exactly the 2/3-bit experts; they then compute on int8-rounded inputs (the GEMV's
+    arithmetic, checked against the kernel in tests/kernels/test_gemv_int8.py), about 1% off the exact model."""
+    from moe_offload.kernels.gemv_int8 import fake_quantize_reference
+    from moe_offload.weights import QuantExpert
+
+    exact = load_synthetic("tiny", preset=preset, device="cpu", dtype="float32")
+    int8 = load_synthetic("tiny", preset=preset, device="cpu", dtype="float32", int8_activations=True)
+    experts = [m for m in int8.model.modules() if isinstance(m, QuantExpert)]
+    assert experts and all(m.int8_activations == rounded for m in experts)
+    assert not any(m.int8_activations for m in exact.model.modules() if isinstance(m, QuantExpert))
+    e = experts[0]
+    x = torch.randn(3, e.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    h = F.silu(e.gate_proj(fake_quantize_reference(x))) * e.up_proj(fake_quantize_reference(x))
+    want = e.down_proj(fake_quantize_reference(h)) if rounded else e.down_proj(F.silu(e.gate_proj(x)) * e.up_proj(x))
+    assert torch.equal(e(x), want)
+    prompt = list(range(3, 20))
+    la, lb = exact.new_session().prefill(prompt)[0], int8.new_session().prefill(prompt)[0]
+    rel = ((la - lb).norm() / la.norm()).item()
+    assert (0 < rel < 0.05) if rounded else rel == 0
+
+
+def test_int8_activations_offloaded_equal_resident():
+    """Offloading still changes nothing: the cache's slot experts round their inputs like the resident ones."""
+    from moe_offload.placement import OffloadOptions
+
+    resident = load_synthetic("tiny", preset="4/2", device="cpu", dtype="float32", int8_activations=True)
+    offloaded = load_synthetic("tiny", preset="4/2", device="cpu", dtype="float32", int8_activations=True,
+                               offload=OffloadOptions(offload_per_layer=2, hybrid="off"))
+    assert offloaded.expert_cache is not None
+    prompt = list(range(3, 20))
+    a, b = resident.new_session(), offloaded.new_session()
+    la, lb = a.prefill(prompt)[0], b.prefill(prompt)[0]
+    assert torch.equal(la, lb)
+    for _ in range(4):
+        token = int(la.argmax())
+        la, lb = a.step(token), b.step(token)
+        assert torch.equal(la, lb)

@@ -575,6 +575,16 @@ def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None) -> None:
     )
 
 
+def _gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, int8: bool = False) -> None:
+    """The exact GEMV, or with int8 activations where asked for and the shape allows (else exact)."""
+    if int8:
+        from . import gemv_int8
+
+        if gemv_int8.supports(bits, group, k):
+            return gemv_int8.launch(x2, y2, bits, group, n, k, w1, w2, grouped)
+    _launch_gemv(x2, y2, bits, group, n, k, w1, w2, grouped)
+
+
 def _launch_gemm(x2, y2, bits, group, n, k, w1) -> None:
     m = x2.shape[0]
     packed, (s, ss, so), (z, zs, zo), qmeta = w1
@@ -618,6 +628,7 @@ def quant_matmul(
     n: int,
     k: int,
     out: Optional[torch.Tensor] = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """y = x @ dequantize(W).T -> [..., n] in x's dtype (bfloat16 or float16), fp32 accumulation.
 
@@ -626,6 +637,8 @@ def quant_matmul(
     Reference: ``F.linear(x, moe_offload.quant.hqq.dequantize(qt, x.dtype))``.
     M (rows of x) <= GEMV_MAX_M[bits]: GEMV; below DEQUANT_MIN_M[bits]: fused tiled GEMM; else
     dequantize to scratch + cuBLAS (that path allocates the [n, k] scratch).
+    ``int8_activations``: the GEMV rounds x to int8 per block of 32 first (:mod:`.gemv_int8`; faster,
+    approximate); the other paths are unchanged.
     """
     _check_weight(x, packed, bits, group_size, n, k)
     w = _weight(packed, scale, zero, bits, group_size, n, k)
@@ -635,7 +648,7 @@ def quant_matmul(
     if m == 0:
         return out
     if m <= GEMV_MAX_M[bits] and _gemv_ok(bits, group_size):
-        _launch_gemv(x2, y2, bits, group_size, n, k, w)
+        _gemv(x2, y2, bits, group_size, n, k, w, int8=int8_activations)
     elif m < DEQUANT_MIN_M[bits]:
         _launch_gemm(x2, y2, bits, group_size, n, k, w)
     else:
@@ -660,18 +673,21 @@ def dequantize_cuda(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, ou
     return out
 
 
-def quant_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+                 int8_activations: bool = False) -> torch.Tensor:
     """``QuantLinear``'s matmul hook: the fused kernel on CUDA, the reference elsewhere."""
     if not x.is_cuda:
         from ..quant.linear import reference_matmul
 
         return reference_matmul(x, qt, bias)
     n, k = qt.shape
-    y = quant_matmul(x, qt.qweight, qt.scale, qt.zero, qt.spec.bits, qt.spec.group_size, n, k)
+    y = quant_matmul(x, qt.qweight, qt.scale, qt.zero, qt.spec.bits, qt.spec.group_size, n, k,
+                     int8_activations=int8_activations)
     return y if bias is None else y.add_(bias.to(y.dtype))
 
 
-def gate_up_silu(x: torch.Tensor, gate: QuantizedTensor, up: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gate_up_silu(x: torch.Tensor, gate: QuantizedTensor, up: QuantizedTensor, out: Optional[torch.Tensor] = None,
+                 int8_activations: bool = False) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) -> [..., n]; one launch reading both matrices for decode-sized M.
 
     Reference: ``F.silu(F.linear(x, dequantize(gate))) * F.linear(x, dequantize(up))`` (the GEMV
@@ -691,8 +707,8 @@ def gate_up_silu(x: torch.Tensor, gate: QuantizedTensor, up: QuantizedTensor, ou
     _check_weight(x, up.qweight, bits, group, n, k)
     out, y2 = _out(x, n, m, out)
     if m:
-        _launch_gemv(x2, y2, bits, group, n, k, _weight(gate.qweight, gate.scale, gate.zero, bits, group, n, k),
-                     _weight(up.qweight, up.scale, up.zero, bits, group, n, k))
+        _gemv(x2, y2, bits, group, n, k, _weight(gate.qweight, gate.scale, gate.zero, bits, group, n, k),
+              _weight(up.qweight, up.scale, up.zero, bits, group, n, k), int8=int8_activations)
     return out
 
 
@@ -703,14 +719,24 @@ def expert_forward(
     down: QuantizedTensor,
     out: Optional[torch.Tensor] = None,
     hidden: Optional[torch.Tensor] = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """A Mixtral expert, (silu(x @ w1.T) * (x @ w3.T)) @ w2.T: two launches at decode batch sizes.
 
     ``hidden`` ([..., intermediate] in x's dtype) and ``out`` make it allocation-free for graph capture.
     """
-    h = gate_up_silu(x, gate, up, out=hidden)
+    if int8_activations and _rows(x, gate.shape[1]).shape[0] > GEMV_MAX_M[gate.spec.bits]:
+        # Beyond the GEMV (prefill): the same arithmetic, inputs rounded in PyTorch, then the exact kernels.
+        from .gemv_int8 import fake_quantize_reference as rounded
+
+        h = gate_up_silu(rounded(x).to(x.dtype), gate, up, out=hidden)
+        n, k = down.shape
+        return quant_matmul(rounded(h).to(h.dtype), down.qweight, down.scale, down.zero, down.spec.bits,
+                            down.spec.group_size, n, k, out=out)
+    h = gate_up_silu(x, gate, up, out=hidden, int8_activations=int8_activations)
     n, k = down.shape
-    return quant_matmul(h, down.qweight, down.scale, down.zero, down.spec.bits, down.spec.group_size, n, k, out=out)
+    return quant_matmul(h, down.qweight, down.scale, down.zero, down.spec.bits, down.spec.group_size, n, k, out=out,
+                        int8_activations=int8_activations)
 
 
 def grouped_expert_forward(
@@ -722,6 +748,7 @@ def grouped_expert_forward(
     expert_stride: int,
     out: Optional[torch.Tensor] = None,
     hidden: Optional[torch.Tensor] = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """Several experts of one stack on one token: x [1, D], ids [K] -> [K, D], row k = expert ids[k](x).
 
@@ -756,9 +783,9 @@ def grouped_expert_forward(
     if m == 0:
         return out
     bits, group = gate.spec.bits, gate.spec.group_size
-    _launch_gemv(x2, hidden, bits, group, n_i, d, _weight(gate.qweight, gate.scale, gate.zero, bits, group, n_i, d),
-                 _weight(up.qweight, up.scale, up.zero, bits, group, n_i, d), grouped=(ids, expert_stride))
+    _gemv(x2, hidden, bits, group, n_i, d, _weight(gate.qweight, gate.scale, gate.zero, bits, group, n_i, d),
+          _weight(up.qweight, up.scale, up.zero, bits, group, n_i, d), grouped=(ids, expert_stride), int8=int8_activations)
     bits, group = down.spec.bits, down.spec.group_size
-    _launch_gemv(hidden, out, bits, group, d, n_i, _weight(down.qweight, down.scale, down.zero, bits, group, d, n_i),
-                 grouped=(ids, expert_stride))
+    _gemv(hidden, out, bits, group, d, n_i, _weight(down.qweight, down.scale, down.zero, bits, group, d, n_i),
+          grouped=(ids, expert_stride), int8=int8_activations)
     return out

@@ -1,0 +1,344 @@
+"""Batch-1 products with int8 activations: y = x8 @ dequantize(W).T, x8 = x rounded to int8 per block of 32.
+
+The exact GEMV (:mod:`.quant_kernels`) turns every code into a float before its multiply-add: about three
+instructions per weight, and on an H100 that instruction stream, not DRAM, sets its pace (BENCHMARKS.md).
+Here the codes stay integers. A shift and an AND give four codes of a packed word as four bytes
+(``(w >> 2j) & 0x03030303`` for 2 bits), and one ``dp4a`` multiplies them by four int8 activations and adds:
+three instructions per four weights. Per packed word the group affine then runs once, in fp32:
+``sum_k s (q_k - z) sx x8_k = s sx (sum_k q_k x8_k - z sum_k x8_k)``. This is how llama.cpp's quantized
+mat-vec kernels work (its activations are int8 per block of 32 too).
+
+Numerics: x is rounded to int8 per block of 32 elements with step ``amax / 127`` (an error of at most half a
+step, 0.4% of the block's largest value); after that every product is exact integer arithmetic and every sum
+fp32. So the result is ``reference(x8)`` with ``x8 = fake_quantize_reference(x)``, not ``reference(x)``: an
+approximation of the exact kernels, as the hybrid CPU path is. Offloaded and resident runs use the same
+kernels, so they stay bit-identical to each other.
+
+* :func:`quantize_activations` (one small kernel per product input: x8 in the permuted byte order the GEMV
+  reads, plus each packed word's step and int8 sum) and :func:`fake_quantize_reference`;
+* :func:`launch` (the GEMV: gated, grouped and split-K like the exact one), driven by
+  ``quant_kernels`` when ``int8_activations`` is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import MoeOffloadError
+from .quant_kernels import _ASM, _SMS, _meta_block, _split_scratch
+
+BLOCK = 32  # activations per int8 step
+
+
+def unit(bits: int) -> int:
+    """Elements per unit of work: one packed word (2/4/8 bits), or a 3-bit block's 2 low + 1 high words."""
+    return 32 if bits == 3 else 32 // bits
+
+
+def _planes(bits: int) -> list[tuple[int, int]]:
+    """(elements per word, byte planes) of each code plane: a word of E elements is read as E/4 byte planes."""
+    return [(16, 4), (32, 8)] if bits == 3 else [(32 // bits, 32 // bits // 4)]
+
+
+def x8_words(bits: int, k: int) -> int:
+    """int32 words of permuted x8 per row (k bytes, twice for 3-bit: one copy per code plane)."""
+    return sum(k // e * p for e, p in _planes(bits))
+
+
+# ----------------------------------------------------------------------------------------------
+# References (PyTorch, any device)
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x8 int8 [..., K], step float32 [..., K/32]); x ~ x8 * step, per block of 32."""
+    k = x.shape[-1]
+    if k % BLOCK:
+        raise MoeOffloadError(f"int8 activations need K % {BLOCK} == 0, got K={k}")
+    xb = x.float().reshape(*x.shape[:-1], k // BLOCK, BLOCK)
+    amax = xb.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    x8 = torch.floor(xb * inv[..., None] + 0.5).clamp_(-127, 127)
+    return x8.to(torch.int8).reshape(x.shape), amax / 127.0
+
+
+def fake_quantize_reference(x: torch.Tensor) -> torch.Tensor:
+    """The activations the int8 kernels multiply, as float32: x8 * step."""
+    x8, step = quantize_reference(x)
+    k = x.shape[-1]
+    return (x8.float().reshape(*x.shape[:-1], k // BLOCK, BLOCK) * step[..., None]).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device code
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pack_plane(q, xq_row, c, CH: tl.constexpr, E: tl.constexpr, P: tl.constexpr, PLANE_OFF, PLANE_WORDS):
+    """Store int8 values q [CH] (chunk c of the row) as byte planes: word w of plane j holds the
+    elements E w + P b + j, b = 0..3, in its bytes b (the order ``(word >> bits*j) & mask`` yields codes)."""
+    W: tl.constexpr = CH // E
+    q3 = tl.reshape(q, (W, 4, P))
+    b = tl.arange(0, 4)[None, :, None]
+    words = tl.sum((q3 & 0xFF) << (8 * b), axis=1)  # disjoint bytes: the sum is an OR
+    w = c * W + tl.arange(0, W)
+    tl.store(xq_row + PLANE_OFF + tl.arange(0, P)[None, :] * PLANE_WORDS + w[:, None], words)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, stride_xm, xq_ptr, xw_ptr, K, XQ_STRIDE, XW_STRIDE,
+                     BITS: tl.constexpr, U: tl.constexpr, CH: tl.constexpr):
+    """One chunk of CH activations of row m -> int8 byte planes, and per unit of U elements its step and
+    the sum of its int8 values (as float32: exact). Reference: :func:`quantize_reference`."""
+    m = tl.program_id(0)
+    c = tl.program_id(1)
+    x = tl.load(x_ptr + m * stride_xm + c * CH + tl.arange(0, CH)).to(tl.float32)
+    xb = tl.reshape(x, (CH // 32, 32))
+    amax = tl.max(tl.abs(xb), axis=1)
+    inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)  # IEEE, as the reference
+    q = tl.floor(xb * inv[:, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+    step = amax / 127.0
+    xq_row = xq_ptr + m * XQ_STRIDE
+    if BITS == 3:
+        _pack_plane(tl.reshape(q, (CH,)), xq_row, c, CH, 16, 4, 0, K // 16)
+        _pack_plane(tl.reshape(q, (CH,)), xq_row, c, CH, 32, 8, K // 4, K // 32)
+    else:
+        E: tl.constexpr = 32 // BITS
+        _pack_plane(tl.reshape(q, (CH,)), xq_row, c, CH, E, E // 4, 0, K // E)
+    # Per unit: its block's step and its int8 sum.
+    qu = tl.reshape(q, (CH // U, U))
+    su = tl.sum(qu, axis=1).to(tl.float32)
+    stepu = tl.reshape(tl.broadcast_to(step[:, None], (CH // 32, 32 // U)), (CH // U,))
+    u = c * (CH // U) + tl.arange(0, CH // U)
+    xw_row = xw_ptr + m * XW_STRIDE
+    tl.store(xw_row + u, stepu)
+    tl.store(xw_row + K // U + u, su)
+
+
+@triton.jit
+def _dp4a(a, b, acc, ASM: tl.constexpr):
+    """acc + sum over the 4 bytes of a (unsigned) times the 4 bytes of b (signed)."""
+    if ASM:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:  # Triton's interpreter runs no PTX
+        r = acc
+        for i in tl.static_range(4):
+            r += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return r
+
+
+@triton.jit
+def _plane_dot(words, xq_row, u_words, acc, PLANE_OFF, PLANE_WORDS,
+               BITS: tl.constexpr, P: tl.constexpr, ASM: tl.constexpr):
+    """acc + sum over the codes of every packed word (tile [BN, ...]) times its x8; u_words [1, ...]: word index."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101 if BITS < 8 else -1
+    for j in tl.static_range(P):
+        xj = tl.load(xq_row + PLANE_OFF + j * PLANE_WORDS + u_words, eviction_policy="evict_last")
+        codes = (words >> (BITS * j)) & MASK
+        acc = _dp4a(codes, xj, acc, ASM)  # xj broadcasts over the rows
+    return acc
+
+
+@triton.jit
+def _unit_acc(w_ptr, s_ptr, z_ptr, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, KW, NG, NB,
+              BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr, META_CHUNK: tl.constexpr,
+              ASM: tl.constexpr):
+    """s sx (sum q x8 - z sum x8) for every (row, unit) of the tile [BN, BU]."""
+    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    base = w_ptr + rows[:, None] * KW
+    if BITS == 3:
+        lo_idx = 2 * u[:, None] + tl.arange(0, 2)[None, :]  # [BU, 2]: the unit's two low-plane words
+        lo = tl.load(base[:, :, None] + lo_idx[None, :, :], eviction_policy="evict_first")
+        hi = tl.load(base + K // 16 + u[None, :], eviction_policy="evict_first")
+        dlo = _plane_dot(lo, xq_row, lo_idx[None, :, :], tl.zeros(lo.shape, tl.int32), 0, K // 16, 2, 4, ASM)
+        dhi = _plane_dot(hi, xq_row, u[None, :], tl.zeros(hi.shape, tl.int32), K // 4, K // 32, 1, 8, ASM)
+        dot = tl.sum(dlo, axis=2) + 4 * dhi
+    else:
+        words = tl.load(base + u[None, :], eviction_policy="evict_first")
+        dot = _plane_dot(words, xq_row, u[None, :], tl.zeros(words.shape, tl.int32), 0, K // U, BITS, U // 4, ASM)
+    g = (u * U) // G
+    meta = rows[:, None] * NG + g[None, :]
+    s = tl.load(s_ptr + meta).to(tl.float32)
+    z = tl.load(z_ptr + meta).to(tl.float32)
+    if QMETA:
+        if META_CHUNK:  # the chunk lies in one metadata block: one step/offset per row, not per unit
+            blk = (rows * NB + tl.min(g) // MBLK)[:, None]
+        else:
+            blk = rows[:, None] * NB + (g // MBLK)[None, :]
+        s = s * tl.load(ss_ptr + blk).to(tl.float32) + tl.load(so_ptr + blk).to(tl.float32)
+        z = z * tl.load(zs_ptr + blk).to(tl.float32) + tl.load(zo_ptr + blk).to(tl.float32)
+    return (s * sx[None, :]) * (dot.to(tl.float32) - z * sq[None, :])
+
+
+@triton.jit
+def _gemv_int8_kernel(
+    xq_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, ids_ptr,
+    w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr,
+    w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr,
+    M, N, K, KW, NG, NB, stride_qm, stride_wm, stride_ym, ES_W, ES_M, ES_H,
+    BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
+    BN: tl.constexpr, BU: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr, GROUPED: tl.constexpr,
+    CHUNKS: tl.constexpr, META_CHUNK: tl.constexpr, ASM: tl.constexpr,
+):
+    """y[m, n] = sum_k x8[m, k] w[n, k] for one row m and BN rows of W; GATED, GROUPED and SPLIT as in
+    ``quant_kernels._gemv_kernel``. Reference: ``F.linear(fake_quantize_reference(x), dequantize(W))``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    if GROUPED:
+        e = tl.load(ids_ptr + pid_m).to(tl.int64)
+        w_ptr += e * ES_W
+        w2_ptr += e * ES_W
+        s_ptr += e * ES_M
+        z_ptr += e * ES_M
+        s2_ptr += e * ES_M
+        z2_ptr += e * ES_M
+        ss_ptr += e * ES_H
+        so_ptr += e * ES_H
+        zs_ptr += e * ES_H
+        zo_ptr += e * ES_H
+        ss2_ptr += e * ES_H
+        so2_ptr += e * ES_H
+        zs2_ptr += e * ES_H
+        zo2_ptr += e * ES_H
+    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
+    xq_row = xq_ptr + pid_m * stride_qm
+    xw_row = xw_ptr + pid_m * stride_wm
+    acc = tl.zeros((BN, BU), tl.float32)
+    acc2 = tl.zeros((BN, BU), tl.float32)
+    for i in range(CHUNKS):  # chunks per split: the splits divide K evenly (launch)
+        u = (pid_k * CHUNKS + i) * BU + tl.arange(0, BU)
+        sx = tl.load(xw_row + u, eviction_policy="evict_last")
+        sq = tl.load(xw_row + K // U + u, eviction_policy="evict_last")
+        acc += _unit_acc(w_ptr, s_ptr, z_ptr, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, KW, NG, NB,
+                         BITS, G, QMETA, MBLK, META_CHUNK, ASM)
+        if GATED:
+            acc2 += _unit_acc(w2_ptr, s2_ptr, z2_ptr, ss2_ptr, so2_ptr, zs2_ptr, zo2_ptr, rows, u, xq_row, sx, sq,
+                              K, KW, NG, NB, BITS, G, QMETA, MBLK, META_CHUNK, ASM)
+    out = tl.sum(acc, axis=1)
+    if GATED:
+        out = out / (1.0 + tl.exp(-out)) * tl.sum(acc2, axis=1)
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    omask = offs_n < N
+    y_ptrs = y_ptr + pid_m * stride_ym + offs_n
+    if SPLIT == 1:
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        # Partials to ws[SPLIT, M, N]; the last program of the tile to arrive sums them in split order.
+        ws_ptrs = ws_ptr + pid_m * N + offs_n
+        tl.store(ws_ptrs + pid_k * M * N, out, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BN,), tl.float32)
+            for s in tl.static_range(SPLIT):
+                total += tl.load(ws_ptrs + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+class Int8Config(NamedTuple):
+    bn: int  # rows of W per program
+    bu: int  # units (packed words; 3-bit: 32-element blocks) per loop step
+    warps: int
+    split: int  # programs along K
+
+
+# (bits, group, n, k, gated) -> Int8Config; the benchmark fills this to try configs.
+OVERRIDES: dict[tuple, Int8Config] = {}
+
+
+def config(bits: int, group: int, n: int, k: int, gated: bool) -> Int8Config:
+    """Block configuration, from ``benchmarks/gemv_int8.py --sweep`` on an H100 (Mixtral's expert shapes):
+    4 rows per program won everywhere; 64 units per step, except gate+up of 2-bit g16 (32 units, 2 warps)."""
+    key = (bits, group, n, k, gated)
+    if key in OVERRIDES:
+        return OVERRIDES[key]
+    ku = k // unit(bits)
+    bu, warps = (32, 2) if gated and bits == 2 and group == 16 else (64, 2) if gated and bits == 3 else (64, 4)
+    bu = min(bu, ku & -ku)  # a power of two dividing the units
+    bn = 4
+    split = 1
+    while triton.cdiv(n, bn) * split < _SMS and split * 2 <= 8 and (ku // bu) % (split * 2) == 0:
+        split *= 2
+    return Int8Config(bn, bu, warps, split)
+
+
+def supports(bits: int, group: int, k: int) -> bool:
+    return k % BLOCK == 0 and group >= unit(bits)
+
+
+def check(bits: int, group: int, k: int) -> None:
+    u = unit(bits)
+    if not supports(bits, group, k):
+        raise MoeOffloadError(f"int8 activations need K % {BLOCK} == 0 and groups of at least {u} elements for "
+                              f"{bits}-bit weights, got K={k}, group {group}")
+
+
+def quantize_activations(x2: torch.Tensor, bits: int, out: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    """x2 [M, K] (unit stride along K) -> (x8 planes int32 [M, x8_words], (step, int8 sum) float32 [M, 2K/unit])."""
+    m, k = x2.shape
+    u = unit(bits)
+    if out is None:
+        out = (torch.empty((m, x8_words(bits, k)), device=x2.device, dtype=torch.int32),
+               torch.empty((m, 2 * k // u), device=x2.device, dtype=torch.float32))
+    xq, xw = out
+    ch = 256
+    while k % ch:  # K is a multiple of 32 (check), every plane's word holds at most 32 elements
+        ch //= 2
+    _quantize_kernel[(m, k // ch)](x2, x2.stride(0), xq, xw, k, xq.stride(0), xw.stride(0), BITS=bits, U=u, CH=ch,
+                                   num_warps=2)
+    return xq, xw
+
+
+def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -> None:
+    """As ``quant_kernels._launch_gemv``, with x rounded to int8 first (``scratch``: preallocated x8 buffers)."""
+    check(bits, group, k)
+    gated = w2 is not None
+    xq, xw = quantize_activations(x2, bits, scratch)
+    if grouped is None:
+        m, ids, es = x2.shape[0], x2, (0, 0, 0)
+        stride_qm, stride_wm = xq.stride(0), xw.stride(0)
+    else:
+        ids, stride = grouped
+        m = ids.numel()
+        shared = x2.shape[0] == 1
+        stride_qm, stride_wm = (0, 0) if shared else (xq.stride(0), xw.stride(0))
+        es = (stride // 4, stride // w1[1][0].element_size(), stride // 2)
+    bn, bu, warps, split = config(bits, group, n, k, gated)
+    ng = k // group
+    qmeta = w1[3]
+    mblk = _meta_block(ng) if qmeta else 1
+    n_chunks = k // unit(bits) // bu
+    if (k // unit(bits)) % bu or n_chunks % split:
+        raise MoeOffloadError(f"int8 GEMV config {bu} units x {split} splits does not divide K={k}")
+    per_split = n_chunks // split
+    grid = (triton.cdiv(n, bn), split, m)
+    if split > 1:
+        ws, cnt = _split_scratch(x2.device, split * m * n, grid[0] * m)
+    else:
+        ws, cnt = y2, y2
+    packed, (s, ss, so), (z, zs, zo), _ = w1
+    packed2, (s2, ss2, so2), (z2, zs2, zo2), _ = w2 if gated else w1
+    _gemv_int8_kernel[grid](
+        xq, xw, y2, ws, cnt, ids, packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
+        m, n, k, k * bits // 32, ng, ng // mblk, stride_qm, stride_wm, y2.stride(0), *es,
+        BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BN=bn, BU=bu, SPLIT=split, GATED=gated,
+        GROUPED=grouped is not None, CHUNKS=per_split,
+        META_CHUNK=qmeta and (group * mblk) % (bu * unit(bits)) == 0, ASM=_ASM, num_warps=warps, num_stages=1,
+    )
