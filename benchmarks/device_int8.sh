@@ -28,7 +28,11 @@ mixtral)
   done
   ;;
 offloaded)
-  bench mixtral-8x7b_4-2_12GiB_int8 --preset 4/2 --gpu-memory 12GiB --int8-activations --ablations
+  for preset in 4/2 4/3; do
+    tag=${preset/\//-}
+    bench "mixtral-8x7b_${tag}_12GiB_exact" --preset $preset --gpu-memory 12GiB
+    bench "mixtral-8x7b_${tag}_12GiB_int8" --preset $preset --gpu-memory 12GiB --int8-activations
+  done
   ;;
 esac
 done

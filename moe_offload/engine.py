@@ -213,7 +213,7 @@ class LoadOptions:
     dtype: torch.dtype
     max_context: int
     cuda_graphs: bool = True  # decode replays each layer's dense part from a CUDA graph (CUDA only)
-    int8_activations: bool = False  # 2/3-bit experts take int8-rounded inputs (faster GEMVs; kernels/gemv_int8.py)
+    int8_activations: bool = False  # decode: 2/3-bit experts take int8-rounded inputs (kernels/gemv_int8.py)
 
 
 class Engine:
@@ -332,8 +332,9 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto"
     ``max_context`` sizes the preallocated KV cache (capped at the model's max_position_embeddings).
     ``offload`` places experts: see OffloadOptions (by default, offload only what does not fit the GPU).
     ``cuda_graphs`` replays each layer's dense part of a decode step from a CUDA graph (CUDA only).
-    ``int8_activations`` rounds the inputs of 2- and 3-bit experts to int8 per block of 32, as llama.cpp does:
-    decode's expert GEMVs run 1.3x faster on an H100, and each expert's output moves by about 1% (not exact).
+    ``int8_activations``: at decode, the inputs of 2- and 3-bit experts are rounded to int8 per block of 32, as
+    llama.cpp does: the expert GEMVs run about 1.3x faster on an H100, and each expert's output moves by about 1%
+    (not exact; prefill stays exact).
     """
     directory = resolve_model_dir(model, revision)
     config = ModelConfig.from_file(directory / "config.json")

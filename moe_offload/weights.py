@@ -177,7 +177,9 @@ class QuantExpert(Expert):
     The first call per input runs eagerly (compiling kernels, allocating scratch); the second captures.
     """
 
-    int8_activations = False  # round the inputs of every product to int8 per block of 32 (engine option)
+    # Engine option: the decode GEMVs (a few rows at most) round their inputs to int8 per block of 32; prefill-sized
+    # products stay exact (their kernels are not instruction-bound).
+    int8_activations = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available():
@@ -185,7 +187,7 @@ class QuantExpert(Expert):
             if x.shape[0] == 1 and pool is not None:
                 return self._replay(x, pool)
             return self._fused(x)
-        if self.int8_activations:  # the kernels' arithmetic on other devices: inputs rounded, then exact
+        if self.int8_activations and x.shape[0] == 1:  # a decode step's arithmetic on the CUDA GEMV, elsewhere
             from .kernels.gemv_int8 import fake_quantize_reference as rounded
 
             xr = rounded(x).to(x.dtype)

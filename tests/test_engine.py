@@ -87,12 +87,18 @@ def test_int8_activations_reach_the_2_and_3_bit_experts(preset, rounded):
     assert experts and all(m.int8_activations == rounded for m in experts)
     assert not any(m.int8_activations for m in exact.model.modules() if isinstance(m, QuantExpert))
     e = experts[0]
-    x = torch.randn(3, e.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, e.gate_proj.in_features, generator=torch.Generator().manual_seed(0))  # a decode step's token
     h = F.silu(e.gate_proj(fake_quantize_reference(x))) * e.up_proj(fake_quantize_reference(x))
     want = e.down_proj(fake_quantize_reference(h)) if rounded else e.down_proj(F.silu(e.gate_proj(x)) * e.up_proj(x))
     assert torch.equal(e(x), want)
+    xs = x.repeat(3, 1)  # prefill-sized: exact either way
+    assert torch.equal(e(xs), e.down_proj(F.silu(e.gate_proj(xs)) * e.up_proj(xs)))
     prompt = list(range(3, 20))
-    la, lb = exact.new_session().prefill(prompt)[0], int8.new_session().prefill(prompt)[0]
+    a, b = exact.new_session(), int8.new_session()
+    la, lb = a.prefill(prompt)[0], b.prefill(prompt)[0]
+    assert torch.equal(la, lb)
+    token = int(la.argmax())
+    la, lb = a.step(token), b.step(token)
     rel = ((la - lb).norm() / la.norm()).item()
     assert (0 < rel < 0.05) if rounded else rel == 0
 

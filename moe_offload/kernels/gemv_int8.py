@@ -62,7 +62,7 @@ def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xb = x.float().reshape(*x.shape[:-1], k // BLOCK, BLOCK)
     amax = xb.abs().amax(-1)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    x8 = torch.floor(xb * inv[..., None] + 0.5).clamp_(-127, 127)
+    x8 = torch.round(xb * inv[..., None]).clamp_(-127, 127)  # ties to even
     return x8.to(torch.int8).reshape(x.shape), amax / 127.0
 
 
@@ -91,8 +91,20 @@ def _pack_plane(q, xq_row, c, CH: tl.constexpr, E: tl.constexpr, P: tl.constexpr
 
 
 @triton.jit
+def _round_even(v, ASM: tl.constexpr):
+    """v rounded to the nearest integer, ties to even (torch.round), from v itself: a separate instruction, so
+    the compiler cannot fuse it with the multiply that made v (an FMA would round the exact product instead,
+    and bfloat16 inputs often land exactly on ties)."""
+    if ASM:
+        r = tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [v], dtype=tl.float32, is_pure=True, pack=1)
+    else:  # |v| <= 127: adding 1.5 * 2**23 leaves no fraction bits, so the add rounds to nearest even
+        r = (v + 12582912.0) - 12582912.0
+    return r
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, stride_xm, xq_ptr, xw_ptr, K, XQ_STRIDE, XW_STRIDE,
-                     BITS: tl.constexpr, U: tl.constexpr, CH: tl.constexpr):
+                     BITS: tl.constexpr, U: tl.constexpr, CH: tl.constexpr, ASM: tl.constexpr):
     """One chunk of CH activations of row m -> int8 byte planes, and per unit of U elements its step and
     the sum of its int8 values (as float32: exact). Reference: :func:`quantize_reference`."""
     m = tl.program_id(0)
@@ -101,7 +113,7 @@ def _quantize_kernel(x_ptr, stride_xm, xq_ptr, xw_ptr, K, XQ_STRIDE, XW_STRIDE,
     xb = tl.reshape(x, (CH // 32, 32))
     amax = tl.max(tl.abs(xb), axis=1)
     inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)  # IEEE, as the reference
-    q = tl.floor(xb * inv[:, None] + 0.5)
+    q = _round_even(xb * inv[:, None], ASM)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
     step = amax / 127.0
     xq_row = xq_ptr + m * XQ_STRIDE
@@ -302,7 +314,7 @@ def quantize_activations(x2: torch.Tensor, bits: int, out: Optional[tuple[torch.
     while k % ch:  # K is a multiple of 32 (check), every plane's word holds at most 32 elements
         ch //= 2
     _quantize_kernel[(m, k // ch)](x2, x2.stride(0), xq, xw, k, xq.stride(0), xw.stride(0), BITS=bits, U=u, CH=ch,
-                                   num_warps=2)
+                                   ASM=_ASM, num_warps=2)
     return xq, xw
 
 

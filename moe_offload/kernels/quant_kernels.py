@@ -725,14 +725,6 @@ def expert_forward(
 
     ``hidden`` ([..., intermediate] in x's dtype) and ``out`` make it allocation-free for graph capture.
     """
-    if int8_activations and _rows(x, gate.shape[1]).shape[0] > GEMV_MAX_M[gate.spec.bits]:
-        # Beyond the GEMV (prefill): the same arithmetic, inputs rounded in PyTorch, then the exact kernels.
-        from .gemv_int8 import fake_quantize_reference as rounded
-
-        h = gate_up_silu(rounded(x).to(x.dtype), gate, up, out=hidden)
-        n, k = down.shape
-        return quant_matmul(rounded(h).to(h.dtype), down.qweight, down.scale, down.zero, down.spec.bits,
-                            down.spec.group_size, n, k, out=out)
     h = gate_up_silu(x, gate, up, out=hidden, int8_activations=int8_activations)
     n, k = down.shape
     return quant_matmul(h, down.qweight, down.scale, down.zero, down.spec.bits, down.spec.group_size, n, k, out=out,
