@@ -61,9 +61,11 @@ def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise MoeOffloadError(f"int8 activations need K % {BLOCK} == 0, got K={k}")
     xb = x.float().reshape(*x.shape[:-1], k // BLOCK, BLOCK)
     amax = xb.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    full = torch.full_like(amax, 127.0)
+    # Tensor by tensor: PyTorch computes `127.0 / t` as 127 * (1 / t), one more rounding than the kernel's division.
+    inv = torch.where(amax > 0, full / amax.clamp_min(1e-30), torch.zeros_like(amax))
     x8 = torch.round(xb * inv[..., None]).clamp_(-127, 127)  # ties to even
-    return x8.to(torch.int8).reshape(x.shape), amax / 127.0
+    return x8.to(torch.int8).reshape(x.shape), amax / full
 
 
 def fake_quantize_reference(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ def _quantize_kernel(x_ptr, stride_xm, xq_ptr, xw_ptr, K, XQ_STRIDE, XW_STRIDE,
     inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)  # IEEE, as the reference
     q = _round_even(xb * inv[:, None], ASM)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
-    step = amax / 127.0
+    step = tl.math.div_rn(amax, 127.0)
     xq_row = xq_ptr + m * XQ_STRIDE
     if BITS == 3:
         _pack_plane(tl.reshape(q, (CH,)), xq_row, c, CH, 16, 4, 0, K // 16)
