@@ -15,7 +15,8 @@ case $p in
 tests)
   timeout 300 python3 -m pytest tests/kernels/test_gemv_int8.py tests/kernels/test_quant_matmul.py \
     tests/kernels/test_grouped_kernels.py tests/test_engine.py tests/offload/test_offloading_cuda.py tests/test_graphs.py \
-    -q -p no:cacheprovider -W ignore 2>&1 | tail -15 | tee "$OUT/pytest_int8.txt"
+    -q -p no:cacheprovider -W ignore --junitxml="$OUT/pytest_int8.xml" 2>&1 | tail -15 | tee "$OUT/pytest_int8.txt"
+  grep -o '<testsuite [^>]*>' "$OUT/pytest_int8.xml"
   ;;
 kernels)
   timeout 300 python3 benchmarks/gemv_int8.py --sweep --json "$OUT/gemv_int8.json" 2>&1 | grep -v "^sweep" | tail -30
