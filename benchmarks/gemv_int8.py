@@ -36,14 +36,17 @@ ATTENTION = [(6144, HIDDEN), (HIDDEN, HIDDEN)]  # stacked q/k/v, o (4-bit g64)
 def variants() -> list[tuple]:
     out = []
     for bits, group, _ in FORMATS:
-        for bn in (4, 8, 16):
-            for bu in (16, 32, 64):
-                for warps in (2, 4):
-                    out.append((bits, group, FFN, HIDDEN, True, I8.Int8Config(bn, bu, warps, 1)))
-            for bu in (32, 64, 128):
-                for warps in (4, 8):
-                    cfg = I8.config(bits, group, HIDDEN, FFN, False)
-                    out.append((bits, group, HIDDEN, FFN, False, cfg._replace(bn=bn, bu=bu, warps=warps)))
+        for prefetch in (False, True):
+            for bn in (2, 4, 8):
+                for bu in (32, 64):
+                    for warps in (2, 4):
+                        out.append((bits, group, FFN, HIDDEN, True, I8.Int8Config(bn, bu, warps, 1, prefetch)))
+            for bn in (2, 4):
+                for bu in (64, 128):
+                    for warps in (4, 8):
+                        cfg = I8.config(bits, group, HIDDEN, FFN, False)
+                        out.append((bits, group, HIDDEN, FFN, False,
+                                    cfg._replace(bn=bn, bu=bu, warps=warps, prefetch=prefetch)))
     return out
 
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..errors import MoeOffloadError
-from .quant_kernels import _ASM, _SMS, _meta_block, _split_scratch
+from .quant_kernels import _ASM, _SMS, _expert_pointers, _meta_block, _split_scratch, _store_rows
 
 BLOCK = 32  # activations per int8 step
 
@@ -161,27 +161,39 @@ def _plane_dot(words, xq_row, u_words, acc, PLANE_OFF, PLANE_WORDS,
 
 
 @triton.jit
-def _unit_acc(w_ptr, s_ptr, z_ptr, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, KW, NG, NB,
-              BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr, META_CHUNK: tl.constexpr,
-              ASM: tl.constexpr):
-    """s sx (sum q x8 - z sum x8) for every (row, unit) of the tile [BN, BU]."""
+def _fetch(w_ptr, s_ptr, z_ptr, rows, u, K, KW, NG, BITS: tl.constexpr, G: tl.constexpr):
+    """Raw packed words of the tile [BN, BU] (3-bit: low-plane pairs [BN, BU, 2] and high words [BN, BU]) and the
+    raw scale/zero of each unit's group."""
     U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     base = w_ptr + rows[:, None] * KW
     if BITS == 3:
         lo_idx = 2 * u[:, None] + tl.arange(0, 2)[None, :]  # [BU, 2]: the unit's two low-plane words
         lo = tl.load(base[:, :, None] + lo_idx[None, :, :], eviction_policy="evict_first")
         hi = tl.load(base + K // 16 + u[None, :], eviction_policy="evict_first")
+    else:
+        lo = tl.load(base + u[None, :], eviction_policy="evict_first")
+        hi = lo
+    meta = rows[:, None] * NG + ((u * U) // G)[None, :]
+    return lo, hi, tl.load(s_ptr + meta), tl.load(z_ptr + meta)
+
+
+@triton.jit
+def _unit_acc(lo, hi, s_raw, z_raw, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, NB,
+              BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr, META_CHUNK: tl.constexpr,
+              ASM: tl.constexpr):
+    """s sx (sum q x8 - z sum x8) for every (row, unit) of a fetched tile [BN, BU]."""
+    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    if BITS == 3:
+        lo_idx = 2 * u[:, None] + tl.arange(0, 2)[None, :]
         dlo = _plane_dot(lo, xq_row, lo_idx[None, :, :], tl.zeros(lo.shape, tl.int32), 0, K // 16, 2, 4, ASM)
         dhi = _plane_dot(hi, xq_row, u[None, :], tl.zeros(hi.shape, tl.int32), K // 4, K // 32, 1, 8, ASM)
         dot = tl.sum(dlo, axis=2) + 4 * dhi
     else:
-        words = tl.load(base + u[None, :], eviction_policy="evict_first")
-        dot = _plane_dot(words, xq_row, u[None, :], tl.zeros(words.shape, tl.int32), 0, K // U, BITS, U // 4, ASM)
-    g = (u * U) // G
-    meta = rows[:, None] * NG + g[None, :]
-    s = tl.load(s_ptr + meta).to(tl.float32)
-    z = tl.load(z_ptr + meta).to(tl.float32)
+        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, K // U, BITS, U // 4, ASM)
+    s = s_raw.to(tl.float32)
+    z = z_raw.to(tl.float32)
     if QMETA:
+        g = (u * U) // G
         if META_CHUNK:  # the chunk lies in one metadata block: one step/offset per row, not per unit
             blk = (rows * NB + tl.min(g) // MBLK)[:, None]
         else:
@@ -199,66 +211,56 @@ def _gemv_int8_kernel(
     M, N, K, KW, NG, NB, stride_qm, stride_wm, stride_ym, ES_W, ES_M, ES_H,
     BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
     BN: tl.constexpr, BU: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr, GROUPED: tl.constexpr,
-    CHUNKS: tl.constexpr, META_CHUNK: tl.constexpr, ASM: tl.constexpr,
+    CHUNKS: tl.constexpr, META_CHUNK: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
 ):
     """y[m, n] = sum_k x8[m, k] w[n, k] for one row m and BN rows of W; GATED, GROUPED and SPLIT as in
-    ``quant_kernels._gemv_kernel``. Reference: ``F.linear(fake_quantize_reference(x), dequantize(W))``."""
+    ``quant_kernels._gemv_kernel``. PREFETCH: the next chunk's weights are loaded before this chunk's arithmetic
+    (more bytes in flight per warp). Reference: ``F.linear(fake_quantize_reference(x), dequantize(W))``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     if GROUPED:
-        e = tl.load(ids_ptr + pid_m).to(tl.int64)
-        w_ptr += e * ES_W
-        w2_ptr += e * ES_W
-        s_ptr += e * ES_M
-        z_ptr += e * ES_M
-        s2_ptr += e * ES_M
-        z2_ptr += e * ES_M
-        ss_ptr += e * ES_H
-        so_ptr += e * ES_H
-        zs_ptr += e * ES_H
-        zo_ptr += e * ES_H
-        ss2_ptr += e * ES_H
-        so2_ptr += e * ES_H
-        zs2_ptr += e * ES_H
-        zo2_ptr += e * ES_H
+        (w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr,
+         zo2_ptr) = _expert_pointers(ids_ptr, pid_m, ES_W, ES_M, ES_H, w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr,
+                                     zo_ptr, w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr)
     U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
     xq_row = xq_ptr + pid_m * stride_qm
     xw_row = xw_ptr + pid_m * stride_wm
     acc = tl.zeros((BN, BU), tl.float32)
     acc2 = tl.zeros((BN, BU), tl.float32)
+    first = pid_k * CHUNKS
+    u = first * BU + tl.arange(0, BU)
+    # With PREFETCH these hold the next chunk's raw weights (loop-carried); else they only give them a type.
+    lon, hin, sn, zn = _fetch(w_ptr, s_ptr, z_ptr, rows, u, K, KW, NG, BITS, G)
+    lo2n, hi2n, s2n, z2n = lon, hin, sn, zn
+    if GATED:
+        lo2n, hi2n, s2n, z2n = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, u, K, KW, NG, BITS, G)
     for i in range(CHUNKS):  # chunks per split: the splits divide K evenly (launch)
-        u = (pid_k * CHUNKS + i) * BU + tl.arange(0, BU)
+        u = (first + i) * BU + tl.arange(0, BU)
+        if PREFETCH:
+            lo, hi, s, z, lo2, hi2, s2, z2 = lon, hin, sn, zn, lo2n, hi2n, s2n, z2n
+            un = (first + tl.minimum(i + 1, CHUNKS - 1)) * BU + tl.arange(0, BU)  # the last re-reads itself
+            lon, hin, sn, zn = _fetch(w_ptr, s_ptr, z_ptr, rows, un, K, KW, NG, BITS, G)
+            if GATED:
+                lo2n, hi2n, s2n, z2n = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, un, K, KW, NG, BITS, G)
+        else:
+            lo, hi, s, z = _fetch(w_ptr, s_ptr, z_ptr, rows, u, K, KW, NG, BITS, G)
+            lo2, hi2, s2, z2 = lo, hi, s, z
+            if GATED:
+                lo2, hi2, s2, z2 = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, u, K, KW, NG, BITS, G)
         sx = tl.load(xw_row + u, eviction_policy="evict_last")
         sq = tl.load(xw_row + K // U + u, eviction_policy="evict_last")
-        acc += _unit_acc(w_ptr, s_ptr, z_ptr, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, KW, NG, NB,
+        acc += _unit_acc(lo, hi, s, z, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, NB,
                          BITS, G, QMETA, MBLK, META_CHUNK, ASM)
         if GATED:
-            acc2 += _unit_acc(w2_ptr, s2_ptr, z2_ptr, ss2_ptr, so2_ptr, zs2_ptr, zo2_ptr, rows, u, xq_row, sx, sq,
-                              K, KW, NG, NB, BITS, G, QMETA, MBLK, META_CHUNK, ASM)
+            acc2 += _unit_acc(lo2, hi2, s2, z2, ss2_ptr, so2_ptr, zs2_ptr, zo2_ptr, rows, u, xq_row, sx, sq, K, NB,
+                              BITS, G, QMETA, MBLK, META_CHUNK, ASM)
     out = tl.sum(acc, axis=1)
     if GATED:
         out = out / (1.0 + tl.exp(-out)) * tl.sum(acc2, axis=1)
 
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    omask = offs_n < N
-    y_ptrs = y_ptr + pid_m * stride_ym + offs_n
-    if SPLIT == 1:
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=omask)
-    else:
-        # Partials to ws[SPLIT, M, N]; the last program of the tile to arrive sums them in split order.
-        ws_ptrs = ws_ptr + pid_m * N + offs_n
-        tl.store(ws_ptrs + pid_k * M * N, out, mask=omask)
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            total = tl.zeros((BN,), tl.float32)
-            for s in tl.static_range(SPLIT):
-                total += tl.load(ws_ptrs + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+    _store_rows(out, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, pid_m, M, N, stride_ym, BN, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +273,7 @@ class Int8Config(NamedTuple):
     bu: int  # units (packed words; 3-bit: 32-element blocks) per loop step
     warps: int
     split: int  # programs along K
+    prefetch: bool = False  # load chunk c+1's weights before chunk c's arithmetic
 
 
 # (bits, group, n, k, gated) -> Int8Config; the benchmark fills this to try configs.
@@ -334,7 +337,7 @@ def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -
         shared = x2.shape[0] == 1
         stride_qm, stride_wm = (0, 0) if shared else (xq.stride(0), xw.stride(0))
         es = (stride // 4, stride // w1[1][0].element_size(), stride // 2)
-    bn, bu, warps, split = config(bits, group, n, k, gated)
+    bn, bu, warps, split, prefetch = config(bits, group, n, k, gated)
     ng = k // group
     qmeta = w1[3]
     mblk = _meta_block(ng) if qmeta else 1
@@ -353,6 +356,6 @@ def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -
         xq, xw, y2, ws, cnt, ids, packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
         m, n, k, k * bits // 32, ng, ng // mblk, stride_qm, stride_wm, y2.stride(0), *es,
         BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BN=bn, BU=bu, SPLIT=split, GATED=gated,
-        GROUPED=grouped is not None, CHUNKS=per_split,
+        GROUPED=grouped is not None, CHUNKS=per_split, PREFETCH=prefetch,
         META_CHUNK=qmeta and (group * mblk) % (bu * unit(bits)) == 0, ASM=_ASM, num_warps=warps, num_stages=1,
     )

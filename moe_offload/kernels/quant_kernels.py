@@ -261,21 +261,9 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     if GROUPED:
-        e = tl.load(ids_ptr + pid_m).to(tl.int64)
-        w_ptr += e * ES_W
-        w2_ptr += e * ES_W
-        s_ptr += e * ES_M
-        z_ptr += e * ES_M
-        s2_ptr += e * ES_M
-        z2_ptr += e * ES_M
-        ss_ptr += e * ES_H
-        so_ptr += e * ES_H
-        zs_ptr += e * ES_H
-        zo_ptr += e * ES_H
-        ss2_ptr += e * ES_H
-        so2_ptr += e * ES_H
-        zs2_ptr += e * ES_H
-        zo2_ptr += e * ES_H
+        (w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr,
+         zo2_ptr) = _expert_pointers(ids_ptr, pid_m, ES_W, ES_M, ES_H, w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr,
+                                     zo_ptr, w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr)
     UNIT: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     # Clamp instead of masking: out-of-range rows re-read row N-1 and are dropped at the store.
     rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
@@ -326,13 +314,19 @@ def _gemv_kernel(
     if GATED:
         out = out / (1.0 + tl.exp(-out)) * tl.sum(acc2, axis=1)
 
+    _store_rows(out, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, pid_m, M, N, stride_ym, BN, SPLIT)
+
+
+@triton.jit
+def _store_rows(out, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, pid_m, M, N, stride_ym, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """A GEMV program's BN fp32 outputs of row pid_m -> y. With split-K, partials go to ws[SPLIT, M, N] and the
+    last program of the tile to arrive (an acq_rel counter) sums them in split order: deterministic."""
     offs_n = pid_n * BN + tl.arange(0, BN)
     omask = offs_n < N
     y_ptrs = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT == 1:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=omask)
     else:
-        # Partials go to ws[SPLIT, M, N]; the last program of this tile to arrive sums them in order.
         ws_ptrs = ws_ptr + pid_m * N + offs_n
         tl.store(ws_ptrs + pid_k * M * N, out, mask=omask)
         tl.debug_barrier()  # every thread's partial is issued before the (one-thread) release below
@@ -344,6 +338,17 @@ def _gemv_kernel(
                 total += tl.load(ws_ptrs + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=omask)
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (and graph replay)
+
+
+@triton.jit
+def _expert_pointers(ids_ptr, pid_m, ES_W, ES_M, ES_H, w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr,
+                     w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr):
+    """GROUPED: row pid_m's expert ids[pid_m] lies that many strides after expert 0 in every tensor (ES_W int32
+    words, ES_M scale/zero elements, ES_H float16 elements of quantized metadata's step/offset)."""
+    e = tl.load(ids_ptr + pid_m).to(tl.int64)
+    return (w_ptr + e * ES_W, s_ptr + e * ES_M, ss_ptr + e * ES_H, so_ptr + e * ES_H, z_ptr + e * ES_M,
+            zs_ptr + e * ES_H, zo_ptr + e * ES_H, w2_ptr + e * ES_W, s2_ptr + e * ES_M, ss2_ptr + e * ES_H,
+            so2_ptr + e * ES_H, z2_ptr + e * ES_M, zs2_ptr + e * ES_H, zo2_ptr + e * ES_H)
 
 
 @triton.jit

@@ -133,8 +133,9 @@ def test_gemv_matches_the_int8_reference(bits, group, quant_meta, m):
 
 
 @on_device
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("split", [1, 2, 4])
-def test_split_k_sums_in_a_fixed_order(split, monkeypatch):
+def test_split_k_sums_in_a_fixed_order(split, prefetch, monkeypatch):
     from moe_offload.kernels import gemv_int8
 
     n, k = SHAPES[-1]
@@ -142,7 +143,8 @@ def test_split_k_sums_in_a_fixed_order(split, monkeypatch):
     x = activations(1, k, torch.float16)
     cfg = gemv_int8.config(2, 16, n, k, False)
     bu = min(cfg.bu, k // 16 // split)
-    monkeypatch.setitem(gemv_int8.OVERRIDES, (2, 16, n, k, False), gemv_int8.Int8Config(cfg.bn, bu, cfg.warps, split))
+    monkeypatch.setitem(gemv_int8.OVERRIDES, (2, 16, n, k, False),
+                        gemv_int8.Int8Config(cfg.bn, bu, cfg.warps, split, prefetch))
     ys = []
     for _ in range(2):
         y = torch.full((1, n), float("nan"), device=DEVICE, dtype=torch.float16)
