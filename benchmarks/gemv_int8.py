@@ -42,11 +42,9 @@ def variants() -> list[tuple]:
                     for warps in (2, 4):
                         out.append((bits, group, FFN, HIDDEN, True, I8.Int8Config(bn, bu, warps, 1, prefetch)))
             for bn in (2, 4):
-                for bu in (64, 128):
-                    for warps in (4, 8):
-                        cfg = I8.config(bits, group, HIDDEN, FFN, False)
-                        out.append((bits, group, HIDDEN, FFN, False,
-                                    cfg._replace(bn=bn, bu=bu, warps=warps, prefetch=prefetch)))
+                for warps in (4, 8):
+                    for split in (1, 2, 4):
+                        out.append((bits, group, HIDDEN, FFN, False, I8.Int8Config(bn, 64, warps, split, prefetch)))
     return out
 
 

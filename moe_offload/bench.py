@@ -58,7 +58,7 @@ class BenchResult:
     cpu_experts_per_token: float = 0.0
     cpu_ms_per_token: float = 0.0  # CPU time of those experts (runs beside the GPU)
     cpu_wait_ms_per_token: float = 0.0  # host time waiting for CPU results once the GPU work was enqueued
-    int8_activations: bool = False  # 2/3-bit experts took int8-rounded inputs (not exact)
+    int8_activations: bool = False  # 2/3/4-bit experts took int8-rounded decode inputs (not exact)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -129,7 +129,7 @@ NoPin = typer.Option(False, "--no-pin", help="Keep offloaded experts in pageable
 Hybrid = typer.Option("auto", "--hybrid", help="Compute some decode cache misses on the CPU while others are "
                       "copied: off (bit-exact), auto (on with a CUDA GPU), on.")
 CpuThreads = typer.Option(None, "--cpu-threads", help="Threads for CPU experts (default: all cores but one).")
-Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2- and 3-bit "
+Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")
 

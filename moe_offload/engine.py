@@ -147,11 +147,10 @@ def install_fused_kernels(model: MoeTransformer) -> None:
 
 
 def install_int8_activations(model: MoeTransformer, slot_experts: Iterable[nn.Module] = ()) -> None:
-    """Every 2- or 3-bit expert (resident, or an offload cache slot's) rounds its inputs to int8 per block of 32.
-
-    4-bit experts stay exact: their int8 GEMV measured no faster (BENCHMARKS.md, session 5)."""
+    """Every 2-, 3- or 4-bit expert (resident, or an offload cache slot's) rounds its decode inputs to int8 per
+    block of 32 (8-bit experts stay exact: not measured)."""
     for module in [*model.modules(), *slot_experts]:
-        if isinstance(module, QuantExpert) and module.gate_proj.spec.bits in (2, 3):
+        if isinstance(module, QuantExpert) and module.gate_proj.spec.bits in (2, 3, 4):
             module.int8_activations = True
 
 
@@ -213,7 +212,7 @@ class LoadOptions:
     dtype: torch.dtype
     max_context: int
     cuda_graphs: bool = True  # decode replays each layer's dense part from a CUDA graph (CUDA only)
-    int8_activations: bool = False  # decode: 2/3-bit experts take int8-rounded inputs (kernels/gemv_int8.py)
+    int8_activations: bool = False  # decode: 2/3/4-bit experts take int8-rounded inputs (kernels/gemv_int8.py)
 
 
 class Engine:
@@ -332,7 +331,7 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto"
     ``max_context`` sizes the preallocated KV cache (capped at the model's max_position_embeddings).
     ``offload`` places experts: see OffloadOptions (by default, offload only what does not fit the GPU).
     ``cuda_graphs`` replays each layer's dense part of a decode step from a CUDA graph (CUDA only).
-    ``int8_activations``: at decode, the inputs of 2- and 3-bit experts are rounded to int8 per block of 32, as
+    ``int8_activations``: at decode, the inputs of 2-, 3- and 4-bit experts are rounded to int8 per block of 32, as
     llama.cpp does: the expert GEMVs run about 1.3x faster on an H100, and each expert's output moves by about 1%
     (not exact; prefill stays exact).
     """

@@ -74,9 +74,9 @@ def test_model_with_stacked_qkv_generates_the_same():
         la, lb = a.step(token), b.step(token)
 
 
-@pytest.mark.parametrize("preset, rounded", [("4/2", True), ("4/3", True), ("4/4", False)])
-def test_int8_activations_reach_the_2_and_3_bit_experts(preset, rounded):
-    """The option marks exactly the 2/3-bit experts; they then compute on int8-rounded inputs (the GEMV's
+@pytest.mark.parametrize("preset, rounded", [("4/2", True), ("4/3", True), ("4/4", True), ("8/8", False)])
+def test_int8_activations_reach_the_2_3_and_4_bit_experts(preset, rounded):
+    """The option marks exactly the 2/3/4-bit experts; they then compute on int8-rounded inputs (the GEMV's
     arithmetic, checked against the kernel in tests/kernels/test_gemv_int8.py), about 1% off the exact model."""
     from moe_offload.kernels.gemv_int8 import fake_quantize_reference
     from moe_offload.weights import QuantExpert

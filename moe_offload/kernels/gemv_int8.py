@@ -280,20 +280,28 @@ class Int8Config(NamedTuple):
 OVERRIDES: dict[tuple, Int8Config] = {}
 
 
+# Best configs of the sweep on an H100 at Mixtral's expert shapes, by (bits, group, gated): (bn, bu, warps, prefetch).
+_TUNED = {
+    (2, 16, True): (4, 32, 2, False), (2, 16, False): (4, 64, 4, False),
+    (2, 32, True): (2, 64, 4, True), (2, 32, False): (4, 64, 4, True),
+    (3, 64, True): (2, 64, 2, False), (3, 64, False): (2, 64, 4, False),
+    (4, 64, True): (4, 64, 4, True), (4, 64, False): (4, 64, 4, True),
+}
+
+
 def config(bits: int, group: int, n: int, k: int, gated: bool) -> Int8Config:
-    """Block configuration, from ``benchmarks/gemv_int8.py --sweep`` on an H100 (Mixtral's expert shapes):
-    4 rows per program won everywhere; 64 units per step, except gate+up of 2-bit g16 (32 units, 2 warps)."""
+    """Block configuration, from ``benchmarks/gemv_int8.py --sweep`` on an H100 (Mixtral's expert shapes); other
+    formats take 4 rows, 64 units and 4 warps. Split-K only where there are fewer programs than SMs."""
     key = (bits, group, n, k, gated)
     if key in OVERRIDES:
         return OVERRIDES[key]
     ku = k // unit(bits)
-    bu, warps = (32, 2) if gated and bits == 2 and group == 16 else (64, 2) if gated and bits == 3 else (64, 4)
+    bn, bu, warps, prefetch = _TUNED.get((bits, group, gated), (4, 64, 4, False))
     bu = min(bu, ku & -ku)  # a power of two dividing the units
-    bn = 4
     split = 1
     while triton.cdiv(n, bn) * split < _SMS and split * 2 <= 8 and (ku // bu) % (split * 2) == 0:
         split *= 2
-    return Int8Config(bn, bu, warps, split)
+    return Int8Config(bn, bu, warps, split, prefetch)
 
 
 def supports(bits: int, group: int, k: int) -> bool:
