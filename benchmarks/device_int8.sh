@@ -22,7 +22,7 @@ kernels)
   timeout 300 python3 benchmarks/gemv_int8.py --sweep --json "$OUT/gemv_int8.json" 2>&1 | grep -v "^sweep" | tail -30
   ;;
 mixtral)
-  for preset in 4/2 4/3; do
+  for preset in ${PRESETS:-4/2 4/3 4/4}; do
     tag=${preset/\//-}
     bench "mixtral-8x7b_${tag}_resident_exact" --preset $preset
     bench "mixtral-8x7b_${tag}_resident_int8" --preset $preset --int8-activations
