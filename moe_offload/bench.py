@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -110,11 +111,26 @@ def _greedy_run(engine: Engine, prompt: list[int], new_tokens: int, replay: Trac
     return t1 - t0, t2 - t1
 
 
+PREFILL_REPEATS = 3
+
+
+def _prefill_time(engine: Engine, prompt: list[int], replay: TraceReplay | None) -> float:
+    session = engine.new_session()
+    if replay is not None:
+        replay.rewind(False)
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    logits, _ = session.prefill(prompt)
+    int(logits.argmax())  # waits for the GPU
+    return time.perf_counter() - t0
+
+
 def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_tokens: int = 512,
             new_tokens: int = 128, seed: int = 0, h2d_gb_s: float | None = None,
             resident_ms_per_token: float | None = None, gpu_memory: str = "", routing: str = "",
             replay: TraceReplay | None = None) -> BenchResult:
-    """Warm up, then time one prefill of ``prompt_tokens`` random tokens and ``new_tokens`` greedy steps.
+    """Warm up, then time a prefill of ``prompt_tokens`` random tokens and ``new_tokens`` greedy steps (prefill:
+    the median of three runs).
     ``replay``: a routing trace installed on the model (routing.py), rewound for each run."""
     device = engine.device
     g = torch.Generator().manual_seed(seed)
@@ -138,6 +154,9 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
     if cache is not None:
         cache.collect_timing()
     summary = stats.summary() if stats is not None else {}
+    # Prefill is one short timing, easily thrown by a late JIT compile or the host: the median of three runs of
+    # the same prompt (after the decode statistics are taken, so they stay the decode's own).
+    prefill_s = statistics.median([prefill_s] + [_prefill_time(engine, prompt, replay) for _ in range(PREFILL_REPEATS - 1)])
     wait_ms = summary.get("copy_wait_ms", 0.0) / steps
     bytes_per_token = summary.get("bytes_copied_per_token", 0.0)
     pinned = bool(cache.store.pinned) if cache is not None else True
