@@ -6,12 +6,11 @@ Triton's interpreter (a subprocess with TRITON_INTERPRET=1), so CI checks the ke
 
 import importlib.util
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from kernel_helpers import run_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if INTERPRETED else None
@@ -23,13 +22,7 @@ HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 @pytest.mark.skipif(DEVICE is not None or importlib.util.find_spec("triton") is None,
                     reason="runs the tests below under Triton's interpreter when there is no GPU")
 def test_fused_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    skipped = re.search(r"(\d+) skipped", summary)
-    assert " passed" in summary and (skipped is None or skipped.group(1) == "1"), summary  # only this test skips
+    run_under_interpreter(__file__)
 
 
 def gen(seed=0):

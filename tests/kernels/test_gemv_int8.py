@@ -8,9 +8,6 @@ interpreter in a subprocess (TRITON_INTERPRET=1), as tests/kernels/test_fused.py
 
 import importlib.util
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +15,8 @@ import torch.nn.functional as F
 
 from moe_offload.quant.hqq import QuantizedMeta, QuantizedTensor, QuantSpec, dequantize, meta_block
 from moe_offload.quant.pack import pack
+
+from kernel_helpers import expert_stack, run_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if INTERPRETED else None
@@ -30,13 +29,7 @@ U = 2.0**-8  # bfloat16 unit roundoff: the output's one rounding
 @pytest.mark.skipif(DEVICE is not None or importlib.util.find_spec("triton") is None,
                     reason="runs the tests below under Triton's interpreter when there is no GPU")
 def test_int8_gemv_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    skipped = re.search(r"(\d+) skipped", summary)
-    assert " passed" in summary and (skipped is None or skipped.group(1) == "1"), summary
+    run_under_interpreter(__file__)
 
 
 def weight(n, k, bits, group, quant_meta=False, seed=0):
@@ -154,34 +147,6 @@ def test_split_k_sums_in_a_fixed_order(split, prefetch, monkeypatch):
     assert torch.equal(ys[0], ys[1])
 
 
-def expert_stack(spec, num_experts, d, i, seed=0):
-    """A [E, B] byte buffer of quantized experts (the offload cache's slot layout) and each expert's
-    (gate, up, down) QuantizedTensor views, as tests/kernels/test_grouped_kernels.py builds it."""
-    from moe_offload.flat import FlatLayout
-    from moe_offload.quant.hqq import quantize
-
-    g = torch.Generator().manual_seed(seed)
-    shapes = (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i)))
-    flats = []
-    for _ in range(num_experts):
-        flat = {}
-        for proj, shape in shapes:
-            w = torch.randn(shape, generator=g) / d**0.5
-            flat.update({f"{proj}.{k}": v for k, v in quantize(w, spec).tensors().items()})
-        flats.append(flat)
-    layout = FlatLayout.of(flats[0])
-    buffer = torch.empty((num_experts, layout.nbytes), dtype=torch.uint8, device=DEVICE)
-    experts = []
-    for e, flat in enumerate(flats):
-        views = layout.views(buffer[e])
-        for name, view in views.items():
-            view.copy_(flat[name])
-        experts.append(tuple(
-            QuantizedTensor.assemble({k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(proj + ".")},
-                                     shape, spec) for proj, shape in shapes))
-    return layout.nbytes, experts
-
-
 @on_device
 @pytest.mark.parametrize("spec", [QuantSpec(2, 16, quant_meta=True)] + [QuantSpec(3, 64), QuantSpec(4, 64)] * (DEVICE == "cuda"),
                          ids=str)  # the interpreter takes minutes for the others
@@ -191,7 +156,7 @@ def test_gated_and_grouped(spec):
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     d, i = (1024, 2816) if DEVICE == "cuda" else (128, 128)
-    stride, experts = expert_stack(spec, 2, d, i)
+    _, stride, experts = expert_stack(spec, 2, d, i, DEVICE)
     x = activations(1, d, dtype)
     ids = torch.tensor([1, 0, 1], device=DEVICE, dtype=torch.int32)
     hidden = torch.full((3, i), float("nan"), device=DEVICE, dtype=dtype)

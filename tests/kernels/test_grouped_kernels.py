@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from moe_offload import kernels
 from moe_offload.errors import MoeOffloadError
-from moe_offload.flat import FlatLayout
-from moe_offload.quant.hqq import QuantizedTensor, QuantSpec, dequantize, quantize
+from moe_offload.quant.hqq import QuantSpec, dequantize
+
+from kernel_helpers import expert_stack
 
 gpu = pytest.mark.skipif(not kernels.available(), reason="needs Triton and a CUDA GPU")
 
@@ -19,26 +20,7 @@ SPECS = [QuantSpec(2, 16, quant_meta=True), QuantSpec(3, 64), QuantSpec(4, 64), 
 
 def stack(spec: QuantSpec, num_experts: int, d: int, i: int, seed: int = 0):
     """A [E, B] buffer of HQQ-quantized experts and each expert's (gate, up, down) QuantizedTensors (views)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    flats = []
-    for _ in range(num_experts):
-        flat = {}
-        for proj, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
-            w = torch.randn(shape, device="cuda", generator=g) / d**0.5
-            flat.update({f"{proj}.{k}": v for k, v in quantize(w, spec).tensors().items()})
-        flats.append(flat)
-    layout = FlatLayout.of(flats[0])
-    buffer = torch.empty((num_experts, layout.nbytes), dtype=torch.uint8, device="cuda")
-    experts = []
-    for e, flat in enumerate(flats):
-        views = layout.views(buffer[e])
-        for name, view in views.items():
-            view.copy_(flat[name])
-        experts.append(tuple(
-            QuantizedTensor.assemble({k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(proj + ".")},
-                                     shape, spec)
-            for proj, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i)))))
-    return buffer, layout.nbytes, experts
+    return expert_stack(spec, num_experts, d, i, "cuda", seed)
 
 
 @gpu
