@@ -130,7 +130,7 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
         raise MoeOffloadError(f"{missing} expert(s) missing from the checkpoint; it is incomplete")
     blocks = model.moe_blocks()  # offloading numbers them 0, 1, ...: dense layers have no experts
     stats = CacheStats.for_layers(len(blocks))
-    slots = p.slots_per_layer if p.slots_per_layer is not None else p.total_slots
+    slots = p.layer_slots if p.layer_slots is not None else p.total_slots
     spec = preset.experts if preset else None
     # cache=False (an ablation): no slot keeps anything, every routed expert is copied on use.
     policy = make_policy(p.policy, len(blocks), slots) if options.cache else NoCache()

@@ -1,8 +1,8 @@
 """How many expert slots fit on the GPU: what is left of the budget after everything that must be resident.
 
 Non-expert weights, the KV cache and the workspace always live on the GPU; every remaining whole expert's
-worth of bytes becomes one slot. Per-layer policies split slots evenly across layers (a layer cannot borrow
-another's), so the plan rounds down to a multiple of the layer count.
+worth of bytes becomes one slot. Per-layer policies split slots across layers as evenly as they go (a layer
+cannot borrow another's): the remainder gives some layers one slot more, spread over the depth.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ class Plan:
     kv_cache_bytes: int
     workspace_bytes: int
     runtime_bytes: int = 0  # outside PyTorch's tensors: CUDA context, loaded kernels, library workspaces
+    extra_slots: int = 0  # per-layer policies: this many layers get slots_per_layer + 1
+
+    @property
+    def layer_slots(self) -> list[int] | None:
+        """Slots of each layer (per-layer policies; None for a global one): the extra ones spread evenly."""
+        if self.slots_per_layer is None:
+            return None
+        n, extra = self.num_layers, self.extra_slots
+        return [self.slots_per_layer + (l + 1) * extra // n - l * extra // n for l in range(n)]
 
     @property
     def all_resident(self) -> bool:
@@ -50,7 +59,9 @@ class Plan:
                 + self.runtime_bytes)
 
     def rows(self) -> list[tuple[str, str]]:
-        per_layer = "shared" if self.slots_per_layer is None else f"{self.slots_per_layer} per layer"
+        spl, extra = self.slots_per_layer, self.extra_slots
+        per_layer = ("shared" if spl is None else f"{spl} per layer" if not extra else
+                     f"{spl}-{spl + 1} per layer: {extra} layers have {spl + 1}")
         return [
             ("GPU budget", "no cap" if self.budget_bytes is None else format_bytes(self.budget_bytes)),
             ("non-expert weights", format_bytes(self.non_expert_bytes)),
@@ -114,9 +125,9 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
             f"all); raise --gpu-memory, lower --max-context or use a smaller preset"
             + (f", or --policy global-lru (needs {top_k} slots in all)" if per_layer and slots >= top_k else ""))
     spl = slots // num_layers if per_layer else None  # slots <= everything, so spl <= num_experts
-    total = spl * num_layers if spl is not None else slots
-    return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, total, non_expert_bytes,
-                kv_cache_bytes, workspace_bytes, runtime_bytes)
+    extra = slots - spl * num_layers if spl is not None else 0  # < num_layers; 0 when spl == num_experts
+    return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, slots, non_expert_bytes,
+                kv_cache_bytes, workspace_bytes, runtime_bytes, extra)
 
 
 def parse_size(text: str) -> int:

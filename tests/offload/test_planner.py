@@ -10,13 +10,22 @@ MODEL = dict(expert_bytes=66 * MiB, num_layers=32, num_experts=8, top_k=2,
 FIXED = 2 * GiB  # non-expert + KV + workspace
 
 
-def test_budget_gives_whole_slots_per_layer():
+def test_budget_gives_every_whole_slot_spread_over_the_layers():
     p = plan(12 * GiB, **MODEL)
-    # (12 - 2) GiB // 66 MiB = 155 slots -> 4 per layer for a per-layer policy
-    assert (p.slots_per_layer, p.total_slots) == (4, 128)
-    assert not p.all_resident and p.resident_fraction == 0.5
-    assert p.experts_total_bytes == 128 * 66 * MiB
-    assert p.used_bytes == FIXED + 128 * 66 * MiB <= 12 * GiB
+    # (12 - 2) GiB // 66 MiB = 155 slots -> 4 per layer, and 27 layers get a 5th
+    assert (p.slots_per_layer, p.extra_slots, p.total_slots) == (4, 27, 155)
+    assert sum(p.layer_slots) == 155 and sorted(set(p.layer_slots)) == [4, 5] and p.layer_slots.count(5) == 27
+    fours = [l for l, n in enumerate(p.layer_slots) if n == 4]
+    assert len(fours) == 5 and min(b - a for a, b in zip(fours, fours[1:])) >= 6  # spread over the depth
+    assert not p.all_resident and p.resident_fraction == 155 / 256
+    assert p.experts_total_bytes == 155 * 66 * MiB
+    assert p.used_bytes == FIXED + 155 * 66 * MiB <= 12 * GiB
+    assert "4-5 per layer: 27 layers have 5" in str(p)
+
+
+def test_even_split_has_no_extra_slots():
+    p = plan(FIXED + 96 * 66 * MiB, **MODEL)
+    assert (p.slots_per_layer, p.extra_slots, p.layer_slots) == (3, 0, [3] * 32)
 
 
 def test_global_policy_uses_every_slot():
@@ -83,9 +92,10 @@ def test_table():
     p = plan(12 * GiB, **MODEL)
     rows = dict(p.rows())
     assert rows["GPU budget"] == "12.00 GiB"
-    assert rows["expert slots"] == "128 (4 per layer) of 256 experts, 50.0%"
-    assert rows["expert memory"] == "128 x 66.0 MiB = 8.25 GiB"
-    assert rows["total used"] == "10.25 GiB"
+    assert rows["expert slots"] == "155 (4-5 per layer: 27 layers have 5) of 256 experts, 60.5%"
+    assert rows["expert memory"] == "155 x 66.0 MiB = 9.99 GiB"
+    assert rows["total used"] == "11.99 GiB"
+    assert dict(plan(FIXED + 96 * 66 * MiB, **MODEL).rows())["expert slots"] == "96 (3 per layer) of 256 experts, 37.5%"
     lines = str(p).splitlines()
     assert len(lines) == len(rows) and lines[0].startswith("GPU budget ")
     assert dict(plan(None, **MODEL).rows())["GPU budget"] == "no cap"
