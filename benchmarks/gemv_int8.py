@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import FFN, HIDDEN, d2d_bandwidth, graph_time, rand_qt, sets_needed  # noqa: E402
+from kernels import FFN, HIDDEN, d2d_bandwidth, expert_pool, graph_time, rand_qt, sets_needed  # noqa: E402
 
 from moe_offload.kernels import gemv_int8 as I8  # noqa: E402
 from moe_offload.kernels import quant_kernels as Q  # noqa: E402
@@ -135,14 +135,7 @@ def sweep(l2, d2d, jobs, results):
 def experts(l2, d2d):
     rows = []
     for bits, group, qmeta in FORMATS:
-        pool = []
-        nbytes = 0
-        while len(pool) < 16 or nbytes * len(pool) < 4 * l2:
-            s = 3 * len(pool)
-            e = (rand_qt(FFN, HIDDEN, bits, group, qmeta, s), rand_qt(FFN, HIDDEN, bits, group, qmeta, s + 1),
-                 rand_qt(HIDDEN, FFN, bits, group, qmeta, s + 2))
-            nbytes = sum(q.nbytes for q in e)
-            pool.append(e)
+        pool, nbytes = expert_pool(bits, group, qmeta, l2)
         x = torch.randn(1, HIDDEN, device="cuda").bfloat16()
         h = torch.empty(1, FFN, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, HIDDEN, device="cuda", dtype=torch.bfloat16)

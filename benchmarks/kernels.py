@@ -247,17 +247,23 @@ def bench_matrices(l2: int, d2d: float) -> list[dict]:
     return rows
 
 
+def expert_pool(bits: int, group: int, qmeta: bool, l2: int) -> tuple[list[tuple], int]:
+    """Random Mixtral experts (gate, up, down): at least 16 and at least 4x the L2 in all; and bytes per expert."""
+    experts: list[tuple] = []
+    nbytes = 0
+    while len(experts) < 16 or nbytes * len(experts) < 4 * l2:
+        s = 3 * len(experts)
+        e = (rand_qt(FFN, HIDDEN, bits, group, qmeta, s), rand_qt(FFN, HIDDEN, bits, group, qmeta, s + 1),
+             rand_qt(HIDDEN, FFN, bits, group, qmeta, s + 2))
+        nbytes = sum(q.nbytes for q in e)
+        experts.append(e)
+    return experts, nbytes
+
+
 def bench_experts(l2: int, d2d: float) -> list[dict]:
     rows = []
     for bits, group, qmeta in FORMATS:
-        experts = []
-        nbytes = 0
-        while len(experts) < 16 or nbytes * len(experts) < 4 * l2:
-            s = 3 * len(experts)
-            e = (rand_qt(FFN, HIDDEN, bits, group, qmeta, s), rand_qt(FFN, HIDDEN, bits, group, qmeta, s + 1),
-                 rand_qt(HIDDEN, FFN, bits, group, qmeta, s + 2))
-            nbytes = sum(q.nbytes for q in e)
-            experts.append(e)
+        experts, nbytes = expert_pool(bits, group, qmeta, l2)
         x = torch.randn(1, HIDDEN, device="cuda").bfloat16()
         h = torch.empty(1, FFN, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
