@@ -1,9 +1,13 @@
 """One Mixtral-8x7B expert at batch 1 on the CPU, per kernel, bit width and thread count, beside the
 host-to-device copy of the same expert: the numbers the hybrid path's choice of CPU kernel rests on.
 
-    PYTHONPATH=. python benchmarks/cpu_experts.py [--threads 15 16] [--json out.json]
+    PYTHONPATH=. python benchmarks/cpu_experts.py [--threads 15 16] [--presets 4/2] [--prefetch 0 512]
+        [--under-load] [--json out.json]
 
 Rotates over several experts (more data than the CPU caches) so the numbers are memory, not cache.
+``--under-load`` also times each kernel while a second thread keeps host-to-device copies of other experts
+going on a CUDA stream (the hybrid path's situation: both read host memory at once), and reports the copies'
+rate meanwhile. ``--prefetch`` sweeps the 512-bit kernel's software prefetch distance (bytes).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 
 import torch
@@ -18,6 +23,7 @@ import torch
 from moe_offload.config import ModelConfig
 from moe_offload.cpu_expert import CpuExpert
 from moe_offload.flat import FlatLayout
+from moe_offload.kernels import cpu as cpu_kernels
 from moe_offload.quant.presets import make_preset
 from moe_offload.synthetic import synthetic_config
 from moe_offload.weights import expert_layout
@@ -49,16 +55,52 @@ def time_ms(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+class CopyLoad:
+    """Keeps H2D copies of the given pinned buffers going on a side stream from a second thread."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = buffers
+        self.dst = torch.empty_like(buffers[0], device="cuda")
+        self.stream = torch.cuda.Stream()
+        self.stop = threading.Event()
+        self.bytes = 0
+
+    def _run(self) -> None:
+        with torch.cuda.stream(self.stream):
+            i = 0
+            while not self.stop.is_set():
+                self.dst.copy_(self.buffers[i % len(self.buffers)], non_blocking=True)
+                self.stream.synchronize()
+                self.bytes += self.dst.numel()
+                i += 1
+
+    def __enter__(self) -> "CopyLoad":
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.start = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.gb_s = self.bytes / (time.perf_counter() - self.start) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[15, 16])
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=16)
+    ap.add_argument("--presets", nargs="+", default=["4/2", "4/3", "4/4"])
+    ap.add_argument("--kernels", nargs="+", default=["hqq", "hqq-avx2", "hqq-f32", "int4"])
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[0], help="software prefetch distances (bytes)")
+    ap.add_argument("--under-load", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
+    load = args.under_load and torch.cuda.is_available()
     config = synthetic_config("mixtral-8x7b")
     rows = []
-    for preset_name in ("4/2", "4/3", "4/4"):
+    for preset_name in args.presets:
         preset = make_preset(preset_name)
         spec = preset.experts
         layout = expert_layout(config, preset, torch.bfloat16)
@@ -76,7 +118,8 @@ def main() -> None:
                 samples.append(begin.elapsed_time(end))
             copy_ms = statistics.median(samples[1:])
         x = torch.randn(1, config.hidden_size)
-        for kernel in ("hqq", "hqq-f32", "int4"):
+        other = random_expert_buffers(config, spec, 2, layout) if load else []  # what the copies carry
+        for kernel in args.kernels:
             try:
                 experts = [CpuExpert(layout.views(b), config, spec, kernel) for b in buffers]
             except Exception as e:  # e.g. int4 with group 16
@@ -84,13 +127,22 @@ def main() -> None:
                 continue
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                ms = time_ms(lambda i: experts[i % len(experts)](x, threads), args.repeats)
-                row = {"preset": preset_name, "bits": spec.bits, "group": spec.group_size, "kernel": kernel,
-                       "threads": threads, "cpu_ms": ms, "expert_bytes": layout.nbytes,
-                       "cpu_gb_s": layout.nbytes / ms / 1e6, "copy_ms": copy_ms}
-                rows.append(row)
-                print(f"{preset_name} {kernel:5s} threads={threads:2d}: {ms:6.2f} ms/expert "
-                      f"({row['cpu_gb_s']:.1f} GB/s of packed expert), copy {copy_ms or 0:.2f} ms", flush=True)
+                for prefetch in args.prefetch if kernel == "hqq" else [0]:
+                    cpu_kernels.PREFETCH_BYTES = prefetch
+                    run = lambda i: experts[i % len(experts)](x, threads)  # noqa: E731
+                    ms = time_ms(run, args.repeats)
+                    row = {"preset": preset_name, "bits": spec.bits, "group": spec.group_size, "kernel": kernel,
+                           "threads": threads, "prefetch": prefetch, "cpu_ms": ms, "expert_bytes": layout.nbytes,
+                           "cpu_gb_s": layout.nbytes / ms / 1e6, "copy_ms": copy_ms}
+                    extra = ""
+                    if load:
+                        with CopyLoad(other) as copies:
+                            row["cpu_ms_under_load"] = time_ms(run, args.repeats)
+                        row["copy_gb_s_under_load"] = copies.gb_s
+                        extra = f"; with copies running {row['cpu_ms_under_load']:6.2f} ms (copies {copies.gb_s:.1f} GB/s)"
+                    rows.append(row)
+                    print(f"{preset_name} {kernel:8s} threads={threads:2d} prefetch={prefetch:4d}: {ms:6.2f} ms/expert "
+                          f"({row['cpu_gb_s']:.1f} GB/s of packed expert), copy {copy_ms or 0:.2f} ms{extra}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -60,6 +60,7 @@ class BenchResult:
     cpu_ms_per_token: float = 0.0  # CPU time of those experts (runs beside the GPU)
     cpu_wait_ms_per_token: float = 0.0  # host time waiting for CPU results once the GPU work was enqueued
     int8_activations: bool = False  # 2/3/4-bit experts took int8-rounded decode inputs (not exact)
+    cpu_layers: int = 0  # layers whose experts the CPU computed at decode (no GPU slots)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -190,6 +191,7 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
         cpu_ms_per_token=summary.get("cpu_ms_per_token", 0.0),
         cpu_wait_ms_per_token=summary.get("cpu_wait_ms_per_token", 0.0),
         int8_activations=engine.options.int8_activations,
+        cpu_layers=plan.cpu_layers if plan else 0,
     )
 
 

@@ -83,11 +83,12 @@ def _model(model: str | None, hint: str = "pass MODEL (a model directory or Hugg
     return str(demo_model_dir(hint))
 
 
-def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None):
+def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None, cpu_layers=0):
     from .placement import OffloadOptions
 
     return OffloadOptions(gpu_memory=gpu_memory, offload_per_layer=offload_per_layer, policy=policy,
-                          prefetch=prefetch, pin=not no_pin, hybrid=hybrid, cpu_threads=cpu_threads)
+                          prefetch=prefetch, pin=not no_pin, hybrid=hybrid, cpu_threads=cpu_threads,
+                          cpu_layers=cpu_layers)
 
 
 def _cache_summary(engine) -> dict:
@@ -129,6 +130,9 @@ NoPin = typer.Option(False, "--no-pin", help="Keep offloaded experts in pageable
 Hybrid = typer.Option("auto", "--hybrid", help="Compute some decode cache misses on the CPU while others are "
                       "copied: off (bit-exact), auto (on with a CUDA GPU), on.")
 CpuThreads = typer.Option(None, "--cpu-threads", help="Threads for CPU experts (default: all cores but one).")
+CpuLayers = typer.Option(0, "--cpu-layers", help="Compute the experts of this many MoE layers (spread over the depth) "
+                         "on the CPU at decode and give their GPU memory to the other layers' caches, like llama.cpp's "
+                         "--n-cpu-moe (not exact; needs the CPU path, i.e. not --hybrid off).")
 Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")
@@ -145,12 +149,13 @@ def generate(
     max_context: int = MaxContext, quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, int8_activations: bool = Int8Activations,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    int8_activations: bool = Int8Activations,
 ):
     """Continue a prompt and print the completion."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads), int8_activations)
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers), int8_activations)
     generation = engine.stream(prompt, params)
     if json_out:
         c = generation.result()
@@ -180,13 +185,14 @@ def chat(
     quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, int8_activations: bool = Int8Activations,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    int8_activations: bool = Int8Activations,
     stats: bool = typer.Option(False, "--stats", help="After each answer, print speed and expert-cache statistics."),
 ):
     """Interactive multi-turn chat. /reset starts over, /exit quits; Ctrl-C stops the current answer."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads), int8_activations)
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers), int8_activations)
     conversation = engine.new_chat(system=system)
     err.print(f"[bold]moe-offload chat[/] {model or 'demo model'} on {engine.device}. /reset starts over, /exit quits, "
               "Ctrl-C stops an answer.", highlight=False, soft_wrap=True)
@@ -274,7 +280,8 @@ def bench(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, int8_activations: bool = Int8Activations,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    int8_activations: bool = Int8Activations,
     seed: int = typer.Option(0, help="Seed of the synthetic weights and the random prompt."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run with prefetch toggled (off by "
                                    "default, so 'prefetch 1'), without cache, and everything resident (when it "
@@ -310,7 +317,7 @@ def bench(
     if model is None and synthetic is None:  # the shipped demo model
         model = _model(None, "pass MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
     replay_trace = _routing_trace(routing_trace, model, synthetic) if routing_trace is not None else None
-    base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads)
+    base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers)
     base = dataclasses.replace(base, timing=True)
     int8_of: dict[str, bool] = {}  # run label -> int8 activations (default: the command's choice)
     runs = [("full", base)]
@@ -321,8 +328,8 @@ def bench(
             ("no cache", dataclasses.replace(base, cache=False, force=True)),
         ]
     dev = resolve_device(device)
-    if hybrid == "on" or (hybrid == "auto" and ablations and dev.type == "cuda"):  # CPU path vs copies only
-        runs.insert(runs.index(("full", base)) + 1, ("no hybrid", dataclasses.replace(base, hybrid="off")))
+    if hybrid == "on" or cpu_layers or (hybrid == "auto" and ablations and dev.type == "cuda"):  # vs copies only
+        runs.insert(runs.index(("full", base)) + 1, ("no hybrid", dataclasses.replace(base, hybrid="off", cpu_layers=0)))
     if ablations and int8_activations:  # the same run with exact activations beside it
         runs.insert(runs.index(("full", base)) + 1, ("exact activations", base))
         int8_of["exact activations"] = False
@@ -366,7 +373,8 @@ def bench(
                    "prefetch recall", "MiB copied/tok", "CPU experts/tok", "H2D GB/s", "peak GPU GiB"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r.label + (" (int8)" if r.int8_activations else ""), f"{r.decode_tok_s:.1f}", f"{r.limit_tok_s:.1f}",
+        label = r.label + (" (int8)" if r.int8_activations else "") + (f" ({r.cpu_layers} CPU layers)" if r.cpu_layers else "")
+        table.add_row(label, f"{r.decode_tok_s:.1f}", f"{r.limit_tok_s:.1f}",
                       f"{100 * r.decode_tok_s / r.limit_tok_s:.0f}%", f"{r.prefill_tok_s:.0f}", f"{r.hit_rate:.2f}",
                       f"{r.prefetch_recall:.2f}", f"{r.bytes_copied_per_token / 2**20:.1f}",
                       f"{r.cpu_experts_per_token:.1f}", f"{r.h2d_gb_s:.1f}",
@@ -502,7 +510,8 @@ def serve(
     quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, int8_activations: bool = Int8Activations,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    int8_activations: bool = Int8Activations,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     import uvicorn
@@ -512,7 +521,7 @@ def serve(
     from .demo import DEMO_NAME
 
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads), int8_activations)
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers), int8_activations)
     name = DEMO_NAME if model is None else Path(model).name if Path(model).exists() else model
     err.print(f"serving {name} on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'})",
               highlight=False, soft_wrap=True)

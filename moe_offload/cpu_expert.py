@@ -37,7 +37,8 @@ class CpuExpert:
             if not cpu_kernels.supports(qt):
                 raise MoeOffloadError(f"{proj} {shape} group {spec.group_size}: the CPU expert kernel needs rows "
                                       "and group size in multiples of 16; use --hybrid off")
-            self.matrices[proj] = cpu_kernels.CpuMatrix(qt, int8_activations=False if kernel == "hqq-f32" else None)
+            self.matrices[proj] = cpu_kernels.CpuMatrix(qt, int8_activations=False if kernel == "hqq-f32" else None,
+                                                        simd="avx2" if kernel == "hqq-avx2" else "auto")
 
     def _apply(self, proj: str, x: torch.Tensor, threads: int) -> torch.Tensor:
         m = self.matrices[proj]
@@ -49,16 +50,16 @@ class CpuExpert:
         x = x.float().contiguous()
         gate, up = self.matrices.get("gate_proj"), self.matrices.get("up_proj")
         if isinstance(gate, cpu_kernels.CpuMatrix) and gate.int8 and isinstance(up, cpu_kernels.CpuMatrix) and up.int8:
-            rows = [cpu_kernels.QuantizedVector(row) for row in x]  # rounded to int8 once for gate and up
+            rows = [cpu_kernels.QuantizedVector(row, gate.chunk) for row in x]  # rounded once for gate and up
             h = torch.stack([F.silu(gate.matvec(r, threads)) * up.matvec(r, threads) for r in rows])
         else:
             h = F.silu(self._apply("gate_proj", x, threads)) * self._apply("up_proj", x, threads)
         return self._apply("down_proj", h.contiguous(), threads)
 
 
-# Our kernel over the store in place (int8 activations where its fast path applies; hqq-f32: float32 always);
-# torch's int4 over a converted copy.
-CPU_KERNELS = ("hqq", "hqq-f32", "int4")
+# Our kernel over the store in place (int8 activations where its fast path applies, at the widest SIMD the CPU
+# has; hqq-avx2: 256-bit vectors even on AVX-512 CPUs; hqq-f32: float32 always); torch's int4 over a converted copy.
+CPU_KERNELS = ("hqq", "hqq-avx2", "hqq-f32", "int4")
 
 
 def make_cpu_expert(config: ModelConfig, spec: QuantSpec | None, kernel: str = "hqq"):

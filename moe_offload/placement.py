@@ -66,11 +66,12 @@ class OffloadOptions:
     force: bool = False  # offload even when everything would fit (ablations, tests)
     hybrid: str = "auto"  # off | auto | on: compute some decode misses on the CPU (offload/hybrid.py)
     cpu_threads: int | None = None  # threads of the CPU expert kernel (default: all cores but one)
+    cpu_layers: int = 0  # layers (spread over the depth) whose experts the CPU computes at decode, with no slots
     hybrid_cost: CostModel | None = None  # fixed cost model instead of a start-up measurement (tests)
 
     @property
     def requested(self) -> bool:
-        return self.gpu_memory is not None or self.offload_per_layer is not None
+        return self.gpu_memory is not None or self.offload_per_layer is not None or self.cpu_layers > 0
 
 
 def kv_cache_bytes(config: ModelConfig, max_context: int, dtype: torch.dtype) -> int:
@@ -99,7 +100,8 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
              non_expert_bytes=non_expert_bytes(config, preset, dtype),
              kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
              workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
-             offload_per_layer=options.offload_per_layer, policy=options.policy, runtime_bytes=runtime)
+             offload_per_layer=options.offload_per_layer, policy=options.policy, runtime_bytes=runtime,
+             cpu_layers=options.cpu_layers)
     return None if p.all_resident and options.offload_per_layer is None and not options.force else p
 
 
@@ -139,14 +141,17 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
                         scratch_slots=max(2, c.top_k), timing=options.timing)
     hybrid = make_hybrid(store, cache, c, spec, device, options)
+    cpu_layers = set(p.cpu_layer_ids)
     # Decode computes a token's experts straight from the slots (the slots are a stack: one stride apart).
     grouped = SlotKernel(cache.modules[0], store.layout.nbytes, len(blocks), device) if device.type == "cuda" else None
     guesses: dict[int, set[int]] = {}
     depth = prefetch_depth(options.prefetch, store.pinned, device)
     for i, block in enumerate(blocks):
-        ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + depth, len(blocks)))]
+        # A CPU layer's time is the CPU's: the copy link would idle, so it always prefetches for the next layer.
+        ahead_depth = max(depth, 1) if i in cpu_layers and store.pinned else depth
+        ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + ahead_depth, len(blocks)))]
         block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0,
-                                           hybrid=hybrid, grouped=grouped))
+                                           hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers))
     return cache, hybrid
 
 
@@ -193,21 +198,30 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
         raise MoeOffloadError(f"--hybrid {options.hybrid!r} is not one of {', '.join(HYBRID_MODES)}")
     if options.cpu_threads is not None and options.cpu_threads < 1:
         raise MoeOffloadError(f"--cpu-threads {options.cpu_threads} must be >= 1")
-    if options.hybrid == "off" or (options.hybrid == "auto" and device.type != "cuda"):
+    if options.cpu_layers and options.hybrid == "off":
+        raise MoeOffloadError(f"--cpu-layers {options.cpu_layers} computes experts on the CPU; it cannot go with "
+                              "--hybrid off (use auto or on)")
+    if not options.cpu_layers and (options.hybrid == "off" or (options.hybrid == "auto" and device.type != "cuda")):
         return None
     reason = hybrid_unsupported(config, spec)
     if reason is not None:
-        if options.hybrid == "on":
-            raise MoeOffloadError(f"--hybrid on: the CPU expert path cannot run: {reason}")
+        if options.hybrid == "on" or options.cpu_layers:
+            flag = f"--cpu-layers {options.cpu_layers}" if options.cpu_layers else "--hybrid on"
+            raise MoeOffloadError(f"{flag}: the CPU expert path cannot run: {reason}")
         warnings.warn(f"hybrid CPU path off: {reason}", RuntimeWarning, stacklevel=2)
         return None
     threads = options.cpu_threads or default_cpu_threads()
     make = make_cpu_expert(config, spec)
     cost = options.hybrid_cost
+    # Misses of the cached layers go to the CPU only with --hybrid on, or auto where the CPU is fast enough;
+    # CPU layers (--cpu-layers) use the CPU path either way.
+    dynamic = options.hybrid == "on" or (options.hybrid == "auto" and device.type == "cuda")
     if cost is None:
         cost = calibrate(store, cache, make, threads, config.hidden_size)
         if options.hybrid == "auto" and cost.cpu_ms > AUTO_MAX_CPU_TO_COPY * cost.copy_ms:
-            warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} ms "
-                          "for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
-            return None
-    return HybridExecutor(store, cache, make, cost, threads)
+            dynamic = False
+            if not options.cpu_layers:
+                warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} "
+                              "ms for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
+                return None
+    return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic)

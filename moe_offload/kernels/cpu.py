@@ -8,8 +8,8 @@ experts on the CPU while the main thread keeps the GPU busy.
 * ``available()`` -> bool, ``unavailable_reason()`` -> str
 * ``CpuMatrix(qt)``: binds one ``QuantizedTensor`` on the CPU (N and group size multiples of 16);
   ``.matvec(x, threads)`` with x float32 [K] -> float32 [N]. 2-bit group-16 matrices (the 4/2 preset's
-  experts) take an integer fast path (x rounded to int8 per group of 16; VNNI or AVX2 dot products):
-  ``int8_path(qt)``, ``QuantizedVector(x)`` to round x once for several matrices.
+  experts) take an integer fast path (x rounded to int8 per group of 16; AVX-512 VNNI, AVX-VNNI or AVX2 dot
+  products): ``int8_path(qt)``, ``QuantizedVector(x, chunk)`` to round x once for several matrices.
 * ``Int4Matrix(qt)``: the same product through torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``),
   from an exact conversion of the HQQ codes (group sizes 32/64/128/256 only; costs its own host copy,
   about 4.5 bits per weight): (q - z) * s = (q - 8) * s + (8 - z) * s, the kernel's form.
@@ -95,9 +95,10 @@ def _library() -> ctypes.CDLL:
     lib.hqq_matvec.argtypes = [ctypes.POINTER(_Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.hqq_matvec.restype = None
     lib.hqq_has_int8.restype = ctypes.c_int
-    lib.hqq_quantize_x16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.hqq_has_avx512.restype = ctypes.c_int
+    lib.hqq_quantize_x16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3
     lib.hqq_quantize_x16.restype = None
-    lib.hqq_matvec_2bit_g16.argtypes = [ctypes.POINTER(_Matrix)] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.hqq_matvec_2bit_g16.argtypes = [ctypes.POINTER(_Matrix)] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.hqq_matvec_2bit_g16.restype = None
     return lib
 
@@ -130,24 +131,41 @@ def int8_path(qt: QuantizedTensor) -> bool:
     return bool(_library().hqq_has_int8())
 
 
+# Bytes ahead in each row's codes that the 512-bit path prefetches into L1 (0: hardware prefetchers only).
+PREFETCH_BYTES = 0
+
+
+def chunk_width(qt: QuantizedTensor, simd: str = "auto") -> int:
+    """Codes per vector load of the integer path: 256 (512-bit AVX-512 VNNI) where the build and the matrix
+    allow it (K % 256, 8-bit metadata in blocks of a multiple of 16 groups), else 128 (256-bit).
+    ``simd="avx2"`` forces the 256-bit path (benchmarks compare the two)."""
+    _, k = qt.shape
+    if simd == "avx2" or k % 256 or not _library().hqq_has_avx512():
+        return 128
+    if isinstance(qt.scale, QuantizedMeta) and (k // 16 // qt.scale.step.shape[1]) % 16:
+        return 128
+    return 256
+
+
 class QuantizedVector:
     """x rounded to int8 per group of 16 for the integer fast path (computed once, used by every matrix
-    that multiplies the same x: an expert's gate and up projections)."""
+    that multiplies the same x: an expert's gate and up projections), stored permuted for loads of
+    ``chunk`` codes (``chunk_width``)."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, chunk: int = 128):
         k = x.shape[0]
-        self.x = x
+        self.x, self.chunk = x, chunk
         self.xp = torch.empty(k, dtype=torch.int8)
         self.dx = torch.empty(k // 16, dtype=torch.float32)
         self.xs = torch.empty(k // 16, dtype=torch.float32)
-        _library().hqq_quantize_x16(x.data_ptr(), k, self.xp.data_ptr(), self.dx.data_ptr(), self.xs.data_ptr())
+        _library().hqq_quantize_x16(x.data_ptr(), k, chunk, self.xp.data_ptr(), self.dx.data_ptr(), self.xs.data_ptr())
 
     def dequantized(self) -> torch.Tensor:
         """x as the fast path sees it (float32 [K]): for tests and error bounds."""
-        k = self.x.shape[0]
+        k, ch = self.x.shape[0], self.chunk
         e = torch.arange(k)
-        c, r = e // 128, e % 128
-        x8 = self.xp[128 * c + 32 * (r % 4) + r // 4].float()
+        c, r = e // ch, e % ch
+        x8 = self.xp[ch * c + (ch // 4) * (r % 4) + r // 4].float()
         return x8 * self.dx.repeat_interleave(16)
 
 
@@ -157,7 +175,7 @@ class CpuMatrix:
     ``int8_activations`` (default: wherever the fast path applies, see ``int8_path``) rounds x to int8 per
     group of 16 and multiplies in integers: several times faster, at 8-bit activation precision."""
 
-    def __init__(self, qt: QuantizedTensor, int8_activations: bool | None = None):
+    def __init__(self, qt: QuantizedTensor, int8_activations: bool | None = None, simd: str = "auto"):
         if qt.device.type != "cpu":
             raise MoeOffloadError(f"CpuMatrix needs host tensors, got {qt.device}")
         if not supports(qt):
@@ -186,6 +204,7 @@ class CpuMatrix:
         if int8_activations and not fast:
             raise MoeOffloadError(f"int8 activations need 2-bit group-16 weights and an AVX2 CPU; got {qt.spec}")
         self.int8 = fast if int8_activations is None else bool(int8_activations)
+        self.chunk = chunk_width(qt, simd) if self.int8 else 128
 
     def matvec(self, x: torch.Tensor | QuantizedVector, threads: int) -> torch.Tensor:
         """x: float32 [K] contiguous on the CPU (or a QuantizedVector of one) -> float32 [N]."""
@@ -194,9 +213,9 @@ class CpuMatrix:
             raise MoeOffloadError(f"matvec expects a contiguous float32 CPU vector of {self.k}, got {vec.dtype} {tuple(vec.shape)}")
         y = torch.empty(self.n, dtype=torch.float32)
         if self.int8:
-            q = x if isinstance(x, QuantizedVector) else QuantizedVector(x)
+            q = x if isinstance(x, QuantizedVector) and x.chunk == self.chunk else QuantizedVector(vec, self.chunk)
             self._lib.hqq_matvec_2bit_g16(ctypes.byref(self._struct), q.xp.data_ptr(), q.dx.data_ptr(),
-                                          q.xs.data_ptr(), y.data_ptr(), int(threads))
+                                          q.xs.data_ptr(), y.data_ptr(), self.chunk, PREFETCH_BYTES, int(threads))
             return y
         xsum = vec.view(self.groups, -1).sum(dim=1)
         self._lib.hqq_matvec(ctypes.byref(self._struct), vec.data_ptr(), xsum.data_ptr(), y.data_ptr(), int(threads))

@@ -31,8 +31,13 @@ class SlotKernel(Protocol):
 class OffloadedExperts:
     def __init__(self, layer: int, cache: ExpertCache, combine: Combine,
                  lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
-                 counts_tokens: bool = False, hybrid: HybridExecutor | None = None, grouped: SlotKernel | None = None):
+                 counts_tokens: bool = False, hybrid: HybridExecutor | None = None, grouped: SlotKernel | None = None,
+                 cpu_only: bool = False):
         self.layer, self.cache, self.combine, self.hybrid, self.grouped = layer, cache, combine, hybrid, grouped
+        # A CPU layer: at decode the CPU computes every expert (it has no slots; prefill streams its experts
+        # through the scratch slots like any miss).
+        self.cpu_only = cpu_only
+        assert not cpu_only or hybrid is not None, "a CPU layer needs the CPU path" 
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
         self.counts_tokens = counts_tokens  # the first offloaded layer counts tokens for per-token stats
@@ -55,7 +60,8 @@ class OffloadedExperts:
         self._score_guess(used)
         on_cpu: list[int] = []
         if self.hybrid is not None and x.shape[0] == 1:  # decode only: CPU cost grows with tokens, a copy's does not
-            on_cpu = self.hybrid.choose_cpu([e for e in used if cache.policy.slot_of((self.layer, e)) is None])
+            on_cpu = used if self.cpu_only else self.hybrid.choose_cpu(
+                [e for e in used if cache.policy.slot_of((self.layer, e)) is None])
         if on_cpu:  # started first, so the CPU works while the GPU computes hits and copied misses
             results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer])
             cache.cpu_recent = cache.cpu_recent | {(self.layer, e) for e in on_cpu}  # new set: readers copy-free

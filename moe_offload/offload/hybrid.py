@@ -92,9 +92,10 @@ class HybridExecutor:
     """The split decision, the CPU worker and the cost model, shared by every offloaded layer."""
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
-                 threads: int):
+                 threads: int, dynamic: bool = True):
         self.store, self.cache, self.make_cpu_expert = store, cache, make_cpu_expert
         self.cost, self.threads = cost, threads
+        self.dynamic = dynamic  # split cached layers' misses (False: only CPU layers use the CPU)
         self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
         # torch's own CPU ops on the worker (int4 kernel, SiLU) get the same thread count
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload-cpu",
@@ -128,7 +129,7 @@ class HybridExecutor:
 
     # -- per layer -----------------------------------------------------------------------------------
     def choose_cpu(self, misses: Sequence[int]) -> list[int]:
-        if not misses:
+        if not misses or not self.dynamic:
             return []
         return split_misses(misses, self.cost, self.copy_backlog_ms())[1]
 

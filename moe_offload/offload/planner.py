@@ -3,6 +3,9 @@
 Non-expert weights, the KV cache and the workspace always live on the GPU; every remaining whole expert's
 worth of bytes becomes one slot. Per-layer policies split slots across layers as evenly as they go (a layer
 cannot borrow another's): the remainder gives some layers one slot more, spread over the depth.
+
+CPU layers (``cpu_layers``, llama.cpp's ``--n-cpu-moe``): the experts of that many layers, spread over the
+depth, are computed on the host CPU at decode and get no slot; the slots go to the other layers.
 """
 
 from __future__ import annotations
@@ -32,18 +35,31 @@ class Plan:
     workspace_bytes: int
     runtime_bytes: int = 0  # outside PyTorch's tensors: CUDA context, loaded kernels, library workspaces
     extra_slots: int = 0  # per-layer policies: this many layers get slots_per_layer + 1
+    cpu_layers: int = 0  # layers whose experts the CPU computes at decode (no slots)
+
+    @property
+    def cpu_layer_ids(self) -> list[int]:
+        """Which layers are CPU layers: ``cpu_layers`` of them, spread evenly over the depth."""
+        n, c = self.num_layers, self.cpu_layers
+        return [l for l in range(n) if (l + 1) * c // n > l * c // n]
 
     @property
     def layer_slots(self) -> list[int] | None:
-        """Slots of each layer (per-layer policies; None for a global one): the extra ones spread evenly."""
+        """Slots of each layer (per-layer policies; None for a global one): the extra ones spread evenly over
+        the layers that have slots; CPU layers have none."""
         if self.slots_per_layer is None:
             return None
-        n, extra = self.num_layers, self.extra_slots
-        return [self.slots_per_layer + (l + 1) * extra // n - l * extra // n for l in range(n)]
+        cpu = set(self.cpu_layer_ids)
+        gpu = [l for l in range(self.num_layers) if l not in cpu]
+        n, extra = len(gpu), self.extra_slots
+        out = [0] * self.num_layers
+        for i, l in enumerate(gpu):
+            out[l] = self.slots_per_layer + (i + 1) * extra // n - i * extra // n
+        return out
 
     @property
     def all_resident(self) -> bool:
-        return self.total_slots >= self.num_layers * self.num_experts
+        return self.cpu_layers == 0 and self.total_slots >= self.num_layers * self.num_experts
 
     @property
     def resident_fraction(self) -> float:
@@ -70,6 +86,8 @@ class Plan:
             *([("CUDA runtime", format_bytes(self.runtime_bytes))] if self.runtime_bytes else []),
             ("expert slots", f"{self.total_slots} ({per_layer}) of {self.num_layers * self.num_experts} experts, "
                              f"{self.resident_fraction:.1%}"),
+            *([("CPU layers", f"{self.cpu_layers} of {self.num_layers}: their experts are computed on the CPU at "
+                              "decode")] if self.cpu_layers else []),
             ("expert memory", f"{self.total_slots} x {format_bytes(self.expert_bytes)} = "
                               f"{format_bytes(self.experts_total_bytes)}"),
             ("total used", format_bytes(self.used_bytes)),
@@ -84,12 +102,19 @@ class Plan:
 
 def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int, top_k: int,
          non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, offload_per_layer: int | None = None,
-         policy: str = "lru", runtime_bytes: int = 0) -> Plan:
+         policy: str = "lru", runtime_bytes: int = 0, cpu_layers: int = 0) -> Plan:
     if policy not in POLICIES:
         raise MoeOffloadError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
     assert expert_bytes > 0 and num_layers > 0 and 0 < top_k <= num_experts
     per_layer = policy in PER_LAYER_POLICIES
     fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes
+    if not 0 <= cpu_layers <= num_layers:
+        raise MoeOffloadError(f"--cpu-layers {cpu_layers} must be 0..{num_layers} (the model has {num_layers} MoE layers)")
+    if cpu_layers and not per_layer:
+        raise MoeOffloadError(f"--cpu-layers needs a per-layer cache policy ({', '.join(PER_LAYER_POLICIES)}), "
+                              f"not {policy}")
+    if cpu_layers and offload_per_layer is not None:
+        raise MoeOffloadError("give either --cpu-layers or --offload-per-layer, not both")
 
     if offload_per_layer is not None:
         # The original project's knob: K experts of each layer stay in host memory.
@@ -108,11 +133,12 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
         return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl if per_layer else None, total,
                     non_expert_bytes, kv_cache_bytes, workspace_bytes, runtime_bytes)
 
-    everything = num_layers * num_experts
+    gpu_layers = num_layers - cpu_layers
+    everything = gpu_layers * num_experts
     slots = everything if budget_bytes is None else min(max(budget_bytes - fixed, 0) // expert_bytes, everything)
-    # A per-layer policy needs a slot in every layer; a global one, room for one layer's top-k at once.
-    minimum = num_layers if per_layer else top_k
-    if slots < minimum:
+    # A per-layer policy needs a slot in every (GPU) layer; a global one, room for one layer's top-k at once.
+    minimum = gpu_layers if per_layer else top_k
+    if slots < minimum or (budget_bytes is not None and budget_bytes < fixed):
         assert budget_bytes is not None
         what = f"one slot per layer needs {num_layers}" if per_layer else f"policy {policy} needs top_k={top_k}"
         raise MoeOffloadError(
@@ -123,11 +149,12 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
             + f" leave {format_bytes(max(budget_bytes - fixed, 0))} for experts, but "
             f"{what} x {format_bytes(expert_bytes)} (at least {format_bytes(fixed + minimum * expert_bytes)} in "
             f"all); raise --gpu-memory, lower --max-context or use a smaller preset"
-            + (f", or --policy global-lru (needs {top_k} slots in all)" if per_layer and slots >= top_k else ""))
-    spl = slots // num_layers if per_layer else None  # slots <= everything, so spl <= num_experts
-    extra = slots - spl * num_layers if spl is not None else 0  # < num_layers; 0 when spl == num_experts
+            + (f", or --policy global-lru (needs {top_k} slots in all)" if per_layer and slots >= top_k else "")
+            + (", or compute more layers' experts on the CPU (--cpu-layers)" if per_layer else ""))
+    spl = (slots // gpu_layers if gpu_layers else 0) if per_layer else None  # slots <= everything: spl <= num_experts
+    extra = slots - spl * gpu_layers if spl is not None else 0  # < gpu_layers; 0 when spl == num_experts
     return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, slots, non_expert_bytes,
-                kv_cache_bytes, workspace_bytes, runtime_bytes, extra)
+                kv_cache_bytes, workspace_bytes, runtime_bytes, extra, cpu_layers)
 
 
 def parse_size(text: str) -> int:

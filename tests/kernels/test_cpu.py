@@ -32,18 +32,21 @@ needs_int8 = pytest.mark.skipif(not cpu.available() or not cpu._library().hqq_ha
 
 
 @needs_int8
+@pytest.mark.parametrize("simd", ["auto", "avx2"])
 @pytest.mark.parametrize("spec", [QuantSpec(2, 16, True), QuantSpec(2, 16)], ids=str)
-@pytest.mark.parametrize("shape", [(64, 512), (1024, 4096), (256, 14336)])
-def test_int8_fast_path(spec, shape):
+@pytest.mark.parametrize("shape", [(64, 512), (1024, 4096), (256, 14336), (48, 384)])
+def test_int8_fast_path(spec, shape, simd):
     """The integer path is exact given its int8-rounded x, and off from the float product by at most what
-    that rounding can move: sum_k |W[n, k]| |x_k - x8_k dx|."""
+    that rounding can move: sum_k |W[n, k]| |x_k - x8_k dx|. "auto" takes the 512-bit path where the CPU has
+    AVX-512 VNNI and K allows it (K = 384 does not: it falls back to 256-bit loads)."""
     n, k = shape
     torch.manual_seed(n + k)
     qt = quantize(torch.randn(n, k), spec, optimize=False)
     x = torch.randn(k) * torch.linspace(0.1, 3.0, k)  # uneven magnitudes across groups
-    matrix = cpu.CpuMatrix(qt)
+    matrix = cpu.CpuMatrix(qt, simd=simd)
     assert matrix.int8 and cpu.int8_path(qt)
-    q = cpu.QuantizedVector(x)
+    assert matrix.chunk == cpu.chunk_width(qt, simd)
+    q = cpu.QuantizedVector(x, matrix.chunk)
     xq = q.dequantized()
     assert (xq - x).abs().max() <= x.abs().max() / 127  # half a step of the largest group, at most
     got = matrix.matvec(x, threads=2).double()
@@ -55,6 +58,17 @@ def test_int8_fast_path(spec, shape):
     ref = cpu.hqq_matvec_reference(x, qt).double()
     assert ((got - ref).abs() <= bound * 1.001 + 1e-4).all()
     assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+@needs_int8
+def test_quantized_vector_layouts_agree():
+    """The 128- and 256-code permutations hold the same int8 values, steps and sums (the 256 one is what the
+    512-bit path reads; its layout is checked here on any CPU)."""
+    x = torch.randn(4096) * torch.linspace(0.1, 3.0, 4096)
+    a, b = cpu.QuantizedVector(x, 128), cpu.QuantizedVector(x, 256)
+    assert torch.equal(a.dx, b.dx) and torch.equal(a.xs, b.xs)
+    assert torch.equal(a.dequantized(), b.dequantized())
+    assert not torch.equal(a.xp, b.xp)
 
 
 @needs_int8

@@ -148,3 +148,64 @@ def test_cli_bad_hybrid_value(tiny_dir):
                                       "--offload-per-layer", "2", "--hybrid", "maybe"])
     assert result.exit_code == 1
     assert "--hybrid 'maybe' is not one of off, auto, on" in result.output
+
+
+# -- CPU layers (--cpu-layers): every expert of those layers computed on the CPU at decode -------------------
+def load_cpu_layers(directory, n, **offload):
+    return moe_offload.load(directory, device="cpu", dtype="float32", quantize="4/2",
+                            offload=OffloadOptions(cpu_layers=n, **offload))
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_dir):
+    return decode_logits(moe_offload.load(tiny_dir, device="cpu", dtype="float32", quantize="4/2"))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_cpu_layers_match_resident_within_tolerance(tiny_dir, resident, n):
+    engine = load_cpu_layers(tiny_dir, n)
+    assert engine.plan.cpu_layers == n and engine.hybrid is not None
+    tokens, logits = decode_logits(engine)
+    assert tokens == resident[0]
+    err = (logits - resident[1]).norm() / resident[1].norm()
+    assert err < 2e-2, f"relative logit error {err:.2e}"
+
+
+def test_cpu_layers_compute_every_decode_expert_there_and_copy_nothing(tiny_dir):
+    engine = load_cpu_layers(tiny_dir, 1, hybrid="on", hybrid_cost=CostModel(copy_ms=0.1, cpu_ms=10.0, smoothing=0.0))
+    cpu_layer = engine.plan.cpu_layer_ids[0]
+    assert engine.plan.layer_slots[cpu_layer] == 0
+    session = engine.new_session()
+    token = int(session.prefill(engine.encode(PROMPT))[0].argmax())  # prefill streams through the scratch slots
+    engine.cache_stats.reset()
+    steps = 6
+    for _ in range(steps):
+        token = int(session.step(token).argmax())
+    layers = engine.cache_stats.layers
+    top_k = engine.config.top_k
+    assert layers[cpu_layer].cpu_experts == steps * top_k == layers[cpu_layer].misses
+    # the other layer holds all its experts (no budget): every use a hit, and the copy path's costs do not
+    # send its experts to the CPU (choose_cpu only sees misses)
+    others = [s for l, s in enumerate(layers) if l != cpu_layer]
+    assert all(s.cpu_experts == 0 and s.misses == 0 and s.hits == steps * top_k for s in others)
+    assert sum(s.bytes_copied for s in layers) == 0
+
+
+def test_cpu_layers_refuse_hybrid_off(tiny_dir):
+    with pytest.raises(MoeOffloadError, match="--cpu-layers 1 computes experts on the CPU; it cannot go with --hybrid off"):
+        load_cpu_layers(tiny_dir, 1, hybrid="off")
+
+
+def test_cli_cpu_layers(tiny_dir):
+    result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hello", "--temperature", "0",
+                                      "--max-new-tokens", "4", "--device", "cpu", "--quantize", "4/2",
+                                      "--cpu-layers", "2", "--cpu-threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["cpu_experts_per_token"] > 0  # per token of prompt and answer: decode steps only use the CPU
+
+
+def test_cli_cpu_layers_out_of_range(tiny_dir):
+    result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hi", "--device", "cpu", "--cpu-layers", "3"])
+    assert result.exit_code == 1
+    assert "--cpu-layers 3 must be 0..2" in result.output

@@ -125,3 +125,44 @@ def test_parse_size_errors(text):
 def test_format_bytes():
     assert [format_bytes(n) for n in (512, 2048, 3 * MiB // 2, 12 * GiB)] == ["512 B", "2.0 KiB", "1.5 MiB",
                                                                            "12.00 GiB"]
+
+
+# -- CPU layers (llama.cpp's --n-cpu-moe): no slots, their experts computed on the CPU at decode ---------------
+def test_cpu_layers_get_no_slots_and_are_spread():
+    p = plan(12 * GiB, **MODEL, cpu_layers=8)
+    assert p.cpu_layer_ids == [3, 7, 11, 15, 19, 23, 27, 31]
+    slots = p.layer_slots
+    assert [slots[l] for l in p.cpu_layer_ids] == [0] * 8
+    gpu = [slots[l] for l in range(32) if l not in p.cpu_layer_ids]
+    # the same 155 slots now serve 24 layers: 6 each, 11 of them a 7th
+    assert p.total_slots == 155 and sum(gpu) == 155 and sorted(set(gpu)) == [6, 7] and gpu.count(7) == 11
+    assert not p.all_resident
+    assert "CPU layers" in str(p) and "8 of 32" in str(p)
+
+
+def test_cpu_layers_cap_slots_at_the_gpu_layers_experts():
+    p = plan(None, **MODEL, cpu_layers=16)
+    assert p.total_slots == 16 * 8 and p.layer_slots.count(8) == 16 and not p.all_resident
+
+
+def test_all_layers_on_the_cpu_need_only_the_fixed_part():
+    p = plan(FIXED, **MODEL, cpu_layers=32)
+    assert (p.total_slots, p.layer_slots) == (0, [0] * 32)
+    with pytest.raises(MoeOffloadError, match="too small"):
+        plan(FIXED - 1, **MODEL, cpu_layers=32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cpu_layers=33), "--cpu-layers 33 must be 0..32"),
+    (dict(cpu_layers=-1), "--cpu-layers -1 must be 0..32"),
+    (dict(cpu_layers=4, policy="global-lru"), "needs a per-layer cache policy"),
+    (dict(cpu_layers=4, offload_per_layer=2), "either --cpu-layers or --offload-per-layer"),
+])
+def test_cpu_layers_errors(kwargs, message):
+    with pytest.raises(MoeOffloadError, match=message):
+        plan(12 * GiB, **MODEL, **kwargs)
+
+
+def test_too_small_suggests_cpu_layers():
+    with pytest.raises(MoeOffloadError, match="--cpu-layers"):
+        plan(FIXED + 10 * 66 * MiB, **MODEL)
