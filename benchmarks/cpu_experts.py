@@ -21,7 +21,7 @@ import time
 import torch
 
 from moe_offload.config import ModelConfig
-from moe_offload.cpu_expert import CpuExpert
+from moe_offload.cpu_expert import CpuExpert, run_experts
 from moe_offload.flat import FlatLayout
 from moe_offload.kernels import cpu as cpu_kernels
 from moe_offload.quant.presets import make_preset
@@ -143,6 +143,21 @@ def main() -> None:
                     rows.append(row)
                     print(f"{preset_name} {kernel:8s} threads={threads:2d} prefetch={prefetch:4d}: {ms:6.2f} ms/expert "
                           f"({row['cpu_gb_s']:.1f} GB/s of packed expert), copy {copy_ms or 0:.2f} ms{extra}", flush=True)
+                    if kernel != "hqq" or experts[0].fused_parts() is None:
+                        continue
+                    # a layer's two experts in one C call (what the hybrid path runs), per expert
+                    pair = lambda i: run_experts([experts[2 * i % len(experts)], experts[(2 * i + 1) % len(experts)]],  # noqa: E731
+                                                 x, threads)
+                    ms2 = time_ms(pair, args.repeats) / 2
+                    rows.append(dict(row, kernel="hqq, 2 experts per call", cpu_ms=ms2,
+                                     cpu_gb_s=layout.nbytes / ms2 / 1e6))
+                    if load:
+                        with CopyLoad(other) as copies:
+                            rows[-1]["cpu_ms_under_load"] = time_ms(pair, args.repeats) / 2
+                        rows[-1]["copy_gb_s_under_load"] = copies.gb_s
+                    print(f"{preset_name} hqq, 2 experts per call, threads={threads:2d} prefetch={prefetch:4d}: {ms2:6.2f} "
+                          f"ms/expert" + (f"; with copies running {rows[-1]['cpu_ms_under_load']:6.2f} ms (copies "
+                                          f"{rows[-1]['copy_gb_s_under_load']:.1f} GB/s)" if load else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -16,7 +16,7 @@ case $p in
 cpu)
   (lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"; grep -o -w 'avx512_vnni\|amx_int8\|avx512bw' /proc/cpuinfo | sort -u) \
     | tee "$OUT/cpu.txt"
-  timeout 240 python3 benchmarks/cpu_experts.py --presets 4/2 --kernels hqq hqq-avx2 --threads 15 16 \
+  timeout 240 python3 benchmarks/cpu_experts.py --presets 4/2 --kernels ${KERNELS:-hqq hqq-avx2} --threads ${THREADS:-15 16} \
     --prefetch 0 1024 --under-load --json "$OUT/cpu_experts_512.json" 2>&1 | tail -12
   ;;
 tests)

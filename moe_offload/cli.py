@@ -348,8 +348,8 @@ def bench(
                     engine = load(model, device=dev, dtype=dtype, max_context=max_context, quantize=preset,
                                   offload=options, int8_activations=int8, progress=progress)
             except (MoeOffloadError, torch_oom()) as e:
-                if label == "resident":  # does not fit: the ablation is skipped, not the benchmark
-                    err.print(f"[dim]resident run skipped: {str(e).splitlines()[0]}[/]", soft_wrap=True)
+                if label != "full":  # does not fit (e.g. copies only where CPU layers made room): the ablation
+                    err.print(f"[dim]{label} run skipped: {str(e).splitlines()[0]}[/]", soft_wrap=True)
                     continue
                 raise
         if label == "full" and engine.plan is not None:

@@ -46,6 +46,11 @@ class CpuExpert:
             return F.linear(x.to(m.dtype), m).float()
         return torch.stack([m.matvec(row, threads) for row in x])  # a few tokens at most: rows one by one
 
+    def fused_parts(self) -> tuple[object, object, object] | None:
+        """(gate, up, down) when one C call can compute this expert with others (``run_experts``), else None."""
+        parts = tuple(self.matrices.get(p) for p in ("gate_proj", "up_proj", "down_proj"))
+        return parts if cpu_kernels.fusable([parts[0]], [parts[1]], [parts[2]]) else None
+
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         x = x.float().contiguous()
         gate, up = self.matrices.get("gate_proj"), self.matrices.get("up_proj")
@@ -55,6 +60,19 @@ class CpuExpert:
         else:
             h = F.silu(self._apply("gate_proj", x, threads)) * self._apply("up_proj", x, threads)
         return self._apply("down_proj", h.contiguous(), threads)
+
+
+def run_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int) -> list[torch.Tensor]:
+    """Every expert at x float32 [1, D] -> their outputs float32 [1, D]: one parallel C call for all of them where
+    the integer path covers them (one layer's CPU experts: one fork of the thread team instead of three per
+    expert), else expert by expert."""
+    parts = [e.fused_parts() for e in experts]
+    if x.shape[0] == 1 and parts and all(p is not None for p in parts):
+        gates, ups, downs = (list(t) for t in zip(*parts))
+        if cpu_kernels.fusable(gates, ups, downs):
+            y = cpu_kernels.experts_2bit_g16(gates, ups, downs, x[0].float().contiguous(), threads)
+            return list(y.unsqueeze(1))
+    return [e(x, threads) for e in experts]
 
 
 # Our kernel over the store in place (int8 activations where its fast path applies, at the widest SIMD the CPU

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .cpu_expert import make_cpu_expert
+from .cpu_expert import make_cpu_expert, run_experts
 from .errors import MoeOffloadError
 from .flat import FlatLayout
 from .grouped import SlotKernel
@@ -224,4 +224,4 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
                 warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} "
                               "ms for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
                 return None
-    return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic)
+    return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic, run_many=run_experts)

@@ -100,6 +100,9 @@ def _library() -> ctypes.CDLL:
     lib.hqq_quantize_x16.restype = None
     lib.hqq_matvec_2bit_g16.argtypes = [ctypes.POINTER(_Matrix)] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.hqq_matvec_2bit_g16.restype = None
+    lib.hqq_experts_2bit_g16.argtypes = ([ctypes.POINTER(_Matrix)] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                         ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int])
+    lib.hqq_experts_2bit_g16.restype = None
     return lib
 
 
@@ -132,7 +135,8 @@ def int8_path(qt: QuantizedTensor) -> bool:
 
 
 # Bytes ahead in each row's codes that the 512-bit path prefetches into L1 (0: hardware prefetchers only).
-PREFETCH_BYTES = 0
+# Measured on the H100 host (16-core Xeon, 15 threads, a 4/2 Mixtral expert): 1.17 ms without, 0.98 ms at 1024.
+PREFETCH_BYTES = 1024
 
 
 def chunk_width(qt: QuantizedTensor, simd: str = "auto") -> int:
@@ -220,6 +224,38 @@ class CpuMatrix:
         xsum = vec.view(self.groups, -1).sum(dim=1)
         self._lib.hqq_matvec(ctypes.byref(self._struct), vec.data_ptr(), xsum.data_ptr(), y.data_ptr(), int(threads))
         return y
+
+
+def experts_2bit_g16(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix], x: torch.Tensor,
+                     threads: int) -> torch.Tensor:
+    """down_e(silu(gate_e x) * up_e x) for several SwiGLU experts at once, one parallel region in all (one layer's
+    CPU experts): x float32 [D] -> float32 [n, D]. Every matrix must be on the integer path with one chunk width
+    and expert 0's shapes (``fusable``)."""
+    n = len(gates)
+    if not fusable(gates, ups, downs):
+        raise MoeOffloadError("experts_2bit_g16 needs 2-bit group-16 matrices on the integer path, one shape and chunk")
+    d, i = gates[0].k, gates[0].n
+    if x.dtype != torch.float32 or x.shape != (d,) or not x.is_contiguous():
+        raise MoeOffloadError(f"experts_2bit_g16 expects a contiguous float32 vector of {d}, got {x.dtype} {tuple(x.shape)}")
+    structs = [(_Matrix * n)(*[m._struct for m in ms]) for ms in (gates, ups, downs)]
+    xq, xd, xs = torch.empty(d, dtype=torch.int8), torch.empty(d // 16), torch.empty(d // 16)
+    g, u = torch.empty(n * i), torch.empty(n * i)
+    hq, hd, hs = torch.empty(n * i, dtype=torch.int8), torch.empty(n * i // 16), torch.empty(n * i // 16)
+    y = torch.empty(n, d)
+    _library().hqq_experts_2bit_g16(*structs, n, x.data_ptr(), gates[0].chunk, PREFETCH_BYTES,
+                                    *(t.data_ptr() for t in (xq, xd, xs, g, u, hq, hd, hs, y)), int(threads))
+    return y
+
+
+def fusable(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix]) -> bool:
+    """Whether ``experts_2bit_g16`` can compute these experts: all on the integer path, one chunk width, SwiGLU
+    shapes (gate/up [I, D], down [D, I]) equal across experts."""
+    ms = [*gates, *ups, *downs]
+    if not gates or not all(isinstance(m, CpuMatrix) and m.int8 and m.chunk == gates[0].chunk for m in ms):
+        return False
+    d, i = gates[0].k, gates[0].n
+    return (all((m.n, m.k) == (i, d) for m in (*gates, *ups)) and all((m.n, m.k) == (d, i) for m in downs)
+            and len(gates) == len(ups) == len(downs))
 
 
 INT4_GROUPS = (32, 64, 128, 256)

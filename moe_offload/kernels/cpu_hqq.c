@@ -190,23 +190,25 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 
 /* x: float32 [K] -> xp: int8 [K] (permuted as above for chunks of `chunk` codes: 128 for 256-bit loads, 256
    for 512-bit ones), dx: float32 [K/16] (step), xs: float32 [K/16] (sum of x8). */
-void hqq_quantize_x16(const float *x, int k, int chunk, int8_t *xp, float *dx, float *xs) {
+static inline void quantize_group(const float *v, int g, int chunk, int8_t *xp, float *dx, float *xs) {
     const int lanes = chunk / 4; /* bytes of codes per load */
-    for (int g = 0; g < k / 16; g++) {
-        float amax = 0.0f;
-        for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(x[16 * g + j]));
-        const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < 16; j++) {
-            const int e = 16 * g + j, c = e / chunk, r = e % chunk;
-            int q = (int)lrintf(x[e] * inv);
-            q = q > 127 ? 127 : (q < -127 ? -127 : q);
-            xp[chunk * c + lanes * (r % 4) + r / 4] = (int8_t)q;
-            sum += q;
-        }
-        dx[g] = d;
-        xs[g] = (float)sum;
+    float amax = 0.0f;
+    for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(v[j]));
+    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < 16; j++) {
+        const int e = 16 * g + j, c = e / chunk, r = e % chunk;
+        int q = (int)lrintf(v[j] * inv);
+        q = q > 127 ? 127 : (q < -127 ? -127 : q);
+        xp[chunk * c + lanes * (r % 4) + r / 4] = (int8_t)q;
+        sum += q;
     }
+    dx[g] = d;
+    xs[g] = (float)sum;
+}
+
+void hqq_quantize_x16(const float *x, int k, int chunk, int8_t *xp, float *dx, float *xs) {
+    for (int g = 0; g < k / 16; g++) quantize_group(x + 16 * g, g, chunk, xp, dx, xs);
 }
 
 static inline float hsum8(__m256 v) {
@@ -388,6 +390,56 @@ void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx,
         rows_2bit_g16(w, b * rows, n1, xp, dx, xs, y);
     }
 }
+
+/* One layer's CPU experts in one parallel region: y[e] = down_e(silu(gate_e x) * up_e x) for e < n, every matrix
+   2-bit group 16 with the shapes of expert 0 (gate/up [I, D], down [D, I]). One fork and three barriers per layer
+   instead of a fork per matrix; the row blocks of all experts' gate and up (then down) projections are shared
+   out together, so n experts keep every thread busy as one expert would. x is rounded to int8 once, and h per
+   group of 16 as soon as it exists. Work buffers: xq int8 [D], xd/xsum float [D/16], g/u float [n*I],
+   hq int8 [n*I], hd/hsum float [n*I/16]; y float [n*D]. */
+static inline void rows_any(const hqq_matrix *w, int n0, int n1, const int8_t *xp, const float *dx, const float *xs,
+                            float *y, int chunk, int prefetch) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (chunk == 256) {
+        rows_2bit_g16_512(w, n0, n1, xp, dx, xs, y, prefetch);
+        return;
+    }
+#endif
+    (void)chunk; (void)prefetch;
+    rows_2bit_g16(w, n0, n1, xp, dx, xs, y);
+}
+
+void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hqq_matrix *down, int n, const float *x,
+                          int chunk, int prefetch, int8_t *xq, float *xd, float *xsum, float *g, float *u,
+                          int8_t *hq, float *hd, float *hsum, float *y, int threads) {
+    const int D = gate[0].k, I = gate[0].n, rows = 16;
+    const int up_blocks = I / rows, down_blocks = D / rows;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        hqq_quantize_x16(x, D, chunk, xq, xd, xsum);
+#pragma omp for schedule(static)
+        for (int b = 0; b < 2 * n * up_blocks; b++) { /* expert-major: a thread's blocks are contiguous rows */
+            const int e = b / (2 * up_blocks), r = b % (2 * up_blocks), which = r / up_blocks, rb = r % up_blocks;
+            rows_any(which ? &up[e] : &gate[e], rb * rows, rb * rows + rows, xq, xd, xsum, (which ? u : g) + (size_t)e * I,
+                     chunk, prefetch);
+        }
+#pragma omp for schedule(static)
+        for (int q = 0; q < n * (I / 16); q++) {
+            const int e = q / (I / 16), grp = q % (I / 16);
+            float h[16];
+            const float *ge = g + (size_t)e * I + 16 * grp, *ue = u + (size_t)e * I + 16 * grp;
+            for (int j = 0; j < 16; j++) h[j] = ge[j] / (1.0f + expf(-ge[j])) * ue[j];
+            quantize_group(h, grp, chunk, hq + (size_t)e * I, hd + (size_t)e * (I / 16), hsum + (size_t)e * (I / 16));
+        }
+#pragma omp for schedule(static)
+        for (int b = 0; b < n * down_blocks; b++) {
+            const int e = b / down_blocks, rb = b % down_blocks;
+            rows_any(&down[e], rb * rows, rb * rows + rows, hq + (size_t)e * I, hd + (size_t)e * (I / 16),
+                     hsum + (size_t)e * (I / 16), y + (size_t)e * D, chunk, prefetch);
+        }
+    }
+}
 #else
 int hqq_has_int8(void) { return 0; }
 int hqq_has_avx512(void) { return 0; }
@@ -397,5 +449,11 @@ void hqq_quantize_x16(const float *x, int k, int chunk, int8_t *xp, float *dx, f
 void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx, const float *xs, float *y,
                          int chunk, int prefetch, int threads) {
     (void)w; (void)xp; (void)dx; (void)xs; (void)y; (void)chunk; (void)prefetch; (void)threads;
+}
+void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hqq_matrix *down, int n, const float *x,
+                          int chunk, int prefetch, int8_t *xq, float *xd, float *xsum, float *g, float *u,
+                          int8_t *hq, float *hd, float *hsum, float *y, int threads) {
+    (void)gate; (void)up; (void)down; (void)n; (void)x; (void)chunk; (void)prefetch; (void)xq; (void)xd; (void)xsum;
+    (void)g; (void)u; (void)hq; (void)hd; (void)hsum; (void)y; (void)threads;
 }
 #endif

@@ -28,7 +28,14 @@ from .store import ExpertStore
 
 Key = tuple[int, int]
 # flat views of one expert's host buffer -> callable(x float32 [T, D], threads) -> float32 [T, D]
-MakeCpuExpert = Callable[[dict[str, torch.Tensor]], Callable[[torch.Tensor, int], torch.Tensor]]
+CpuExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
+MakeCpuExpert = Callable[[dict[str, torch.Tensor]], CpuExpertFn]
+# (one layer's CPU experts, x, threads) -> their outputs: lets the kernel compute them together
+RunMany = Callable[[list, torch.Tensor, int], list[torch.Tensor]]
+
+
+def run_one_by_one(experts: list[CpuExpertFn], x: torch.Tensor, threads: int) -> list[torch.Tensor]:
+    return [fn(x, threads) for fn in experts]
 
 
 @dataclass
@@ -92,8 +99,8 @@ class HybridExecutor:
     """The split decision, the CPU worker and the cost model, shared by every offloaded layer."""
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
-                 threads: int, dynamic: bool = True):
-        self.store, self.cache, self.make_cpu_expert = store, cache, make_cpu_expert
+                 threads: int, dynamic: bool = True, run_many: RunMany = run_one_by_one):
+        self.store, self.cache, self.make_cpu_expert, self.run_many = store, cache, make_cpu_expert, run_many
         self.cost, self.threads = cost, threads
         self.dynamic = dynamic  # split cached layers' misses (False: only CPU layers use the CPU)
         self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
@@ -139,14 +146,12 @@ class HybridExecutor:
         fns = {e: self.cpu_expert((layer, e)) for e in experts}
 
         def run() -> dict[int, torch.Tensor]:
-            out = {}
-            for e, fn in fns.items():
-                start = _now_ms()
-                out[e] = fn(x_host, self.threads)
-                ms = _now_ms() - start
-                stats.cpu_ms += ms
-                self.cost.observe_cpu(ms)
-            return out
+            start = _now_ms()
+            outs = self.run_many(list(fns.values()), x_host, self.threads)
+            ms = _now_ms() - start
+            stats.cpu_ms += ms
+            self.cost.observe_cpu(ms / len(fns))
+            return dict(zip(fns, outs))
 
         stats.cpu_experts += len(experts)
         stats.misses += len(experts)

@@ -107,3 +107,40 @@ def test_int4_conversion_is_exact(spec):
 def test_int4_rejects_group_16():
     with pytest.raises(MoeOffloadError, match="groups of"):
         cpu.Int4Matrix(quantize(torch.randn(32, 64), QuantSpec(2, 16, True)))
+
+
+@needs_int8
+@pytest.mark.parametrize("simd", ["auto", "avx2"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_experts_match_matrix_by_matrix(n, simd):
+    """One C call for a layer's experts (gate, up, SiLU, h rounded to int8, down) against the same experts matrix by
+    matrix, and against float64 with dequantized weights (the SwiGLU reference)."""
+    d, i = 256, 768
+    torch.manual_seed(n)
+    spec = QuantSpec(2, 16, True)
+    mats = [[cpu.CpuMatrix(quantize(torch.randn(*shape) * 0.5, spec, optimize=False), simd=simd)
+             for shape in ((i, d), (i, d), (d, i))] for _ in range(n)]
+    gates, ups, downs = (list(t) for t in zip(*mats))
+    assert cpu.fusable(gates, ups, downs)
+    x = torch.randn(d)
+    got = cpu.experts_2bit_g16(gates, ups, downs, x, threads=2)
+    assert got.shape == (n, d)
+    for e, (gate, up, down) in enumerate(mats):
+        q = cpu.QuantizedVector(x, gate.chunk)
+        h = torch.nn.functional.silu(gate.matvec(q, 2)) * up.matvec(q, 2)
+        one = down.matvec(h, 2)
+        assert (got[e] - one).norm() / one.norm() < 1e-3  # expf vs torch's SiLU may move an int8 rounding of h
+        w = [dequantize(m.qt, torch.float64) for m in (gate, up, down)]
+        xd = x.double()
+        ref = w[2] @ (torch.nn.functional.silu(w[0] @ xd) * (w[1] @ xd))
+        assert (got[e].double() - ref).norm() / ref.norm() < 2e-2
+
+
+@needs_int8
+def test_fused_experts_refuse_other_layouts():
+    spec = QuantSpec(2, 16, True)
+    gate, up = (cpu.CpuMatrix(quantize(torch.randn(768, 256), spec)) for _ in range(2))
+    down = cpu.CpuMatrix(quantize(torch.randn(256, 768), QuantSpec(4, 64)))  # not on the integer path
+    assert not cpu.fusable([gate], [up], [down])
+    with pytest.raises(MoeOffloadError, match="2-bit group-16"):
+        cpu.experts_2bit_g16([gate], [up], [down], torch.randn(256), threads=1)
