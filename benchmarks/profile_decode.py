@@ -1,9 +1,15 @@
 """Where a decode step's time goes: torch.profiler over a few greedy steps of a synthetic model.
 
 Usage (GPU machine): python3 benchmarks/profile_decode.py --synthetic mixtral-8x7b --preset 4/2 [--gpu-memory 12GiB]
+    [--cpu-layers N] [--host]
+
+``--host``: Python's cProfile instead, for the host's share of an offloaded step (per-layer routing syncs, cache
+bookkeeping, the CPU path's hand-offs), sorted by own time.
 """
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -19,9 +25,12 @@ def main() -> None:
     ap.add_argument("--preset", default="4/2")
     ap.add_argument("--gpu-memory", default=None)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cpu-layers", type=int, default=0)
+    ap.add_argument("--host", action="store_true")
     args = ap.parse_args()
-    engine = load_synthetic(args.synthetic, preset=args.preset, device="cuda",
-                            offload=OffloadOptions(gpu_memory=args.gpu_memory))
+    engine = load_synthetic(args.synthetic, preset=args.preset, device="cuda", max_context=1024,
+                            offload=OffloadOptions(gpu_memory=args.gpu_memory, cpu_layers=args.cpu_layers,
+                                                   hybrid="auto" if args.cpu_layers else "off"))
     session = engine.new_session()
     logits, _ = session.prefill(list(range(3, 67)))
     token = int(logits.argmax())
@@ -33,6 +42,16 @@ def main() -> None:
         token = int(session.step(token).argmax())
     torch.cuda.synchronize()
     print(f"{args.gpu_memory or 'resident'}: {(time.perf_counter() - t0) / args.steps * 1e3:.1f} ms/token unprofiled")
+    if args.host:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.steps):
+            token = int(session.step(token).argmax())
+        torch.cuda.synchronize()
+        prof.disable()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(22)
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             token = int(session.step(token).argmax())

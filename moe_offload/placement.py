@@ -147,8 +147,12 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     guesses: dict[int, set[int]] = {}
     depth = prefetch_depth(options.prefetch, store.pinned, device)
     for i, block in enumerate(blocks):
-        # A CPU layer's time is the CPU's: the copy link would idle, so it always prefetches for the next layer.
-        ahead_depth = max(depth, 1) if i in cpu_layers and store.pinned else depth
+        ahead_depth = depth
+        if i in cpu_layers and store.pinned:
+            # A CPU layer's time is the CPU's, and the copy link would idle through it: it guesses for the layers
+            # up to the next CPU layer (at most CPU_LAYER_LOOKAHEAD), and their copies run while the CPU works.
+            following = next((j for j in range(i + 1, len(blocks)) if j in cpu_layers), len(blocks))
+            ahead_depth = max(depth, min(following - i - 1, CPU_LAYER_LOOKAHEAD))
         ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + ahead_depth, len(blocks)))]
         block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0,
                                            hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers))
@@ -167,6 +171,7 @@ def prefetch_depth(requested: int, pinned: bool, device: torch.device) -> int:
     return requested
 
 
+CPU_LAYER_LOOKAHEAD = 3  # layers a CPU layer prefetches for (their guesses' copies overlap its CPU time)
 HYBRID_MODES = ("off", "auto", "on")
 # auto keeps the CPU path only where a CPU expert costs at most this many copies, as calibrated on an idle host
 # (under load a CPU expert took 1.4x longer: 2.25 vs 1.63 ms). Measured on the H100 box (4/2, 12 GiB), decode

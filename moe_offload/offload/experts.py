@@ -62,8 +62,10 @@ class OffloadedExperts:
         if self.hybrid is not None and x.shape[0] == 1:  # decode only: CPU cost grows with tokens, a copy's does not
             on_cpu = used if self.cpu_only else self.hybrid.choose_cpu(
                 [e for e in used if cache.policy.slot_of((self.layer, e)) is None])
-        if on_cpu:  # started first, so the CPU works while the GPU computes hits and copied misses
+        inline = self.cpu_only and bool(on_cpu)  # a CPU layer computes on this thread, after its guesses' copies start
+        if on_cpu and not inline:  # started first, so the CPU works while the GPU computes hits and copied misses
             results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer])
+        if on_cpu:
             cache.cpu_recent = cache.cpu_recent | {(self.layer, e) for e in on_cpu}  # new set: readers copy-free
         on_gpu = [e for e in used if e not in on_cpu]
         grouped = not on_cpu and self.grouped is not None and self.grouped.ok(x)  # decode: two launches in all
@@ -72,13 +74,16 @@ class OffloadedExperts:
         # Guesses are copied only while the copy queue is idle: when copies set the pace, a speculative copy
         # takes the link from a needed one and a wrong guess (~1 in 5) is pure loss (BENCHMARKS.md, session 4).
         # They are still recorded, so prefetch recall stays measured.
-        speculate = bool(lookahead) and cache.copies_idle()  # no event query per layer when prefetch is off
+        # A CPU layer speculates whatever the queue holds: its own experts need no copy, and its CPU time is long.
+        speculate = bool(lookahead) and (self.cpu_only or cache.copies_idle())  # no event query when prefetch is off
         for i, (layer, _) in enumerate(lookahead):
             guess = sorted(set(flat[n + i * n : n + (i + 1) * n]))
             self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
             if speculate:
                 cache.prefetch(layer, guess, protected)
             protected = protected + [(layer, e) for e in guess]
+        if inline:
+            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True)
         if not on_cpu:
             if grouped:
                 slots = cache.slots_for(self.layer, flat[:n])  # rank order, as the router gave them

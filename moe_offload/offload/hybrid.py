@@ -14,6 +14,7 @@ This module knows experts only as (layer, expert) keys, host buffers and callabl
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,6 +72,9 @@ def split_misses(misses: Sequence[int], cost: CostModel, copy_backlog_ms: float 
     return to_copy, to_cpu
 
 
+INLINE = os.environ.get("MOE_OFFLOAD_CPU_INLINE", "1") == "1"
+
+
 def _now_ms() -> float:
     return time.perf_counter() * 1e3
 
@@ -88,7 +92,9 @@ class CpuResults:
             start = _now_ms()
             outputs = self.future.result()
             self.stats.cpu_wait_ms += _now_ms() - start
-            self._outputs = {e: y.to(self.device, self.dtype) for e, y in outputs.items()}
+            keys = list(outputs)  # one host-to-device copy for the layer's CPU experts
+            ys = torch.stack([outputs[e] for e in keys]).to(self.device, self.dtype)
+            self._outputs = dict(zip(keys, ys))
         return self._outputs
 
     def expert(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -140,8 +146,10 @@ class HybridExecutor:
             return []
         return split_misses(misses, self.cost, self.copy_backlog_ms())[1]
 
-    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats) -> CpuResults:
-        """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB)."""
+    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats,
+               inline: bool = False) -> CpuResults:
+        """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB). ``inline``: compute them
+        on this thread now (a CPU layer, where the GPU has nothing of the layer's to do meanwhile)."""
         x_host = x.detach().to("cpu", torch.float32)
         fns = {e: self.cpu_expert((layer, e)) for e in experts}
 
@@ -156,6 +164,12 @@ class HybridExecutor:
         stats.cpu_experts += len(experts)
         stats.misses += len(experts)
         self._sync_copy_clock()
+        if inline and INLINE:
+            start = _now_ms()
+            future: Future = Future()
+            future.set_result(run())
+            stats.cpu_wait_ms += _now_ms() - start
+            return CpuResults(future, x.device, x.dtype, stats)
         return CpuResults(self._pool.submit(run), x.device, x.dtype, stats)
 
     def close(self) -> None:
