@@ -14,7 +14,6 @@ This module knows experts only as (layer, expert) keys, host buffers and callabl
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,9 +69,6 @@ def split_misses(misses: Sequence[int], cost: CostModel, copy_backlog_ms: float 
             copy_done += cost.copy_ms
             to_copy.append(e)
     return to_copy, to_cpu
-
-
-INLINE = os.environ.get("MOE_OFFLOAD_CPU_INLINE", "1") == "1"
 
 
 def _now_ms() -> float:
@@ -164,7 +160,7 @@ class HybridExecutor:
         stats.cpu_experts += len(experts)
         stats.misses += len(experts)
         self._sync_copy_clock()
-        if inline and INLINE:
+        if inline:
             start = _now_ms()
             future: Future = Future()
             future.set_result(run())
