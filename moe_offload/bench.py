@@ -203,7 +203,9 @@ def _device_name(device: torch.device) -> str:
 
 def release(engine: Engine) -> None:
     """Free an engine's memory before building the next one (ablations run back to back)."""
-    engine.model = engine.expert_cache = engine.cache_stats = engine._session = None  # the host store too
+    if engine.hybrid is not None:  # its worker and its reference to the cache (the GPU slots) go too
+        engine.hybrid.close()
+    engine.model = engine.expert_cache = engine.cache_stats = engine._session = engine.hybrid = None  # host store too
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -48,3 +48,29 @@ def test_needs_model_or_synthetic(monkeypatch, tmp_path):
     monkeypatch.setattr("moe_offload.demo.DEMO_MODEL", tmp_path / "absent")  # no MODEL: the demo model, if shipped
     result = CliRunner().invoke(app, ["bench"])
     assert result.exit_code == 1 and "--synthetic" in result.stderr
+
+
+def test_cpu_layers_run_beside_copies_only(tmp_path):
+    """--cpu-layers N: the bench measures it and copies alone (no CPU layers) in the same run."""
+    data = bench(tmp_path, "--cpu-layers", "1")
+    labels = [r["label"] for r in data["runs"]]
+    assert labels == ["full", "no hybrid"]
+    full, copies = data["runs"]
+    assert full["cpu_layers"] == 1 and full["cpu_experts_per_token"] > 0
+    assert copies["cpu_layers"] == 0 and copies["cpu_experts_per_token"] == 0
+
+
+def test_release_frees_the_hybrid_path_too():
+    import gc
+    import weakref
+
+    from moe_offload.bench import release
+    from moe_offload.engine import load_synthetic
+    from moe_offload.placement import OffloadOptions
+
+    engine = load_synthetic("tiny", device="cpu", offload=OffloadOptions(cpu_layers=1))
+    assert engine.hybrid is not None
+    slots = weakref.ref(engine.expert_cache.slots)
+    release(engine)
+    gc.collect()
+    assert slots() is None  # nothing (the CPU path included) keeps the cache's memory alive
