@@ -27,10 +27,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cpu-layers", type=int, default=0)
     ap.add_argument("--host", action="store_true")
+    ap.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
+    ap.add_argument("--sort", default="tottime", help="cProfile order (--host): tottime or cumulative")
     args = ap.parse_args()
     engine = load_synthetic(args.synthetic, preset=args.preset, device="cuda", max_context=1024,
                             offload=OffloadOptions(gpu_memory=args.gpu_memory, cpu_layers=args.cpu_layers,
                                                    hybrid="auto" if args.cpu_layers else "off"))
+    if args.prefill:
+        prompt = [3 + (i * 7919) % 30000 for i in range(args.prefill)]
+        for _ in range(2):  # compile and warm
+            engine.new_session().prefill(prompt)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.new_session().prefill(prompt)
+        torch.cuda.synchronize()
+        print(f"prefill {args.prefill}: {args.prefill / (time.perf_counter() - t0):.0f} tok/s unprofiled")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.new_session().prefill(prompt)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+        return
     session = engine.new_session()
     logits, _ = session.prefill(list(range(3, 67)))
     token = int(logits.argmax())
@@ -50,7 +66,7 @@ def main() -> None:
         torch.cuda.synchronize()
         prof.disable()
         stats = pstats.Stats(prof)
-        stats.sort_stats("tottime").print_stats(22)
+        stats.sort_stats(args.sort).print_stats(30)
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
