@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Collection, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -189,8 +190,18 @@ def combine_experts(
         for k, e in sorted(enumerate(routed), key=lambda ke: (ke[1] in last, ke[1])):
             out.addcmul_(expert(e)(x), weights[:, k : k + 1])
         return out
+    # Prefill: each expert's (token, rank) pairs, in ascending order as torch.where(indices == e) would list them,
+    # sorted on the host from ``routed``: one small copy to the device per layer, no host sync per expert.
+    k = indices.shape[1]
+    flat = np.asarray(routed, dtype=np.int64)
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat)
+    pairs = torch.from_numpy(order).to(x.device)  # positions t * K + k, grouped by expert
+    tokens, ranks = pairs // k, pairs % k
+    start = 0
     for e in sorted(set(routed)):
-        token_idx, slot = torch.where(indices == e)
+        token_idx, slot = tokens[start : start + counts[e]], ranks[start : start + counts[e]]
+        start += int(counts[e])
         y = expert(e)(x[token_idx]) * weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
