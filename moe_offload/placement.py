@@ -155,7 +155,8 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
             ahead_depth = max(depth, min(following - i - 1, CPU_LAYER_LOOKAHEAD))
         ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + ahead_depth, len(blocks)))]
         block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0,
-                                           hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers))
+                                           hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers,
+                                           num_experts=c.num_experts, last_layer=i == len(blocks) - 1))
     return cache, hybrid
 
 

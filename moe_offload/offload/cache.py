@@ -49,6 +49,7 @@ class ExpertCache:
         self._unmarked: list[int] = []  # slots handed out whose readers may not all be enqueued yet
         self._scratch = list(range(self.num_slots, total))
         self._scratch_next = 0
+        self._staged: dict[Key, int] = {}  # scratch slot already holding (or receiving) an expert (``stage``)
         self.prefetched: set[Key] = set()  # resident because of a prefetch, not yet used
         self.timing = timing and self.cuda
         self._pending_waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
@@ -206,16 +207,40 @@ class ExpertCache:
         self._mark_used()
         return [self._acquire(layer, e) for e in experts]
 
+    def _next_scratch(self) -> int:
+        """The next scratch slot in ring order; whatever was staged there is no longer."""
+        slot = self._scratch[self._scratch_next]
+        self._scratch_next = (self._scratch_next + 1) % len(self._scratch)
+        for key in [k for k, v in self._staged.items() if v == slot]:
+            del self._staged[key]
+        return slot
+
+    def stage(self, layer: int, experts: list[int]) -> None:
+        """Prefill: start copying these experts of a later layer (those without a cache slot, in the order they
+        will be used) into the scratch slots now, up to one per scratch slot, so that the copy link works while
+        this layer computes; their use then finds them there (``_acquire``). Each copy waits, on the copy
+        stream, for the enqueued work still reading its scratch slot."""
+        todo = [e for e in experts if self.policy.slot_of((layer, e)) is None]
+        # The layer's own load() gives its empty slots to the first of them (in this order): those need no staging.
+        todo = [e for e in todo[self.policy.free_slots(layer):] if (layer, e) not in self._staged]
+        s = self.stats.layers[layer]
+        for e in todo[: len(self._scratch)]:
+            slot = self._next_scratch()
+            self._copy([((layer, e), slot)], together=False)
+            self._staged[(layer, e)] = slot
+            s.bytes_copied += self.store.layout.nbytes
+
     def _acquire(self, layer: int, expert: int) -> int:
         key = (layer, expert)
         slot = self.policy.slot_of(key)
         if slot is None:  # no slot could be freed for it: stream it through a scratch slot
-            slot = self._scratch[self._scratch_next]
-            self._scratch_next = (self._scratch_next + 1) % len(self._scratch)
-            self._copy([(key, slot)])
             s = self.stats.layers[layer]
             s.bypass += 1
-            s.bytes_copied += self.store.layout.nbytes
+            slot = self._staged.pop(key, None)
+            if slot is None:
+                slot = self._next_scratch()
+                self._copy([(key, slot)])
+                s.bytes_copied += self.store.layout.nbytes
         self._wait(slot, layer)
         self._unmarked.append(slot)
         return slot

@@ -20,6 +20,11 @@ Combine = Callable[..., torch.Tensor]
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+# A prefill chunk with at least this many expert picks per expert (tokens x top-k / experts) is taken to need every
+# expert of the next layer too (Mixtral, top-2 of 8: 16 tokens): those without a slot are staged early.
+STAGE_MIN_PICKS_PER_EXPERT = 4
+
+
 class SlotKernel(Protocol):
     """Computes one token's experts straight from the cache's slots in one go (grouped kernels)."""
 
@@ -32,11 +37,14 @@ class OffloadedExperts:
     def __init__(self, layer: int, cache: ExpertCache, combine: Combine,
                  lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
                  counts_tokens: bool = False, hybrid: HybridExecutor | None = None, grouped: SlotKernel | None = None,
-                 cpu_only: bool = False):
+                 cpu_only: bool = False, num_experts: int = 0, last_layer: bool = True):
         self.layer, self.cache, self.combine, self.hybrid, self.grouped = layer, cache, combine, hybrid, grouped
         # A CPU layer: at decode the CPU computes every expert (it has no slots; prefill streams its experts
         # through the scratch slots like any miss).
         self.cpu_only = cpu_only
+        # Prefill: when a chunk is long enough to use every expert, the next layer's experts without a slot are
+        # staged into the scratch slots while this layer computes (ExpertCache.stage).
+        self.num_experts, self.last_layer = num_experts, last_layer
         assert not cpu_only or hybrid is not None, "a CPU layer needs the CPU path" 
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
@@ -89,7 +97,10 @@ class OffloadedExperts:
                 slots = cache.slots_for(self.layer, flat[:n])  # rank order, as the router gave them
                 if slots is not None:
                     return self.grouped(self.layer, x, slots, weights)
-            return self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
+            y = self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
+            if not self.last_layer and self.num_experts and n >= STAGE_MIN_PICKS_PER_EXPERT * self.num_experts:
+                cache.stage(self.layer + 1, list(range(self.num_experts)))  # all of this layer's work is enqueued
+            return y
         return self.combine(x, indices, weights,
                             lambda e: results.expert(e) if e in on_cpu else cache.module(self.layer, e),
                             flat[:n], last=on_cpu)

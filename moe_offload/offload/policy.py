@@ -33,6 +33,8 @@ class CachePolicy(Protocol):
 
     def resident(self) -> set[Key]: ...
 
+    def free_slots(self, layer: int) -> int: ...  # empty slots an expert of this layer could take without eviction
+
 
 class _LRUGroup:
     """Slots start..start+size-1 under one LRU order (first = least recently used)."""
@@ -75,6 +77,9 @@ class _GroupedLRU:
 
     def resident(self) -> set[Key]:
         return {k for g in self._groups for k in g.order}
+
+    def free_slots(self, layer: int) -> int:
+        return len(self._group((layer, 0)).free)
 
 
 class PerLayerLRU(_GroupedLRU):
@@ -141,6 +146,9 @@ class PerLayerLFU:
     def resident(self) -> set[Key]:
         return self._lru.resident()
 
+    def free_slots(self, layer: int) -> int:
+        return self._lru.free_slots(layer)
+
 
 class NoCache:
     """Keeps nothing: every routed expert is copied on use (the "without cache" ablation)."""
@@ -158,6 +166,9 @@ class NoCache:
 
     def resident(self) -> set[Key]:
         return set()
+
+    def free_slots(self, layer: int) -> int:
+        return 0
 
 
 def make_policy(name: str, num_layers: int, slots: int | Sequence[int]) -> CachePolicy:

@@ -147,3 +147,30 @@ def test_prefetch_waits_for_an_idle_copy_queue(tiny_dir, resident, monkeypatch):
     assert torch.equal(prefill, resident[0]) and tokens == resident[1]
     s = engine.cache_stats.summary()
     assert s["prefetch_copies"] == 0 and 0 < s["prefetch_recall"] <= 1  # guesses still measured
+
+
+def test_prefill_stages_the_next_layers_streamed_experts(tiny_dir, resident, monkeypatch):
+    """A long prefill chunk needs every expert: those of the next layer that will get no slot are copied into the
+    scratch slots while this layer computes, and their use finds them there. Outputs stay bit-identical, and
+    nothing is copied that is not used."""
+    engine = load(tiny_dir, OffloadOptions(offload_per_layer=3, prefetch=0))  # one slot per layer: 3 streamed
+    cache = engine.expert_cache
+    staged, used = [], []
+    stage, acquire = cache.stage, cache._acquire
+
+    def spy_stage(layer, experts):
+        stage(layer, experts)
+        staged.extend(k for k in cache._staged if k[0] == layer)
+
+    def spy_acquire(layer, expert):
+        if (layer, expert) in cache._staged:
+            used.append((layer, expert))
+        return acquire(layer, expert)
+
+    monkeypatch.setattr(cache, "stage", spy_stage)
+    monkeypatch.setattr(cache, "_acquire", spy_acquire)
+    prefill, _ = run(engine, n=1)
+    assert torch.equal(prefill, resident[0])
+    assert staged and set(staged) <= set(used)  # every staged expert was used from its scratch slot
+    t = engine.cache_stats.total()
+    assert t.bytes_copied == t.misses * cache.store.layout.nbytes  # staging copied nothing extra
