@@ -172,6 +172,8 @@ def prefetch_depth(requested: int, pinned: bool, device: torch.device) -> int:
     return requested
 
 
+# --cpu-layers warns where a calibrated CPU expert costs more than this many copies (4/3's float kernel: ~3).
+CPU_LAYERS_WARN_CPU_TO_COPY = 1.5
 CPU_LAYER_LOOKAHEAD = 3  # layers a CPU layer prefetches for (their guesses' copies overlap its CPU time)
 HYBRID_MODES = ("off", "auto", "on")
 # auto keeps the CPU path only where a CPU expert costs at most this many copies, as calibrated on an idle host
@@ -224,6 +226,11 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
     dynamic = options.hybrid == "on" or (options.hybrid == "auto" and device.type == "cuda")
     if cost is None:
         cost = calibrate(store, cache, make, threads, config.hidden_size)
+        if options.cpu_layers and cost.cpu_ms > CPU_LAYERS_WARN_CPU_TO_COPY * cost.copy_ms:
+            warnings.warn(f"--cpu-layers {options.cpu_layers}: a CPU expert takes {cost.cpu_ms:.2f} ms against "
+                          f"{cost.copy_ms:.2f} ms for a copy on this machine; CPU layers will likely be slower than "
+                          "copies (they pay with the 4/2 preset's experts on an AVX2/AVX-512 CPU)",
+                          RuntimeWarning, stacklevel=2)
         if options.hybrid == "auto" and cost.cpu_ms > AUTO_MAX_CPU_TO_COPY * cost.copy_ms:
             dynamic = False
             if not options.cpu_layers:

@@ -9,6 +9,11 @@ kernel spreads over ``threads`` cores) while the GPU computes hits and copied mi
 few KB, are added last. CPU-computed experts never enter the cache. Prefill and batches of more than
 one token stay on the GPU: a copy costs the same for any number of tokens, CPU work grows with them.
 
+CPU layers (``--cpu-layers``) use the same executor without a split: every expert of such a layer runs on the
+CPU at decode, on the calling thread (``submit(inline=True)``: the GPU has nothing of that layer to do meanwhile),
+after the layer's guesses for the following layers have started copying. ``run_many`` computes a layer's CPU
+experts together (one parallel C call where the kernel allows).
+
 This module knows experts only as (layer, expert) keys, host buffers and callables.
 """
 
