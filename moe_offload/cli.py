@@ -88,7 +88,17 @@ def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="au
 
     return OffloadOptions(gpu_memory=gpu_memory, offload_per_layer=offload_per_layer, policy=policy,
                           prefetch=prefetch, pin=not no_pin, hybrid=hybrid, cpu_threads=cpu_threads,
-                          cpu_layers=cpu_layers)
+                          cpu_layers=_cpu_layers(cpu_layers))
+
+
+def _cpu_layers(value) -> int | str:
+    """--cpu-layers: a number of layers, or auto."""
+    if isinstance(value, int) or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise MoeOffloadError(f"--cpu-layers {value!r} must be a number of layers or auto") from None
 
 
 def _cache_summary(engine) -> dict:
@@ -130,9 +140,10 @@ NoPin = typer.Option(False, "--no-pin", help="Keep offloaded experts in pageable
 Hybrid = typer.Option("auto", "--hybrid", help="Compute some decode cache misses on the CPU while others are "
                       "copied: off (bit-exact), auto (on with a CUDA GPU), on.")
 CpuThreads = typer.Option(None, "--cpu-threads", help="Threads for CPU experts (default: all cores but one).")
-CpuLayers = typer.Option(0, "--cpu-layers", help="Compute the experts of this many MoE layers (spread over the depth) "
-                         "on the CPU at decode and give their GPU memory to the other layers' caches, like llama.cpp's "
-                         "--n-cpu-moe (not exact; needs the CPU path, i.e. not --hybrid off).")
+CpuLayers = typer.Option("0", "--cpu-layers", help="Compute the experts of this many MoE layers (spread over the "
+                         "depth) on the CPU at decode and give their GPU memory to the other layers' caches, like "
+                         "llama.cpp's --n-cpu-moe (not exact; needs the CPU path, i.e. not --hybrid off). auto: as many "
+                         "as the GPU budget calls for, where the CPU kernel is fast (the 4/2 preset's experts).")
 Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")
@@ -149,7 +160,7 @@ def generate(
     max_context: int = MaxContext, quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
     int8_activations: bool = Int8Activations,
 ):
     """Continue a prompt and print the completion."""
@@ -185,7 +196,7 @@ def chat(
     quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
     int8_activations: bool = Int8Activations,
     stats: bool = typer.Option(False, "--stats", help="After each answer, print speed and expert-cache statistics."),
 ):
@@ -280,7 +291,7 @@ def bench(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"), new_tokens: int = typer.Option(128, "--new-tokens"),
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
     int8_activations: bool = Int8Activations,
     seed: int = typer.Option(0, help="Seed of the synthetic weights and the random prompt."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run with prefetch toggled (off by "
@@ -328,7 +339,7 @@ def bench(
             ("no cache", dataclasses.replace(base, cache=False, force=True)),
         ]
     dev = resolve_device(device)
-    if hybrid == "on" or cpu_layers or (hybrid == "auto" and ablations and dev.type == "cuda"):  # vs copies only
+    if hybrid == "on" or base.cpu_layers or (hybrid == "auto" and ablations and dev.type == "cuda"):  # vs copies only
         runs.insert(runs.index(("full", base)) + 1, ("no hybrid", dataclasses.replace(base, hybrid="off", cpu_layers=0)))
     if ablations and int8_activations:  # the same run with exact activations beside it
         runs.insert(runs.index(("full", base)) + 1, ("exact activations", base))
@@ -510,7 +521,7 @@ def serve(
     quantize: Optional[str] = Quantize, no_verify: bool = NoVerify,
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
-    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: int = CpuLayers,
+    hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
     int8_activations: bool = Int8Activations,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""

@@ -22,8 +22,8 @@ from .model import MoeTransformer, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
 from .offload.hybrid import CostModel, HybridExecutor, calibrate
-from .offload.planner import Plan, parse_size, plan
-from .offload.policy import NoCache, make_policy
+from .offload.planner import Plan, auto_cpu_layers, parse_size, plan
+from .offload.policy import PER_LAYER_POLICIES, NoCache, make_policy
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
 from .quant.hqq import QuantSpec
@@ -66,12 +66,15 @@ class OffloadOptions:
     force: bool = False  # offload even when everything would fit (ablations, tests)
     hybrid: str = "auto"  # off | auto | on: compute some decode misses on the CPU (offload/hybrid.py)
     cpu_threads: int | None = None  # threads of the CPU expert kernel (default: all cores but one)
-    cpu_layers: int = 0  # layers (spread over the depth) whose experts the CPU computes at decode, with no slots
+    # Layers (spread over the depth) whose experts the CPU computes at decode, with no slots; "auto": as many as
+    # the budget calls for where the CPU path is fast (planner.auto_cpu_layers, cpu_layers_pay), else none.
+    cpu_layers: int | str = 0
     hybrid_cost: CostModel | None = None  # fixed cost model instead of a start-up measurement (tests)
 
     @property
     def requested(self) -> bool:
-        return self.gpu_memory is not None or self.offload_per_layer is not None or self.cpu_layers > 0
+        return (self.gpu_memory is not None or self.offload_per_layer is not None
+                or (isinstance(self.cpu_layers, int) and self.cpu_layers > 0))
 
 
 def kv_cache_bytes(config: ModelConfig, max_context: int, dtype: torch.dtype) -> int:
@@ -95,13 +98,19 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
         budget = parse_size(options.gpu_memory) if isinstance(options.gpu_memory, str) else int(options.gpu_memory)
         runtime = cuda_runtime_bytes(device)  # the budget is the whole process's, as nvidia-smi shows it
     # Offloading sees only the MoE layers, numbered 0, 1, ... (config.moe_layers): dense layers have no experts.
-    p = plan(budget, expert_bytes=expert_layout(config, preset, dtype).nbytes, num_layers=len(config.moe_layers),
-             num_experts=config.num_experts, top_k=config.top_k,
-             non_expert_bytes=non_expert_bytes(config, preset, dtype),
-             kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
-             workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
-             offload_per_layer=options.offload_per_layer, policy=options.policy, runtime_bytes=runtime,
-             cpu_layers=options.cpu_layers)
+    sizes = dict(expert_bytes=expert_layout(config, preset, dtype).nbytes, num_layers=len(config.moe_layers),
+                 num_experts=config.num_experts, non_expert_bytes=non_expert_bytes(config, preset, dtype),
+                 kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
+                 workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0, runtime_bytes=runtime)
+    cpu_layers = options.cpu_layers
+    if cpu_layers == "auto":
+        pays = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
+                and options.policy in PER_LAYER_POLICIES and cpu_layers_pay(config, preset))
+        cpu_layers = auto_cpu_layers(budget, **sizes) if pays else 0
+    elif not isinstance(cpu_layers, int):
+        raise MoeOffloadError(f"--cpu-layers {cpu_layers!r} must be a number of layers or auto")
+    p = plan(budget, top_k=config.top_k, offload_per_layer=options.offload_per_layer, policy=options.policy,
+             cpu_layers=cpu_layers, **sizes)
     return None if p.all_resident and options.offload_per_layer is None and not options.force else p
 
 
@@ -140,7 +149,7 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     # and decode keeps computing them in one grouped launch, the arithmetic of the resident model.
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
                         scratch_slots=max(2, c.top_k), timing=options.timing)
-    hybrid = make_hybrid(store, cache, c, spec, device, options)
+    hybrid = make_hybrid(store, cache, c, spec, device, options, p.cpu_layers)
     cpu_layers = set(p.cpu_layer_ids)
     # Decode computes a token's experts straight from the slots (the slots are a stack: one stride apart).
     grouped = SlotKernel(cache.modules[0], store.layout.nbytes, len(blocks), device) if device.type == "cuda" else None
@@ -187,6 +196,15 @@ def default_cpu_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def cpu_layers_pay(config: ModelConfig, preset: QuantPreset | None) -> bool:
+    """Whether CPU layers are worth having here: the experts take the CPU kernel's integer path (2-bit group 16,
+    the 4/2 preset, on an AVX2 or AVX-512 CPU), where a CPU expert costs about a copy. Elsewhere it is 2-4x slower."""
+    spec = preset.experts if preset else None
+    if spec is None or (spec.bits, spec.group_size) != (2, 16) or hybrid_unsupported(config, spec) is not None:
+        return False
+    return all(k % 128 == 0 for _, k in expert_shapes(config).values()) and bool(cpu_kernels._library().hqq_has_int8())
+
+
 def hybrid_unsupported(config: ModelConfig, spec: QuantSpec | None) -> str | None:
     """Why the CPU expert path cannot run this model here, or None."""
     if spec is not None:
@@ -200,21 +218,21 @@ def hybrid_unsupported(config: ModelConfig, spec: QuantSpec | None) -> str | Non
 
 
 def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spec: QuantSpec | None,
-                device: torch.device, options: OffloadOptions) -> HybridExecutor | None:
+                device: torch.device, options: OffloadOptions, cpu_layers: int = 0) -> HybridExecutor | None:
     """The hybrid executor when ``options.hybrid`` asks for it (auto: on a CUDA device) and it can run."""
     if options.hybrid not in HYBRID_MODES:
         raise MoeOffloadError(f"--hybrid {options.hybrid!r} is not one of {', '.join(HYBRID_MODES)}")
     if options.cpu_threads is not None and options.cpu_threads < 1:
         raise MoeOffloadError(f"--cpu-threads {options.cpu_threads} must be >= 1")
-    if options.cpu_layers and options.hybrid == "off":
-        raise MoeOffloadError(f"--cpu-layers {options.cpu_layers} computes experts on the CPU; it cannot go with "
+    if cpu_layers and options.hybrid == "off":
+        raise MoeOffloadError(f"--cpu-layers {cpu_layers} computes experts on the CPU; it cannot go with "
                               "--hybrid off (use auto or on)")
-    if not options.cpu_layers and (options.hybrid == "off" or (options.hybrid == "auto" and device.type != "cuda")):
+    if not cpu_layers and (options.hybrid == "off" or (options.hybrid == "auto" and device.type != "cuda")):
         return None
     reason = hybrid_unsupported(config, spec)
     if reason is not None:
-        if options.hybrid == "on" or options.cpu_layers:
-            flag = f"--cpu-layers {options.cpu_layers}" if options.cpu_layers else "--hybrid on"
+        if options.hybrid == "on" or cpu_layers:
+            flag = f"--cpu-layers {cpu_layers}" if cpu_layers else "--hybrid on"
             raise MoeOffloadError(f"{flag}: the CPU expert path cannot run: {reason}")
         warnings.warn(f"hybrid CPU path off: {reason}", RuntimeWarning, stacklevel=2)
         return None
@@ -226,14 +244,14 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
     dynamic = options.hybrid == "on" or (options.hybrid == "auto" and device.type == "cuda")
     if cost is None:
         cost = calibrate(store, cache, make, threads, config.hidden_size)
-        if options.cpu_layers and cost.cpu_ms > CPU_LAYERS_WARN_CPU_TO_COPY * cost.copy_ms:
-            warnings.warn(f"--cpu-layers {options.cpu_layers}: a CPU expert takes {cost.cpu_ms:.2f} ms against "
+        if cpu_layers and cost.cpu_ms > CPU_LAYERS_WARN_CPU_TO_COPY * cost.copy_ms:
+            warnings.warn(f"--cpu-layers {cpu_layers}: a CPU expert takes {cost.cpu_ms:.2f} ms against "
                           f"{cost.copy_ms:.2f} ms for a copy on this machine; CPU layers will likely be slower than "
                           "copies (they pay with the 4/2 preset's experts on an AVX2/AVX-512 CPU)",
                           RuntimeWarning, stacklevel=2)
         if options.hybrid == "auto" and cost.cpu_ms > AUTO_MAX_CPU_TO_COPY * cost.copy_ms:
             dynamic = False
-            if not options.cpu_layers:
+            if not cpu_layers:
                 warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} "
                               "ms for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
                 return None

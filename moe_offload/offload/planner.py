@@ -10,6 +10,7 @@ depth, are computed on the host CPU at decode and get no slot; the slots go to t
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -155,6 +156,24 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
     extra = slots - spl * gpu_layers if spl is not None else 0  # < gpu_layers; 0 when spl == num_experts
     return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, slots, non_expert_bytes,
                 kv_cache_bytes, workspace_bytes, runtime_bytes, extra, cpu_layers)
+
+
+# --cpu-layers auto: the layers keeping a cache should get about this share of their experts' slots. Measured on the
+# H100 (Mixtral 4/2, BENCHMARKS.md, session 6): 8 CPU layers at 12 GiB (139 slots: 5.8 per cached layer) gained
+# 10%, 16 at 9.6 GB (90 slots: 5.6) 13%; 20 at 9.6 GB (7.5 per cached layer) lost 14%.
+AUTO_CACHED_SHARE = 0.75
+
+
+def auto_cpu_layers(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int,
+                    non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, runtime_bytes: int = 0) -> int:
+    """How many layers to compute on the CPU (``--cpu-layers auto``): as few as leave the other layers about
+    ``AUTO_CACHED_SHARE`` of their experts cached, and at least as many as the budget's slots cannot give one each."""
+    if budget_bytes is None:
+        return 0
+    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes
+    slots = min(max(budget_bytes - fixed, 0) // expert_bytes, num_layers * num_experts)
+    wanted = math.ceil(num_layers - slots / (AUTO_CACHED_SHARE * num_experts))
+    return min(num_layers, max(0, wanted, num_layers - slots))
 
 
 def parse_size(text: str) -> int:

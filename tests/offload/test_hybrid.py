@@ -209,3 +209,24 @@ def test_cli_cpu_layers_out_of_range(tiny_dir):
     result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hi", "--device", "cpu", "--cpu-layers", "3"])
     assert result.exit_code == 1
     assert "--cpu-layers 3 must be 0..2" in result.output
+
+
+def test_cpu_layers_auto_needs_cuda_and_the_fast_kernel(tiny_dir):
+    import dataclasses
+
+    from moe_offload.placement import cpu_layers_pay
+    from moe_offload.quant.presets import make_preset
+    from moe_offload.synthetic import synthetic_config
+
+    engine = load_cpu_layers(tiny_dir, "auto", force=True)
+    assert engine.plan is not None and engine.plan.cpu_layers == 0  # no CUDA device: CPU layers stay off
+    mixtral = synthetic_config("mixtral-8x7b")
+    assert cpu_layers_pay(mixtral, make_preset("4/2")) == bool(cpu_kernels._library().hqq_has_int8())
+    assert not cpu_layers_pay(mixtral, make_preset("4/3"))  # float CPU kernel: slower than a copy
+    assert not cpu_layers_pay(dataclasses.replace(mixtral, hidden_size=4160), make_preset("4/2"))  # K % 128
+
+
+def test_cli_cpu_layers_bad_value(tiny_dir):
+    result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hi", "--device", "cpu", "--cpu-layers", "lots"])
+    assert result.exit_code == 1
+    assert "--cpu-layers 'lots' must be a number of layers or auto" in result.output

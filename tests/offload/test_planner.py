@@ -166,3 +166,18 @@ def test_cpu_layers_errors(kwargs, message):
 def test_too_small_suggests_cpu_layers():
     with pytest.raises(MoeOffloadError, match="--cpu-layers"):
         plan(FIXED + 10 * 66 * MiB, **MODEL)
+
+
+def test_auto_cpu_layers_leave_the_cached_layers_three_quarters_of_their_experts():
+    from moe_offload.offload.planner import auto_cpu_layers
+
+    sizes = {k: v for k, v in MODEL.items() if k != "top_k"}
+    # 12 GiB: 155 slots; 6 per cached layer (3/4 of 8) -> 32 - 155 / 6 = 6.2 -> 7 CPU layers
+    assert auto_cpu_layers(12 * GiB, **sizes) == 7
+    assert auto_cpu_layers(FIXED + 90 * 66 * MiB, **sizes) == 17  # 90 slots (Mixtral 4/2 at 9.6 GB)
+    assert auto_cpu_layers(FIXED + 20 * 66 * MiB, **sizes) == 29  # 20 slots: 29 layers leave 3 with ~6.7 each
+    assert auto_cpu_layers(FIXED, **sizes) == 32  # no slot at all: every layer on the CPU
+    assert auto_cpu_layers(FIXED + 192 * 66 * MiB, **sizes) == 0  # 6 per layer already
+    assert auto_cpu_layers(None, **sizes) == 0
+    p = plan(12 * GiB, **MODEL, cpu_layers=auto_cpu_layers(12 * GiB, **sizes))
+    assert min(p.layer_slots[l] for l in range(32) if l not in p.cpu_layer_ids) >= 6
