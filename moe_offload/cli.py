@@ -84,21 +84,11 @@ def _model(model: str | None, hint: str = "pass MODEL (a model directory or Hugg
 
 
 def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None, cpu_layers=0):
-    from .placement import OffloadOptions
+    from .placement import OffloadOptions, parse_cpu_layers
 
     return OffloadOptions(gpu_memory=gpu_memory, offload_per_layer=offload_per_layer, policy=policy,
                           prefetch=prefetch, pin=not no_pin, hybrid=hybrid, cpu_threads=cpu_threads,
-                          cpu_layers=_cpu_layers(cpu_layers))
-
-
-def _cpu_layers(value) -> int | str:
-    """--cpu-layers: a number of layers, or auto."""
-    if isinstance(value, int) or value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise MoeOffloadError(f"--cpu-layers {value!r} must be a number of layers or auto") from None
+                          cpu_layers=parse_cpu_layers(cpu_layers))
 
 
 def _cache_summary(engine) -> dict:

@@ -77,6 +77,16 @@ class OffloadOptions:
                 or (isinstance(self.cpu_layers, int) and self.cpu_layers > 0))
 
 
+def parse_cpu_layers(value: int | str) -> int | str:
+    """--cpu-layers: a number of layers (as int or text), or "auto"."""
+    if isinstance(value, int) or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise MoeOffloadError(f"--cpu-layers {value!r} must be a number of layers or auto") from None
+
+
 def kv_cache_bytes(config: ModelConfig, max_context: int, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * max_context * config.head_dim * dtype.itemsize
 
@@ -102,13 +112,11 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
                  num_experts=config.num_experts, non_expert_bytes=non_expert_bytes(config, preset, dtype),
                  kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
                  workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0, runtime_bytes=runtime)
-    cpu_layers = options.cpu_layers
+    cpu_layers = parse_cpu_layers(options.cpu_layers)
     if cpu_layers == "auto":
         pays = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
                 and options.policy in PER_LAYER_POLICIES and cpu_layers_pay(config, preset))
         cpu_layers = auto_cpu_layers(budget, **sizes) if pays else 0
-    elif not isinstance(cpu_layers, int):
-        raise MoeOffloadError(f"--cpu-layers {cpu_layers!r} must be a number of layers or auto")
     p = plan(budget, top_k=config.top_k, offload_per_layer=options.offload_per_layer, policy=options.policy,
              cpu_layers=cpu_layers, **sizes)
     return None if p.all_resident and options.offload_per_layer is None and not options.force else p
@@ -202,7 +210,7 @@ def cpu_layers_pay(config: ModelConfig, preset: QuantPreset | None) -> bool:
     spec = preset.experts if preset else None
     if spec is None or (spec.bits, spec.group_size) != (2, 16) or hybrid_unsupported(config, spec) is not None:
         return False
-    return all(k % 128 == 0 for _, k in expert_shapes(config).values()) and bool(cpu_kernels._library().hqq_has_int8())
+    return all(k % 128 == 0 for _, k in expert_shapes(config).values()) and cpu_kernels.int8_available()
 
 
 def hybrid_unsupported(config: ModelConfig, spec: QuantSpec | None) -> str | None:

@@ -13,7 +13,7 @@ from moe_offload.quant.presets import make_preset
 from moe_offload.synthetic import synthetic_config
 from moe_offload.weights import expert_layout, expert_shapes
 
-pytestmark = pytest.mark.skipif(not cpu.available() or not cpu._library().hqq_has_int8(), reason="no AVX2 CPU kernel")
+pytestmark = pytest.mark.skipif(not cpu.available() or not cpu.int8_available(), reason="no AVX2 CPU kernel")
 
 
 def experts(n: int, hidden: int = 256, intermediate: int = 768) -> list[CpuExpert]:

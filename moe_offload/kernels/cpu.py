@@ -125,6 +125,11 @@ def supports(qt: QuantizedTensor) -> bool:
     return n % ROWS_PER_BLOCK == 0 and qt.spec.group_size % 16 == 0 and qt.spec.bits in (2, 3, 4, 8)
 
 
+def int8_available() -> bool:
+    """Whether this build has the integer fast path (an AVX2, AVX-VNNI or AVX-512 VNNI CPU)."""
+    return bool(_library().hqq_has_int8())
+
+
 def int8_path(qt: QuantizedTensor) -> bool:
     """Whether the integer fast path computes this matrix here: 2-bit codes in groups of 16 (the 4/2 preset's
     experts), K % 128 == 0, 8-bit metadata in blocks of a multiple of 8 groups, and an AVX2 (or VNNI) build."""
@@ -133,7 +138,7 @@ def int8_path(qt: QuantizedTensor) -> bool:
         return False
     if isinstance(qt.scale, QuantizedMeta) and (k // 16 // qt.scale.step.shape[1]) % 8:
         return False
-    return bool(_library().hqq_has_int8())
+    return int8_available()
 
 
 # Bytes ahead in each row's codes that the 512-bit path prefetches into L1 (0: hardware prefetchers only).

@@ -372,31 +372,8 @@ static void rows_2bit_g16_512(const hqq_matrix *w, int n0, int n1, const int8_t 
 int hqq_has_avx512(void) { return 0; }
 #endif
 
-/* y = W x for a 2-bit group-16 matrix, x given quantized by hqq_quantize_x16 with chunks of `chunk` codes:
-   256 runs the 512-bit path (where built), 128 the 256-bit one. */
-void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx, const float *xs, float *y,
-                         int chunk, int prefetch, int threads) {
-    const int rows = 16, blocks = (w->n + rows - 1) / rows;
-    (void)chunk; (void)prefetch;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        const int n1 = (b + 1) * rows < w->n ? (b + 1) * rows : w->n;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-        if (chunk == 256) {
-            rows_2bit_g16_512(w, b * rows, n1, xp, dx, xs, y, prefetch);
-            continue;
-        }
-#endif
-        rows_2bit_g16(w, b * rows, n1, xp, dx, xs, y);
-    }
-}
-
-/* One layer's CPU experts in one parallel region: y[e] = down_e(silu(gate_e x) * up_e x) for e < n, every matrix
-   2-bit group 16 with the shapes of expert 0 (gate/up [I, D], down [D, I]). One fork and three barriers per layer
-   instead of a fork per matrix; the row blocks of all experts' gate and up (then down) projections are shared
-   out together, so n experts keep every thread busy as one expert would. x is rounded to int8 once, and h per
-   group of 16 as soon as it exists. Work buffers: xq int8 [D], xd/xsum float [D/16], g/u float [n*I],
-   hq int8 [n*I], hd/hsum float [n*I/16]; y float [n*D]. */
+/* Rows [n0, n1) at the width that x was permuted for: chunks of 256 codes run the 512-bit path (where built),
+   128 the 256-bit one. */
 static inline void rows_any(const hqq_matrix *w, int n0, int n1, const int8_t *xp, const float *dx, const float *xs,
                             float *y, int chunk, int prefetch) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -409,6 +386,23 @@ static inline void rows_any(const hqq_matrix *w, int n0, int n1, const int8_t *x
     rows_2bit_g16(w, n0, n1, xp, dx, xs, y);
 }
 
+/* y = W x for a 2-bit group-16 matrix, x given quantized by hqq_quantize_x16 with chunks of `chunk` codes. */
+void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx, const float *xs, float *y,
+                         int chunk, int prefetch, int threads) {
+    const int rows = 16, blocks = (w->n + rows - 1) / rows;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int n1 = (b + 1) * rows < w->n ? (b + 1) * rows : w->n;
+        rows_any(w, b * rows, n1, xp, dx, xs, y, chunk, prefetch);
+    }
+}
+
+/* One layer's CPU experts in one parallel region: y[e] = down_e(silu(gate_e x) * up_e x) for e < n, every matrix
+   2-bit group 16 with the shapes of expert 0 (gate/up [I, D], down [D, I]). One fork and three barriers per layer
+   instead of a fork per matrix; the row blocks of all experts' gate and up (then down) projections are shared
+   out together, so n experts keep every thread busy as one expert would. x is rounded to int8 once, and h per
+   group of 16 as soon as it exists. Work buffers: xq int8 [D], xd/xsum float [D/16], g/u float [n*I],
+   hq int8 [n*I], hd/hsum float [n*I/16]; y float [n*D]. */
 void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hqq_matrix *down, int n, const float *x,
                           int chunk, int prefetch, int8_t *xq, float *xd, float *xsum, float *g, float *u,
                           int8_t *hq, float *hd, float *hsum, float *y, int threads) {

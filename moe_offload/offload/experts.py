@@ -45,7 +45,7 @@ class OffloadedExperts:
         # Prefill: when a chunk is long enough to use every expert, the next layer's experts without a slot are
         # staged into the scratch slots while this layer computes (ExpertCache.stage).
         self.num_experts, self.last_layer = num_experts, last_layer
-        assert not cpu_only or hybrid is not None, "a CPU layer needs the CPU path" 
+        assert not cpu_only or hybrid is not None, "a CPU layer needs the CPU path"
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
         self.counts_tokens = counts_tokens  # the first offloaded layer counts tokens for per-token stats

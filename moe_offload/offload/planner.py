@@ -101,6 +101,11 @@ class Plan:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _slots(budget_bytes: int | None, fixed: int, expert_bytes: int, everything: int) -> int:
+    """Whole experts that fit in what the budget leaves after the fixed part (all of them without a budget)."""
+    return everything if budget_bytes is None else min(max(budget_bytes - fixed, 0) // expert_bytes, everything)
+
+
 def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int, top_k: int,
          non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, offload_per_layer: int | None = None,
          policy: str = "lru", runtime_bytes: int = 0, cpu_layers: int = 0) -> Plan:
@@ -135,8 +140,7 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
                     non_expert_bytes, kv_cache_bytes, workspace_bytes, runtime_bytes)
 
     gpu_layers = num_layers - cpu_layers
-    everything = gpu_layers * num_experts
-    slots = everything if budget_bytes is None else min(max(budget_bytes - fixed, 0) // expert_bytes, everything)
+    slots = _slots(budget_bytes, fixed, expert_bytes, gpu_layers * num_experts)
     # A per-layer policy needs a slot in every (GPU) layer; a global one, room for one layer's top-k at once.
     minimum = gpu_layers if per_layer else top_k
     if slots < minimum or (budget_bytes is not None and budget_bytes < fixed):
@@ -171,7 +175,7 @@ def auto_cpu_layers(budget_bytes: int | None, *, expert_bytes: int, num_layers: 
     if budget_bytes is None:
         return 0
     fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes
-    slots = min(max(budget_bytes - fixed, 0) // expert_bytes, num_layers * num_experts)
+    slots = _slots(budget_bytes, fixed, expert_bytes, num_layers * num_experts)
     wanted = math.ceil(num_layers - slots / (AUTO_CACHED_SHARE * num_experts))
     return min(num_layers, max(0, wanted, num_layers - slots))
 

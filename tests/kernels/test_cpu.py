@@ -28,7 +28,7 @@ def test_hqq_kernel_matches_reference(spec, shape):
     assert (got - ref).abs().max() <= 1e-5 * k ** 0.5 * ref.abs().max()
 
 
-needs_int8 = pytest.mark.skipif(not cpu.available() or not cpu._library().hqq_has_int8(), reason="no AVX2 build")
+needs_int8 = pytest.mark.skipif(not cpu.available() or not cpu.int8_available(), reason="no AVX2 build")
 
 
 @needs_int8

@@ -221,7 +221,7 @@ def test_cpu_layers_auto_needs_cuda_and_the_fast_kernel(tiny_dir):
     engine = load_cpu_layers(tiny_dir, "auto", force=True)
     assert engine.plan is not None and engine.plan.cpu_layers == 0  # no CUDA device: CPU layers stay off
     mixtral = synthetic_config("mixtral-8x7b")
-    assert cpu_layers_pay(mixtral, make_preset("4/2")) == bool(cpu_kernels._library().hqq_has_int8())
+    assert cpu_layers_pay(mixtral, make_preset("4/2")) == cpu_kernels.int8_available()
     assert not cpu_layers_pay(mixtral, make_preset("4/3"))  # float CPU kernel: slower than a copy
     assert not cpu_layers_pay(dataclasses.replace(mixtral, hidden_size=4160), make_preset("4/2"))  # K % 128
 
