@@ -83,12 +83,13 @@ def _model(model: str | None, hint: str = "pass MODEL (a model directory or Hugg
     return str(demo_model_dir(hint))
 
 
-def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None, cpu_layers=0):
+def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None, cpu_layers=0,
+             device_lookup="auto"):
     from .placement import OffloadOptions, parse_cpu_layers
 
     return OffloadOptions(gpu_memory=gpu_memory, offload_per_layer=offload_per_layer, policy=policy,
                           prefetch=prefetch, pin=not no_pin, hybrid=hybrid, cpu_threads=cpu_threads,
-                          cpu_layers=parse_cpu_layers(cpu_layers))
+                          cpu_layers=parse_cpu_layers(cpu_layers), device_lookup=device_lookup)
 
 
 def _cache_summary(engine) -> dict:
@@ -134,6 +135,10 @@ CpuLayers = typer.Option("0", "--cpu-layers", help="Compute the experts of this 
                          "depth) on the CPU at decode and give their GPU memory to the other layers' caches, like "
                          "llama.cpp's --n-cpu-moe (not exact; needs the CPU path, i.e. not --hybrid off). auto: as many "
                          "as the GPU budget calls for, where the CPU kernel is fast (the 4/2 preset's experts).")
+DeviceLookup = typer.Option("auto", "--device-lookup", help="With --cpu-layers, the layers between CPU layers find "
+                            "their experts on the GPU and read misses in place over PCIe, so a decode step reaches the "
+                            "host only at CPU layers: off, auto (on with a CUDA GPU and pinned memory), on (bench: "
+                            "also runs off beside it). Exact either way.")
 Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")
@@ -151,12 +156,14 @@ def generate(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
+    device_lookup: str = DeviceLookup,
     int8_activations: bool = Int8Activations,
 ):
     """Continue a prompt and print the completion."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers), int8_activations)
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
+                            device_lookup), int8_activations)
     generation = engine.stream(prompt, params)
     if json_out:
         c = generation.result()
@@ -187,13 +194,15 @@ def chat(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
+    device_lookup: str = DeviceLookup,
     int8_activations: bool = Int8Activations,
     stats: bool = typer.Option(False, "--stats", help="After each answer, print speed and expert-cache statistics."),
 ):
     """Interactive multi-turn chat. /reset starts over, /exit quits; Ctrl-C stops the current answer."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers), int8_activations)
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
+                            device_lookup), int8_activations)
     conversation = engine.new_chat(system=system)
     err.print(f"[bold]moe-offload chat[/] {model or 'demo model'} on {engine.device}. /reset starts over, /exit quits, "
               "Ctrl-C stops an answer.", highlight=False, soft_wrap=True)
@@ -282,6 +291,7 @@ def bench(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
+    device_lookup: str = DeviceLookup,
     int8_activations: bool = Int8Activations,
     seed: int = typer.Option(0, help="Seed of the synthetic weights and the random prompt."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run with prefetch toggled (off by "
@@ -318,7 +328,8 @@ def bench(
     if model is None and synthetic is None:  # the shipped demo model
         model = _model(None, "pass MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
     replay_trace = _routing_trace(routing_trace, model, synthetic) if routing_trace is not None else None
-    base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers)
+    base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
+                    device_lookup)
     base = dataclasses.replace(base, timing=True)
     int8_of: dict[str, bool] = {}  # run label -> int8 activations (default: the command's choice)
     runs = [("full", base)]
@@ -330,7 +341,10 @@ def bench(
         ]
     dev = resolve_device(device)
     if hybrid == "on" or base.cpu_layers or (hybrid == "auto" and ablations and dev.type == "cuda"):  # vs copies only
-        runs.insert(runs.index(("full", base)) + 1, ("no hybrid", dataclasses.replace(base, hybrid="off", cpu_layers=0)))
+        copies_only = dataclasses.replace(base, hybrid="off", cpu_layers=0, device_lookup="off")
+        runs.insert(runs.index(("full", base)) + 1, ("no hybrid", copies_only))
+    if base.cpu_layers and (device_lookup == "on" or (ablations and device_lookup == "auto" and dev.type == "cuda")):
+        runs.insert(runs.index(("full", base)) + 1, ("host lookup", dataclasses.replace(base, device_lookup="off")))
     if ablations and int8_activations:  # the same run with exact activations beside it
         runs.insert(runs.index(("full", base)) + 1, ("exact activations", base))
         int8_of["exact activations"] = False
@@ -512,6 +526,7 @@ def serve(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
+    device_lookup: str = DeviceLookup,
     int8_activations: bool = Int8Activations,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
@@ -522,7 +537,8 @@ def serve(
     from .demo import DEMO_NAME
 
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
-                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers), int8_activations)
+                   _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
+                            device_lookup), int8_activations)
     name = DEMO_NAME if model is None else Path(model).name if Path(model).exists() else model
     err.print(f"serving {name} on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'})",
               highlight=False, soft_wrap=True)

@@ -354,12 +354,12 @@ def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path, layer
     plan = plan_placement(config, preset, dev, dt, options.max_context, offload)
     with torch.device("meta"):
         net = MoeTransformer(config)
-    store = prepare_offload(net, expert_layout(config, preset, dt), offload) if plan else None
+    store, slots = prepare_offload(net, expert_layout(config, preset, dt), offload, plan, dev) if plan else (None, None)
     assemble(net, layers, dev, dt, preset.experts if preset else None, source, store)
     engine = Engine(config, net, tokenizer, source, options)
     engine.preset, engine.plan = preset, plan
     if plan is not None:
-        engine.expert_cache, engine.hybrid = install_offload(net, store, plan, preset, dev, offload)
+        engine.expert_cache, engine.hybrid = install_offload(net, store, plan, preset, dev, offload, slots)
         engine.cache_stats = engine.expert_cache.stats
     if options.int8_activations:
         install_int8_activations(net, engine.expert_cache.modules if engine.expert_cache else ())

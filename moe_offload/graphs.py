@@ -1,14 +1,14 @@
-"""Batch-1 decode with each layer's dense part replayed from a CUDA graph.
+"""Batch-1 decode replayed from CUDA graphs, in segments that end where the host must decide.
 
-Eager decode issues ~60 small kernels per layer from Python; at batch 1 the host, not the GPU, sets the
-pace. Here each layer's attention, norms and router run as one captured graph over static buffers (the
-position lives in a device tensor, attention spans the whole KV cache under a mask). The experts stay
-eager: which ones run, and which copies they wait for, is decided on the host from the router's output.
-Per layer and token: one graph replay, the routing sync, the experts, one add. Quantized experts replay
-graphs of their own too (see weights.QuantExpert, grouped.SlotKernel), keyed by their static input buffer.
+Eager decode issues ~60 small kernels per layer from Python; at batch 1 the host, not the GPU, sets the pace. Here
+everything runs as captured graphs over static buffers (the position lives in a device tensor, attention spans the
+whole KV cache under a mask). A layer whose routed experts are picked on the host (offloaded experts copied on a
+miss, a CPU layer, a routing hook) ends a segment: the graph runs up to its router, its experts run eagerly, and
+the next graph starts from their output. Quantized experts run eagerly replay graphs of their own (see
+weights.QuantExpert, grouped.SlotKernel), keyed by their static input buffer.
 
-When every MoE layer picks its experts on the device (resident quantized stacks, grouped.py), nothing needs
-the host between layers and the whole step, lm_head included, is one graph: one replay per token.
+Layers whose experts are picked on the device (resident quantized stacks, grouped.py; offloaded layers with device
+lookup, offload/experts.py) need no host: with no host layer at all, the whole step, lm_head included, is one graph.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ class GraphedDecode:
         self.cos = torch.zeros(1, 1, 1, c.head_dim, dtype=self.dtype, device=self.device)
         self.sin = torch.zeros_like(self.cos)
         self.x = [torch.zeros(1, 1, D, dtype=self.dtype, device=self.device) for _ in range(c.num_layers + 1)]
-        self.outputs: list[Pending] = []
-        self.graphs: list[torch.cuda.CUDAGraph] = []
         self.use_graphs = use_graphs and self.device.type == "cuda"
         if self.device.type == "cuda" and kernels.available():  # attention over keys <= pos, not the whole cache
             from .kernels.attention import decode_attention_if_supported
@@ -43,16 +41,19 @@ class GraphedDecode:
             for layer in model.layers:
                 layer.self_attn.decode_attention = decode_attention_if_supported
         self.expert_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        # Every MoE layer picks its experts on the device (resident stacks): the whole step is one graph. A routing
-        # hook (routing.py: trace recording or replay) runs Python between router and experts: per-layer graphs.
+        # Host layers: their experts are picked on the host. A routing hook (routing.py: trace recording or replay)
+        # runs Python between router and experts, so its layer is one too.
         probe = self.x[0].view(1, D)
-        self.whole = self.use_graphs and all(
-            block.routing_hook is None and getattr(block.experts, "decode_on_device", lambda _: False)(probe)
-            for block in model.moe_blocks())
-        self.logits: torch.Tensor | None = None
-        if self.whole:
-            self._capture_whole()
-        elif self.use_graphs:
+        self.host_layers = [i for i, layer in enumerate(model.layers) if layer.moe is not None and not (
+            layer.moe.routing_hook is None
+            and getattr(layer.moe.experts, "decode_on_device", lambda _: False)(probe))]
+        # Segment j runs layers first..host-1 whole, then layer ``host`` up to its router (host None: to the logits).
+        firsts = [0] + [h + 1 for h in self.host_layers]
+        self.segments: list[tuple[int, int | None]] = list(zip(firsts, [*self.host_layers, None]))
+        self.whole = not self.host_layers  # one graph per step
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.outputs: list[Pending | torch.Tensor] = []
+        if self.use_graphs:
             self._capture()
 
     @torch.inference_mode()
@@ -65,40 +66,35 @@ class GraphedDecode:
             self.sin.copy_(sin)
         return layer.prepare(self.x[i], self.cos, self.sin, self.kv, self.pos, self.mask)
 
+    @torch.inference_mode()
+    def _segment(self, j: int) -> Pending | torch.Tensor:
+        """Segment j's work: its host layer's Pending, or the last segment's float32 logits [V]."""
+        model = self.model
+        first, host = self.segments[j]
+        for i in range(first, len(model.layers) if host is None else host):
+            model.layers[i].finish(self._dense(i), out=self.x[i + 1])
+        if host is not None:
+            return self._dense(host)
+        return model.lm_head(model.norm(self.x[-1])).float()[0, 0]
+
+    @torch.inference_mode()
     def _capture(self) -> None:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside capture: kernels compiled, scratch allocated
-            for i in range(len(self.model.layers)):
-                self._dense(i)
-                self._dense(i)
+            for _ in range(2):
+                for j in range(len(self.segments)):
+                    self._segment(j)
         torch.cuda.current_stream(self.device).wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        for i in range(len(self.model.layers)):
+        for j in range(len(self.segments)):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._dense(i)
+                out = self._segment(j)
             self.graphs.append(graph)
             self.outputs.append(out)
-
-    def _all_layers(self) -> torch.Tensor:
-        model = self.model
-        for i, layer in enumerate(model.layers):
-            layer.finish(self._dense(i), out=self.x[i + 1])
-        return model.lm_head(model.norm(self.x[-1])).float()[0, 0]
-
-    @torch.inference_mode()
-    def _capture_whole(self) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: kernels compiled, split-K scratch allocated
-            self._all_layers()
-            self._all_layers()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._all_layers()
-        self.graphs.append(graph)
+        for block in self.model.moe_blocks():  # the warm-up's expert lookups did not happen for real
+            getattr(block.experts, "after_capture", lambda: None)()
 
     @torch.inference_mode()
     def step(self, token: int, position: int) -> torch.Tensor:
@@ -109,18 +105,16 @@ class GraphedDecode:
         torch.le(self.positions, self.pos, out=self.mask[0])
         if c.sliding_window is not None:
             self.mask[0] &= (self.pos - self.positions) < c.sliding_window
-        if self.whole:
-            self.graphs[0].replay()
-            return self.logits.clone()
         graphed_experts = EXPERT_GRAPHS.set(self.expert_pool)
         try:
-            for i, layer in enumerate(model.layers):
+            for j, (_, host) in enumerate(self.segments):
                 if self.use_graphs:
-                    self.graphs[i].replay()
-                    pending = self.outputs[i]
+                    self.graphs[j].replay()
+                    out = self.outputs[j]
                 else:
-                    pending = self._dense(i)
-                layer.finish(pending, out=self.x[i + 1])  # the routed experts, eager
+                    out = self._segment(j)
+                if host is not None:
+                    model.layers[host].finish(out, out=self.x[host + 1])  # the routed experts, eager
         finally:
             EXPERT_GRAPHS.reset(graphed_experts)
-        return model.lm_head(model.norm(self.x[-1])).float()[0, 0]
+        return out.clone() if self.use_graphs else out

@@ -103,6 +103,10 @@ class SlotKernel:
     def ok(self, x: torch.Tensor) -> bool:
         return grouped_ok(x, self.base)
 
+    def from_ids(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The experts at stack indices ``ids`` (device; slots, or host memory read in place: device lookup)."""
+        return grouped_combine(x, ids, weights, self.base, self.stride)
+
     def __call__(self, layer: int, x: torch.Tensor, slots: list[int], weights: torch.Tensor) -> torch.Tensor:
         k = len(slots)
         if k not in self._ids:

@@ -70,6 +70,9 @@ class OffloadOptions:
     # the budget calls for where the CPU path is fast (planner.auto_cpu_layers, cpu_layers_pay), else none.
     cpu_layers: int | str = 0
     hybrid_cost: CostModel | None = None  # fixed cost model instead of a start-up measurement (tests)
+    # With CPU layers, the layers between them look their experts up on the device and read misses in place
+    # (offload/experts.py): off | auto (CUDA, pinned store, grouped kernels) | on (also on a CPU device: tests).
+    device_lookup: str = "auto"
 
     @property
     def requested(self) -> bool:
@@ -129,19 +132,52 @@ class _Pending:
         raise RuntimeError("experts not installed")
 
 
-def prepare_offload(model: MoeTransformer, layout: FlatLayout, options: OffloadOptions) -> ExpertStore:
-    """Detach the resident expert modules and allocate the host store the loader fills."""
+LOOKUP_MODES = ("off", "auto", "on")
+
+
+def scratch_slots(config: ModelConfig) -> int:
+    """Scratch slots for experts that get no cache slot: top_k of them, so one token's experts always fit at once
+    and decode keeps computing them in one grouped launch, the arithmetic of the resident model."""
+    return max(2, config.top_k)
+
+
+def wants_device_lookup(options: OffloadOptions, p: Plan, device: torch.device) -> bool:
+    """Whether device lookup may run (install_offload still needs a pinned store and the grouped kernels on CUDA)."""
+    if options.device_lookup not in LOOKUP_MODES:
+        raise MoeOffloadError(f"--device-lookup {options.device_lookup!r} is not one of {', '.join(LOOKUP_MODES)}")
+    if options.device_lookup == "off" or not options.cache:
+        return False
+    if not p.cpu_layers:
+        if options.device_lookup == "on":
+            raise MoeOffloadError("--device-lookup on needs --cpu-layers: the CPU layers are where the host catches up "
+                                  "with the lookups (add --cpu-layers N or auto)")
+        return False
+    return device.type == "cuda" or options.device_lookup == "on"
+
+
+def prepare_offload(model: MoeTransformer, layout: FlatLayout, options: OffloadOptions, p: Plan | None = None,
+                    device: torch.device | None = None) -> tuple[ExpertStore, torch.Tensor | None]:
+    """Detach the resident expert modules and allocate the host store the loader fills. With device lookup also
+    the slots, first: the store is aligned to them (a host expert is then a whole number of slots away)."""
     blocks = model.moe_blocks()
     for block in blocks:
         block.set_experts(_Pending())
     keys = [(l, e) for l in range(len(blocks)) for e in range(model.config.num_experts)]  # l: MoE layer number
+    slots = None
+    if p is not None and device is not None and wants_device_lookup(options, p, device):
+        total = p.total_slots + scratch_slots(model.config)
+        slots = torch.empty((total, layout.nbytes), dtype=torch.uint8, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        return ExpertStore(layout, keys, pin=options.pin)
+        if slots is None:
+            return ExpertStore(layout, keys, pin=options.pin), None
+        # Larger chunks: each pays up to one expert of padding for the alignment.
+        return ExpertStore(layout, keys, pin=options.pin, chunk_bytes=4 << 30, align_to=slots.data_ptr()), slots
 
 
 def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: QuantPreset | None,
-                    device: torch.device, options: OffloadOptions) -> tuple[ExpertCache, HybridExecutor | None]:
+                    device: torch.device, options: OffloadOptions,
+                    slot_buffer: torch.Tensor | None = None) -> tuple[ExpertCache, HybridExecutor | None]:
     """Build the slot cache (and the hybrid CPU path when on); give every MoE layer an OffloadedExperts provider."""
     c = model.config
     missing = len(store.keys()) - len(store.filled)
@@ -153,28 +189,51 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     spec = preset.experts if preset else None
     # cache=False (an ablation): no slot keeps anything, every routed expert is copied on use.
     policy = make_policy(p.policy, len(blocks), slots) if options.cache else NoCache()
-    # Scratch slots for experts that get no cache slot: top_k of them, so one token's experts always fit at once
-    # and decode keeps computing them in one grouped launch, the arithmetic of the resident model.
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
-                        scratch_slots=max(2, c.top_k), timing=options.timing)
+                        scratch_slots=scratch_slots(c), timing=options.timing, slots=slot_buffer)
     hybrid = make_hybrid(store, cache, c, spec, device, options, p.cpu_layers)
     cpu_layers = set(p.cpu_layer_ids)
     # Decode computes a token's experts straight from the slots (the slots are a stack: one stride apart).
     grouped = SlotKernel(cache.modules[0], store.layout.nbytes, len(blocks), device) if device.type == "cuda" else None
+    lookup = slot_buffer is not None and _device_lookup_runs(options, store, grouped, model)
+    if lookup:
+        cache.enable_device_lookup(c.top_k)
+    ordered = sorted(cpu_layers)
     guesses: dict[int, set[int]] = {}
     depth = prefetch_depth(options.prefetch, store.pinned, device)
     for i, block in enumerate(blocks):
         ahead_depth = depth
-        if i in cpu_layers and store.pinned:
+        if i in cpu_layers and (store.pinned or lookup):
             # A CPU layer's time is the CPU's, and the copy link would idle through it: it guesses for the layers
             # up to the next CPU layer (at most CPU_LAYER_LOOKAHEAD), and their copies run while the CPU works.
             following = next((j for j in range(i + 1, len(blocks)) if j in cpu_layers), len(blocks))
             ahead_depth = max(depth, min(following - i - 1, CPU_LAYER_LOOKAHEAD))
         ahead = [(j, blocks[j].router) for j in range(i + 1, min(i + 1 + ahead_depth, len(blocks)))]
-        block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses, counts_tokens=i == 0,
+        catch_up: list[int] = []
+        if lookup and i in cpu_layers:  # the device-lookup layers since the previous CPU layer, wrapping around
+            previous = ordered[ordered.index(i) - 1]
+            span = range(previous + 1, i) if previous < i else [*range(previous + 1, len(blocks)), *range(i)]
+            catch_up = [j for j in span if j not in cpu_layers]
+        block.set_experts(OffloadedExperts(i, cache, combine_experts, ahead, guesses,
+                                           counts_tokens=i == (ordered[0] if lookup else 0),
                                            hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers,
-                                           num_experts=c.num_experts, last_layer=i == len(blocks) - 1))
+                                           num_experts=c.num_experts, last_layer=i == len(blocks) - 1,
+                                           device_lookup=lookup, catch_up=catch_up))
     return cache, hybrid
+
+
+def _device_lookup_runs(options: OffloadOptions, store: ExpertStore, grouped: SlotKernel | None,
+                        model: MoeTransformer) -> bool:
+    """On CUDA, device lookup needs the store pinned (the kernels read it in place) and the grouped kernels."""
+    if grouped is None:  # a CPU device (only with "on"): in-place reads are plain memory reads
+        return True
+    weight = model.embed_tokens.weight
+    probe = torch.empty((1, model.config.hidden_size), dtype=weight.dtype, device=weight.device)
+    reason = ("the host store is not pinned" if not store.pinned else
+              None if grouped.ok(probe) else "the grouped expert kernels do not run these experts")
+    if reason is not None and options.device_lookup == "on":
+        raise MoeOffloadError(f"--device-lookup on cannot run: {reason} (use --device-lookup off)")
+    return reason is None
 
 
 def prefetch_depth(requested: int, pinned: bool, device: torch.device) -> int:

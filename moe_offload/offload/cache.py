@@ -18,6 +18,16 @@ Stream/event protocol (CUDA):
   * a layer's misses (and a layer's prefetch guesses) are enqueued as one batch: one entry into the copy
     stream and, when one kernel reads them all (grouped decode), one ``ready`` event for the batch.
 On a CPU "device" the slots are plain memory and a copy is a synchronous memcpy.
+
+Device lookup (``enable_device_lookup``): a [L, E] table on the device says where each expert is: a slot number,
+or the expert's index in host memory counted in expert sizes from slot 0 (the store is aligned for it). A batch-1
+kernel then finds a token's experts without the host: a miss is read in place over PCIe. The table follows the cache:
+  * an eviction points the old expert back to host memory on the compute stream, and the copy overwriting its slot
+    waits for that (every kernel that could still read the slot was enqueued before it);
+  * a copy's expert is pointed at its slot on the copy stream, right after the copy: kernels looking it up before see
+    host memory, after see the slot, the same bytes either way;
+  * an expert whose copy may still be in flight is never evicted, so the two streams never disagree about it.
+The kernels log what they looked up (``log``); the host folds it into the statistics and the LRU order later.
 """
 
 from __future__ import annotations
@@ -35,12 +45,16 @@ from .store import ExpertStore
 class ExpertCache:
     def __init__(self, store: ExpertStore, policy: CachePolicy, device: torch.device,
                  make_module: Callable[[dict[str, torch.Tensor]], nn.Module], stats: CacheStats,
-                 scratch_slots: int = 1, timing: bool = False):
+                 scratch_slots: int = 1, timing: bool = False, slots: torch.Tensor | None = None):
         self.store, self.policy, self.device, self.stats = store, policy, device, stats
         layout = store.layout
         self.num_slots = policy.num_slots
         total = self.num_slots + scratch_slots  # scratch: for an expert that gets no slot (all protected)
-        self.slots = torch.empty((total, layout.nbytes), dtype=torch.uint8, device=device)  # [S, B]
+        if slots is None:  # given: allocated early, so that the store could be aligned to it (device lookup)
+            slots = torch.empty((total, layout.nbytes), dtype=torch.uint8, device=device)
+        assert tuple(slots.shape) == (total, layout.nbytes) and slots.device == device, (slots.shape, total)
+        self.slots = slots  # [S, B]
+        self._make_module = make_module
         self.modules = [make_module(layout.views(self.slots[s])) for s in range(total)]
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -59,25 +73,42 @@ class ExpertCache:
         self.copies = 0  # copies enqueued so far (the hybrid scheduler tracks the copy queue's backlog by it)
         self.sample_copies = 0  # time every n-th copy with CUDA events (0: none); read by take_copy_samples
         self._copy_samples: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, copies)
+        # Device lookup (off until enable_device_lookup): where each expert is, as seen by the kernels.
+        self.table: torch.Tensor | None = None  # [L, E] int64 on the device: slot, or host index
+        self.log: torch.Tensor | None = None  # [L, 2K] int64: experts looked up, then their table entries; -1: none
+        self._host_index: dict[Key, int] = {}
+        self._in_flight: dict[Key, torch.cuda.Event | None] = {}  # copied into a slot, copy maybe not landed
+        self._host_modules: dict[int, nn.Module] = {}  # CPU stand-in for in-place reads (module_at)
 
     # -- copies -------------------------------------------------------------------------------
-    def _copy(self, pairs: list[tuple[Key, int]], together: bool = True) -> None:
+    def _copy(self, pairs: list[tuple[Key, int]], together: bool = True, evicted: Collection[Key] = ()) -> None:
         """Copy each (key, slot) pair's expert into its slot: on CUDA one batch on the copy stream.
 
         A batch enters the copy stream once (top-8 models miss several experts per layer; per-copy stream
         switches cost more host time than the 1-2 MB copies themselves). ``together``: the experts are used
         by one kernel, so one ``ready`` event serves them all; otherwise each gets its own, so computing
-        the first need not wait for the last copy (prefill, expert by expert)."""
+        the first need not wait for the last copy (prefill, expert by expert). ``evicted``: the experts these
+        copies overwrite (device lookup points them back to host memory first)."""
         if not pairs:
             return
         self.copies += len(pairs)
+        table = self.table
+        if table is not None:
+            for key in evicted:
+                table[key].fill_(self._host_index[key])  # compute stream: later lookups read host memory
         if not self.cuda:
             for key, slot in pairs:
                 self.slots[slot].copy_(self.store.buffer(key))
+                if table is not None and slot < self.num_slots:
+                    table[key].fill_(slot)
             return
         if any(slot in self._unmarked for _, slot in pairs):
             self._mark_used()
         frees = []  # distinct events: a batch's slots were usually freed together
+        if table is not None and evicted:
+            pointed_back = torch.cuda.Event()
+            pointed_back.record()  # after every kernel that could have looked up an evicted expert's slot
+            frees.append(pointed_back)
         for _, slot in pairs:
             free = self.free[slot]
             if free is not None and all(free is not f for f in frees):
@@ -94,8 +125,13 @@ class ExpertCache:
                 if not together:
                     self.ready[slot] = torch.cuda.Event()
                     self.ready[slot].record(self.copy_stream)
+            cached = [(key, slot) for key, slot in pairs if slot < self.num_slots] if table is not None else []
+            for key, slot in cached:
+                table[key].fill_(slot)  # copy stream: kernels find the slot once its bytes are there
             ready = torch.cuda.Event(enable_timing=sample)
             ready.record(self.copy_stream)
+        for key, _ in cached:
+            self._in_flight[key] = ready
         self._last_ready = ready
         if sample:
             self._copy_samples.append((start, ready, len(pairs)))
@@ -138,8 +174,9 @@ class ExpertCache:
 
         ``together``: one kernel will read them all (``slots_for``), so their copies share one event."""
         protected = [(layer, e) for e in experts]
+        keep = self._keep(protected)
         s = self.stats.layers[layer]
-        batch = []
+        batch, evicted = [], []
         for key in protected:
             slot = self.policy.slot_of(key)
             if slot is not None:
@@ -150,33 +187,117 @@ class ExpertCache:
                     self.prefetched.discard(key)
                 continue
             s.misses += 1
-            admitted = self.policy.admit(key, protected)
+            admitted = self.policy.admit(key, keep)
             if admitted is None:
                 continue  # gets the scratch slot when it is used
-            slot, evicted = admitted
-            self.prefetched.discard(evicted)
+            slot, old = admitted
+            self.prefetched.discard(old)
             batch.append((key, slot))
-        self._copy(batch, together)
+            evicted += [old] if old is not None else []
+        self._copy(batch, together, evicted)
         s.bytes_copied += len(batch) * self.store.layout.nbytes
 
     def prefetch(self, layer: int, experts: list[int], protected: Collection[Key]) -> None:
         """Speculatively start copies for guessed experts of a later layer. A wrong guess costs only bytes."""
         s = self.stats.layers[layer]
-        batch = []
+        keep = self._keep(protected)
+        batch, evicted = [], []
         for e in experts:
             key = (layer, e)
             if self.policy.slot_of(key) is not None:
                 continue
-            admitted = self.policy.admit(key, protected)
+            admitted = self.policy.admit(key, keep)
             if admitted is None:
                 break
-            slot, evicted = admitted
-            self.prefetched.discard(evicted)
+            slot, old = admitted
+            self.prefetched.discard(old)
             self.prefetched.add(key)
             batch.append((key, slot))
-        self._copy(batch)
+            evicted += [old] if old is not None else []
+        self._copy(batch, evicted=evicted)
         s.prefetch_copies += len(batch)
         s.bytes_copied += len(batch) * self.store.layout.nbytes
+
+    # -- device lookup ------------------------------------------------------------------------
+    def enable_device_lookup(self, top_k: int) -> None:
+        """Build the device table from the cache's state (the store must be aligned to slot 0: ExpertStore.align_to)."""
+        keys = self.store.keys()
+        num_layers, num_experts = max(l for l, _ in keys) + 1, max(e for _, e in keys) + 1
+        base = self.slots.data_ptr()
+        table = torch.empty((num_layers, num_experts), dtype=torch.int64)
+        for key in keys:
+            self._host_index[key] = self.store.index_from(key, base)
+            slot = self.policy.slot_of(key)
+            table[key] = self._host_index[key] if slot is None else slot
+        self.table = table.to(self.device)
+        self.log = torch.full((num_layers, 2 * top_k), -1, dtype=torch.int64, device=self.device)
+
+    def lookup(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
+        """Where the experts ``indices`` ([1, K] on the device) of ``layer`` are: [K] stack indices, from slot 0
+        (slots, then host memory), looked up on the device and logged. No host sync: capturable in a CUDA graph."""
+        k = indices.numel()
+        row = self.log[layer]
+        flat = indices.reshape(-1)
+        row[:k].copy_(flat)
+        ids = row[k : 2 * k]
+        torch.index_select(self.table[layer], 0, flat, out=ids)
+        return ids
+
+    def read_log(self, layers: list[int]) -> list[tuple[int, list[int], list[int]]]:
+        """(layer, experts, stack indices) of the lookups logged for these layers since they were last read; the
+        rows are cleared (host sync)."""
+        rows = self.log.tolist()
+        k = self.log.shape[1] // 2
+        out = [(l, rows[l][:k], rows[l][k:]) for l in layers if rows[l][0] >= 0]
+        for l, *_ in out:
+            self.log[l, 0].fill_(-1)
+        return out
+
+    def account(self, layer: int, experts: list[int], ids: list[int]) -> None:
+        """Fold one logged lookup into the statistics and the LRU order: a slot is a hit, host memory a miss read in
+        place."""
+        s = self.stats.layers[layer]
+        for e, i in zip(experts, ids):
+            key = (layer, e)
+            if 0 <= i < self.num_slots:
+                s.hits += 1
+                if self.policy.slot_of(key) is not None:
+                    self.policy.touch(key)
+                if key in self.prefetched:
+                    s.prefetch_hits += 1
+                    self.prefetched.discard(key)
+            else:
+                s.misses += 1
+                s.in_place += 1
+
+    def reset_log(self) -> None:
+        """Forget logged lookups that did not happen for real (graph warm-up)."""
+        if self.log is not None:
+            self.log.fill_(-1)
+
+    def module_at(self, index: int) -> nn.Module:
+        """The module computing the expert at stack index ``index`` (a slot, or host memory: CPU devices only)."""
+        if 0 <= index < len(self.modules):
+            return self.modules[index]
+        assert not self.cuda, "in-place host reads on CUDA go through the grouped kernels"
+        if index not in self._host_modules:
+            key = next(k for k, v in self._host_index.items() if v == index)
+            self._host_modules[index] = self._make_module(self.store.layout.views(self.store.buffer(key)))
+        return self._host_modules[index]
+
+    def _keep(self, protected: Collection[Key]) -> Collection[Key]:
+        """``protected`` plus, with device lookup, every expert whose copy may not have landed (never evicted)."""
+        if self.table is None:
+            return protected
+        if self.cuda:
+            landed: dict[int, bool] = {}  # a batch's copies share one event: query it once
+            for ev in self._in_flight.values():
+                if id(ev) not in landed:
+                    landed[id(ev)] = ev is None or ev.query()
+            self._in_flight = {k: ev for k, ev in self._in_flight.items() if not landed[id(ev)]}
+        else:
+            self._in_flight.clear()
+        return [*protected, *self._in_flight] if self._in_flight else protected
 
     def _mark_used(self) -> None:
         """Every reader of the slots handed out so far is enqueued: record when they will be done."""

@@ -3,6 +3,12 @@
 The engine builds one per MoE layer and hands it the routers of the next ``depth`` layers: applying
 them to this layer's hidden state guesses which experts those layers will want, and their copies start
 now, on the copy stream, while this layer computes. Guesses only move bytes: outputs never change.
+
+Device lookup (``device_lookup``, with CPU layers): at decode the layers between two CPU layers never reach the host.
+Their kernels look their experts up in the cache's device table, and read a miss in place from host memory; a whole
+run of such layers is one CUDA graph (graphs.py). The CPU layers are the host's points of contact: each folds the
+lookups logged since the previous one into the statistics and the LRU order (``catch_up``), and starts copies of its
+guesses for the layers up to the next CPU layer, which then find them in their slots once landed.
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ class SlotKernel(Protocol):
 
     def __call__(self, layer: int, x: torch.Tensor, slots: list[int], weights: torch.Tensor) -> torch.Tensor: ...
 
+    def from_ids(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
 
 class OffloadedExperts:
     def __init__(self, layer: int, cache: ExpertCache, combine: Combine,
                  lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
                  counts_tokens: bool = False, hybrid: HybridExecutor | None = None, grouped: SlotKernel | None = None,
-                 cpu_only: bool = False, num_experts: int = 0, last_layer: bool = True):
+                 cpu_only: bool = False, num_experts: int = 0, last_layer: bool = True, device_lookup: bool = False,
+                 catch_up: Sequence[int] = ()):
         self.layer, self.cache, self.combine, self.hybrid, self.grouped = layer, cache, combine, hybrid, grouped
         # A CPU layer: at decode the CPU computes every expert (it has no slots; prefill streams its experts
         # through the scratch slots like any miss).
@@ -48,7 +57,19 @@ class OffloadedExperts:
         assert not cpu_only or hybrid is not None, "a CPU layer needs the CPU path"
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
-        self.counts_tokens = counts_tokens  # the first offloaded layer counts tokens for per-token stats
+        self.counts_tokens = counts_tokens  # the first layer to reach the host counts tokens for per-token stats
+        # Device lookup: this layer's decode looks its experts up on the device (a CPU layer never does).
+        self.device_lookup = device_lookup and not cpu_only
+        self.catch_up = list(catch_up)  # a CPU layer: the device-lookup layers since the previous CPU layer
+
+    def decode_on_device(self, x: torch.Tensor) -> bool:
+        """True when this layer's decode needs no host (graphs.py may capture it with its neighbours)."""
+        return self.device_lookup and x.shape[0] == 1 and self.grouped is not None and self.grouped.ok(x)
+
+    def after_capture(self) -> None:
+        """Graph capture ran this layer's lookups for show: forget them."""
+        if self.device_lookup:
+            self.cache.reset_log()
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, stats = self.cache, self.cache.stats
@@ -56,6 +77,8 @@ class OffloadedExperts:
             stats.tokens += x.shape[0]
             if self.hybrid is not None:
                 cache.cpu_recent = set()  # a new step: the live expert view shows this step's CPU experts
+        if self.device_lookup and x.shape[0] == 1:
+            return self._looked_up(x, indices, weights)
         # One host sync per layer brings this layer's routing and every look-ahead guess together.
         # Look ahead at decode only: a prefill chunk needs nearly every expert of every layer, and guessed
         # copies for the next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s).
@@ -65,7 +88,11 @@ class OffloadedExperts:
         stats.host_syncs += 1
         n = indices.numel()
         used = sorted(set(flat[:n]))
-        self._score_guess(used)
+        if self.catch_up:  # after the sync: every lookup before this layer has run
+            for layer, experts, ids in cache.read_log(self.catch_up):
+                self._score_guess(layer, sorted(set(experts)))
+                cache.account(layer, experts, ids)
+        self._score_guess(self.layer, used)
         on_cpu: list[int] = []
         if self.hybrid is not None and x.shape[0] == 1:  # decode only: CPU cost grows with tokens, a copy's does not
             on_cpu = used if self.cpu_only else self.hybrid.choose_cpu(
@@ -105,11 +132,20 @@ class OffloadedExperts:
                             lambda e: results.expert(e) if e in on_cpu else cache.module(self.layer, e),
                             flat[:n], last=on_cpu)
 
-    def _score_guess(self, used: list[int]) -> None:
-        guess = self.guesses.pop(self.layer, None)
+    def _looked_up(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode with device lookup: no host sync (the statistics catch up at the next CPU layer)."""
+        ids = self.cache.lookup(self.layer, indices)
+        if self.grouped is not None and self.grouped.ok(x):
+            return self.grouped.from_ids(x, ids, weights)
+        # No grouped kernels (a CPU device): the same lookup, computed expert by expert.
+        where = dict(zip(indices.reshape(-1).tolist(), ids.tolist()))
+        return self.combine(x, indices, weights, lambda e: self.cache.module_at(where[e]), list(where))
+
+    def _score_guess(self, layer: int, used: list[int]) -> None:
+        guess = self.guesses.pop(layer, None)
         if guess is None:
             return
-        s = self.cache.stats.layers[self.layer]
+        s = self.cache.stats.layers[layer]
         hit = len(guess.intersection(used))
         s.guessed += len(guess)
         s.guessed_used += hit

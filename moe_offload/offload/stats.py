@@ -17,6 +17,7 @@ class LayerStats:
     needed_with_guess: int = 0  # experts needed in steps where a guess existed (denominator of recall)
     bytes_copied: int = 0
     bypass: int = 0  # needed experts that could not get a slot and used the scratch slot
+    in_place: int = 0  # misses the kernels read in place from host memory (device lookup; counted in misses too)
     wait_ms: float = 0.0  # compute-stream time spent waiting for copies (when timing is on)
     cpu_experts: int = 0  # misses computed on the CPU instead of copied (hybrid path; counted in misses too)
     cpu_ms: float = 0.0  # wall time of those CPU computations
@@ -55,6 +56,7 @@ class CacheStats:
             "bytes_copied": t.bytes_copied,
             "bytes_copied_per_token": t.bytes_copied / self.tokens if self.tokens else 0.0,
             "copy_wait_ms": t.wait_ms, "bypass": t.bypass,
+            "in_place_per_token": t.in_place / self.tokens if self.tokens else 0.0,
             "host_syncs_per_token": self.host_syncs / self.tokens if self.tokens else 0.0,
             "cpu_experts": t.cpu_experts,
             "cpu_experts_per_token": t.cpu_experts / self.tokens if self.tokens else 0.0,

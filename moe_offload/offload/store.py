@@ -4,6 +4,11 @@ Buffers live in a few large chunks (one allocation per chunk, not per expert), p
 so host-to-device copies run on the copy engine at full PCIe speed. When pinning fails (WSL, small
 RAM limits) the store falls back to pageable memory with one warning: slower copies, same results.
 Evicting an expert from the GPU never writes back here.
+
+``align_to`` (an address, e.g. the GPU slot buffer's): every expert buffer then starts a whole number of expert
+sizes away from it, so a kernel that finds experts by index in a stack of slots can index host experts too (read in
+place over PCIe: unified addressing maps pinned memory into the GPU's address space). Each chunk pays up to one
+expert of padding for it.
 """
 
 from __future__ import annotations
@@ -23,15 +28,23 @@ def allocate_pinned(nbytes: int) -> torch.Tensor:
 
 
 class ExpertStore:
-    def __init__(self, layout: FlatLayout, keys: Iterable[Key], pin: bool = True, chunk_bytes: int = 1 << 30):
+    def __init__(self, layout: FlatLayout, keys: Iterable[Key], pin: bool = True, chunk_bytes: int = 1 << 30,
+                 align_to: int | None = None):
         self.layout = layout
         keys = list(keys)
-        per_chunk = max(1, chunk_bytes // layout.nbytes)
+        B = layout.nbytes
+        per_chunk = max(1, chunk_bytes // B)
         self.pinned = pin and torch.cuda.is_available()
+        self.align_to = align_to
         self._buffers: dict[Key, torch.Tensor] = {}
         for start in range(0, len(keys), per_chunk):
             group = keys[start : start + per_chunk]
-            chunk = self._allocate(len(group) * layout.nbytes)
+            if align_to is None:
+                chunk = self._allocate(len(group) * B)
+            else:  # one expert more, then start where the distance to align_to is a multiple of B
+                raw = self._allocate((len(group) + 1) * B)
+                pad = (align_to - raw.data_ptr()) % B
+                chunk = raw[pad : pad + len(group) * B]
             for i, key in enumerate(group):
                 self._buffers[key] = chunk[i * layout.nbytes : (i + 1) * layout.nbytes]
         self.filled: set[Key] = set()
@@ -53,6 +66,12 @@ class ExpertStore:
 
     def buffer(self, key: Key) -> torch.Tensor:
         return self._buffers[key]
+
+    def index_from(self, key: Key, base: int) -> int:
+        """How many expert sizes the expert's buffer lies from address ``base`` (a store built with align_to=base)."""
+        offset = self._buffers[key].data_ptr() - base
+        assert offset % self.layout.nbytes == 0, "the store was not aligned to this base"
+        return offset // self.layout.nbytes
 
     def keys(self) -> list[Key]:
         return list(self._buffers)
