@@ -52,7 +52,7 @@ class ExpertCache:
         total = self.num_slots + scratch_slots  # scratch: for an expert that gets no slot (all protected)
         if slots is None:  # given: allocated early, so that the store could be aligned to it (device lookup)
             slots = torch.empty((total, layout.nbytes), dtype=torch.uint8, device=device)
-        assert tuple(slots.shape) == (total, layout.nbytes) and slots.device == device, (slots.shape, total)
+        assert tuple(slots.shape) == (total, layout.nbytes) and slots.device.type == device.type, (slots.shape, total)
         self.slots = slots  # [S, B]
         self._make_module = make_module
         self.modules = [make_module(layout.views(self.slots[s])) for s in range(total)]
