@@ -137,8 +137,9 @@ CpuLayers = typer.Option("0", "--cpu-layers", help="Compute the experts of this 
                          "as the GPU budget calls for, where the CPU kernel is fast (the 4/2 preset's experts).")
 DeviceLookup = typer.Option("auto", "--device-lookup", help="With --cpu-layers, the layers between CPU layers find "
                             "their experts on the GPU and read misses in place over PCIe, so a decode step reaches the "
-                            "host only at CPU layers: off, auto (on with a CUDA GPU and pinned memory), on (bench: "
-                            "also runs off beside it). Exact either way.")
+                            "host only at CPU layers: off, auto (on with a CUDA GPU and pinned memory where the cached "
+                            "layers keep at least 85% of their experts), on (bench: also runs off beside it). Exact "
+                            "either way.")
 Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")

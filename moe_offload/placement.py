@@ -71,7 +71,8 @@ class OffloadOptions:
     cpu_layers: int | str = 0
     hybrid_cost: CostModel | None = None  # fixed cost model instead of a start-up measurement (tests)
     # With CPU layers, the layers between them look their experts up on the device and read misses in place
-    # (offload/experts.py): off | auto (CUDA, pinned store, grouped kernels) | on (also on a CPU device: tests).
+    # (offload/experts.py): off | auto (CUDA, pinned store, grouped kernels, and the cached layers keep most of their
+    # experts: LOOKUP_MIN_CACHED_SHARE) | on (also on a CPU device: tests).
     device_lookup: str = "auto"
 
     @property
@@ -133,6 +134,12 @@ class _Pending:
 
 
 LOOKUP_MODES = ("off", "auto", "on")
+# auto turns device lookup on only where the cached layers keep at least this share of their experts: every miss it
+# reads in place (~35 GB/s) sits in the step, while host lookup copies it (~53 GB/s) beside other work. Measured on
+# the H100, Mixtral 4/2 with int8 activations, decode against host lookup (BENCHMARKS.md, session 7): 12 GiB with 12
+# CPU layers (0.87 of the experts kept) 21.2 against 19.0 tok/s; with 9 (0.75) 22.7 against 26.0; 9.6 GB with 16
+# (0.71) 17.4 against 18.9.
+LOOKUP_MIN_CACHED_SHARE = 0.85
 
 
 def scratch_slots(config: ModelConfig) -> int:
@@ -152,7 +159,10 @@ def wants_device_lookup(options: OffloadOptions, p: Plan, device: torch.device) 
             raise MoeOffloadError("--device-lookup on needs --cpu-layers: the CPU layers are where the host catches up "
                                   "with the lookups (add --cpu-layers N or auto)")
         return False
-    return device.type == "cuda" or options.device_lookup == "on"
+    if options.device_lookup == "on":
+        return True
+    cached_share = p.total_slots / ((p.num_layers - p.cpu_layers) * p.num_experts) if p.cpu_layers < p.num_layers else 0
+    return device.type == "cuda" and cached_share >= LOOKUP_MIN_CACHED_SHARE
 
 
 def prepare_offload(model: MoeTransformer, layout: FlatLayout, options: OffloadOptions, p: Plan | None = None,

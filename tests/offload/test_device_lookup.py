@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 import moe_offload
 from moe_offload.cli import app
 from moe_offload.errors import MoeOffloadError
-from moe_offload.placement import OffloadOptions
+from moe_offload.placement import OffloadOptions, cuda_runtime_bytes
 
 from conftest import make_checkpoint
 
@@ -26,8 +26,12 @@ def load(directory, slots_per_cached_layer=3, cpu_layers=2, device="cpu", dtype=
                              offload=OffloadOptions(cpu_layers=cpu_layers, force=True))
     p = probe.plan
     cached = p.num_layers - cpu_layers
-    budget = p.used_bytes - p.experts_total_bytes + (slots_per_cached_layer * cached) * p.expert_bytes
     del probe
+    torch.cuda.empty_cache() if device == "cuda" else None
+    # the probe had no budget, so no CUDA runtime share: an explicit budget must leave it (placement.py)
+    runtime = cuda_runtime_bytes(torch.device(device))
+    budget = p.used_bytes - p.experts_total_bytes + runtime + (slots_per_cached_layer * cached) * p.expert_bytes
+    budget += p.expert_bytes // 2  # the runtime share is measured again at the load: a little room
     engine = moe_offload.load(directory, device=device, dtype=dtype, quantize="4/2",
                               offload=OffloadOptions(gpu_memory=budget, cpu_layers=cpu_layers, **offload))
     assert engine.plan.cpu_layers == cpu_layers
@@ -160,9 +164,10 @@ def test_cuda_device_lookup_bit_identical(deep_dir, cpu_layers):
 
 
 @cuda
-def test_cuda_device_lookup_auto_is_on_with_cpu_layers(deep_dir):
-    engine = load(deep_dir, cpu_layers=2, device="cuda", dtype="bfloat16")
-    assert engine.expert_cache.table is not None
+def test_cuda_device_lookup_auto_and_graph_segments(deep_dir):
+    engine = load(deep_dir, slots_per_cached_layer=7, cpu_layers=2, device="cuda", dtype="bfloat16")
+    assert engine.expert_cache.table is not None  # 7 of 8 experts kept: auto turns it on
+    assert load(deep_dir, cpu_layers=2, device="cuda", dtype="bfloat16").expert_cache.table is None  # 3 of 8: off
     from moe_offload.graphs import GraphedDecode
 
     session = engine.new_session()
@@ -170,3 +175,21 @@ def test_cuda_device_lookup_auto_is_on_with_cpu_layers(deep_dir):
     decoder = GraphedDecode(engine.model, session.kv)
     assert decoder.host_layers == [1, 3]  # the model's layers 1 and 3: the CPU layers; 0 and 2 in the graphs
     assert len(decoder.segments) == 3
+
+
+def test_auto_needs_the_cached_layers_to_keep_most_experts():
+    from moe_offload.offload.planner import Plan
+    from moe_offload.placement import wants_device_lookup
+
+    def plan(total_slots, cpu_layers):
+        return Plan(budget_bytes=1, policy="lru", num_layers=32, num_experts=8, expert_bytes=1, slots_per_layer=1,
+                    total_slots=total_slots, non_expert_bytes=0, kv_cache_bytes=0, workspace_bytes=0,
+                    cpu_layers=cpu_layers)
+
+    auto, gpu = OffloadOptions(device_lookup="auto"), torch.device("cuda")
+    assert wants_device_lookup(auto, plan(139, 12), gpu)  # 6.95 of 8 experts per cached layer
+    assert not wants_device_lookup(auto, plan(139, 9), gpu)  # 6.04 of 8: misses read in place cost more
+    assert not wants_device_lookup(auto, plan(139, 0), gpu)  # no CPU layer, no point of contact
+    assert not wants_device_lookup(auto, plan(139, 12), torch.device("cpu"))
+    assert wants_device_lookup(OffloadOptions(device_lookup="on"), plan(10, 2), torch.device("cpu"))
+    assert not wants_device_lookup(OffloadOptions(device_lookup="off"), plan(139, 12), gpu)

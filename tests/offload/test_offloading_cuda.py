@@ -77,7 +77,8 @@ def test_cuda_top8_batched_copies_bit_identical(prefetch, offloaded_per_layer):
     cache = offloaded.expert_cache
     batches = []
     copy = cache._copy
-    cache._copy = lambda pairs, together=True: (batches.append((len(pairs), together)), copy(pairs, together))[1]
+    cache._copy = lambda pairs, together=True, evicted=(): (batches.append((len(pairs), together)),
+                                                            copy(pairs, together, evicted))[1]
     a, b = greedy(resident, prompt), greedy(offloaded, prompt)
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
     decode = [n for n, together in batches if together]
