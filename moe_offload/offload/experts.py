@@ -84,7 +84,7 @@ class OffloadedExperts:
         # copies for the next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s).
         lookahead = self.lookahead if x.shape[0] == 1 else []
         ahead = [router(x)[1] for _, router in lookahead]  # each [T, K]
-        flat = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]).tolist()
+        flat = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]).tolist()  # guesses may be wider than K
         stats.host_syncs += 1
         n = indices.numel()
         used = sorted(set(flat[:n]))
@@ -111,8 +111,10 @@ class OffloadedExperts:
         # They are still recorded, so prefetch recall stays measured.
         # A CPU layer speculates whatever the queue holds: its own experts need no copy, and its CPU time is long.
         speculate = bool(lookahead) and (self.cpu_only or cache.copies_idle())  # no event query when prefetch is off
-        for i, (layer, _) in enumerate(lookahead):
-            guess = sorted(set(flat[n + i * n : n + (i + 1) * n]))
+        start = n
+        for (layer, _), a in zip(lookahead, ahead):
+            guess = sorted(set(flat[start : start + a.numel()]))
+            start += a.numel()
             self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
             if speculate:
                 cache.prefetch(layer, guess, protected)

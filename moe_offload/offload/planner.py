@@ -40,9 +40,11 @@ class Plan:
 
     @property
     def cpu_layer_ids(self) -> list[int]:
-        """Which layers are CPU layers: ``cpu_layers`` of them, spread evenly over the depth."""
+        """Which layers are CPU layers: ``cpu_layers`` of them, spread evenly over the depth from layer 0. The first
+        is layer 0 so that every other layer has a CPU layer before it in the step, whose time covers copies of its
+        guessed experts (a CPU layer guesses for the layers up to the next one)."""
         n, c = self.num_layers, self.cpu_layers
-        return [l for l in range(n) if (l + 1) * c // n > l * c // n]
+        return [i * n // c for i in range(c)]
 
     @property
     def layer_slots(self) -> list[int] | None:

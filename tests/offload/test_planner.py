@@ -130,7 +130,9 @@ def test_format_bytes():
 # -- CPU layers (llama.cpp's --n-cpu-moe): no slots, their experts computed on the CPU at decode ---------------
 def test_cpu_layers_get_no_slots_and_are_spread():
     p = plan(12 * GiB, **MODEL, cpu_layers=8)
-    assert p.cpu_layer_ids == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert p.cpu_layer_ids == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert plan(12 * GiB, **MODEL, cpu_layers=9).cpu_layer_ids == [0, 3, 7, 10, 14, 17, 21, 24, 28]
+    assert plan(None, **MODEL, cpu_layers=32).cpu_layer_ids == list(range(32))
     slots = p.layer_slots
     assert [slots[l] for l in p.cpu_layer_ids] == [0] * 8
     gpu = [slots[l] for l in range(32) if l not in p.cpu_layer_ids]
