@@ -61,6 +61,8 @@ class BenchResult:
     cpu_wait_ms_per_token: float = 0.0  # host time waiting for CPU results once the GPU work was enqueued
     int8_activations: bool = False  # 2/3/4-bit experts took int8-rounded decode inputs (not exact)
     cpu_layers: int = 0  # layers whose experts the CPU computed at decode (no GPU slots)
+    device_lookup: bool = False  # the layers between CPU layers looked their experts up on the GPU
+    in_place_per_token: float = 0.0  # misses read in place from host memory (device lookup)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -192,6 +194,8 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
         cpu_wait_ms_per_token=summary.get("cpu_wait_ms_per_token", 0.0),
         int8_activations=engine.options.int8_activations,
         cpu_layers=plan.cpu_layers if plan else 0,
+        device_lookup=cache is not None and cache.table is not None,
+        in_place_per_token=summary.get("in_place_per_token", 0.0),
     )
 
 

@@ -97,7 +97,8 @@ def _cache_summary(engine) -> dict:
         return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0, "cpu_experts_per_token": 0.0}
     s = engine.cache_stats.summary()
     return {k: s[k] for k in ("hit_rate", "prefetch_recall", "prefetch_precision", "bytes_copied_per_token",
-                              "host_syncs_per_token", "cpu_experts_per_token", "cpu_ms_per_token")}
+                              "host_syncs_per_token", "cpu_experts_per_token", "cpu_ms_per_token",
+                              "in_place_per_token")}
 
 
 def _params(temperature, top_p, top_k, max_new_tokens, seed, stop):

@@ -60,6 +60,16 @@ def test_cpu_layers_run_beside_copies_only(tmp_path):
     assert copies["cpu_layers"] == 0 and copies["cpu_experts_per_token"] == 0
 
 
+def test_device_lookup_on_runs_host_lookup_beside_it(tmp_path):
+    data = bench(tmp_path, "--cpu-layers", "1", "--device-lookup", "on")
+    runs = {r["label"]: r for r in data["runs"]}
+    assert list(runs) == ["full", "host lookup", "no hybrid"]
+    assert runs["full"]["device_lookup"] and not runs["host lookup"]["device_lookup"]
+    assert runs["full"]["cpu_layers"] == runs["host lookup"]["cpu_layers"] == 1
+    assert not runs["no hybrid"]["device_lookup"] and runs["no hybrid"]["cpu_layers"] == 0
+    assert runs["full"]["in_place_per_token"] == 0  # no budget: the cached layer holds every expert
+
+
 def test_release_frees_the_hybrid_path_too():
     import gc
     import weakref

@@ -1,6 +1,8 @@
 """Device lookup: with CPU layers, the layers between them find their experts in a device table and read misses in
 place, reaching the host only at CPU layers. Outputs must not change by a bit; the table must follow the cache."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -136,6 +138,17 @@ def test_auto_is_off_without_cuda(deep_dir):
     engine = moe_offload.load(deep_dir, device="cpu", dtype="float32", quantize="4/2",
                               offload=OffloadOptions(cpu_layers=1, force=True))
     assert engine.expert_cache.table is None
+
+
+def test_cli_generate_json_reports_misses_read_in_place(deep_dir):
+    engine = load(deep_dir, device_lookup="on")  # for its budget
+    budget = engine.plan.budget_bytes
+    result = CliRunner().invoke(app, ["generate", str(deep_dir), "-p", "Hello", "--temperature", "0", "--device", "cpu",
+                                      "--dtype", "float32", "--quantize", "4/2", "--gpu-memory", f"{budget}B",
+                                      "--cpu-layers", "2", "--device-lookup", "on", "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["in_place_per_token"] > 0  # three slots of eight per cached layer
 
 
 def test_cli_bad_device_lookup(deep_dir):
