@@ -37,24 +37,21 @@ FREE_MEMORY_MARGIN = 1 << 30
 # on first use, cuBLAS/Triton workspaces, CUDA graphs, blocks the caching allocator keeps. Measured on the H100
 # (Mixtral 4/2 and 4/3, every budget): nvidia-smi's peak was 1.4-1.7 GiB above PyTorch's peak allocation.
 RUNTIME_SLACK = 1 << 30
-_CONTEXT_BYTES: dict[int, int] = {}  # device index -> the context as first measured in this process
 
 
 def cuda_runtime_bytes(device: torch.device) -> int:
     """What an explicit --gpu-memory budget must leave for the CUDA runtime, so the whole process stays within
-    it as nvidia-smi counts it: the context (device memory in use that PyTorch's allocator did not reserve; other
-    processes on the GPU count too, up to 2 GiB) plus ``RUNTIME_SLACK``.
+    it as nvidia-smi counts it: the context as measured now (device memory in use that PyTorch's allocator did
+    not reserve; other processes on the GPU count too, up to 2 GiB) plus ``RUNTIME_SLACK``.
 
-    The context is measured once per process, at the first load: a later load finds kernels of earlier ones already
-    loaded, which RUNTIME_SLACK covers, so measuring again would count them twice and plan fewer slots (bench's runs
-    in one process: 134 slots after a first run's 139, Mixtral 4/2 at 12 GiB)."""
+    Measured at every load: a later load in the same process (bench's runs) finds a larger context and plans fewer
+    slots (Mixtral 4/2 at 12 GiB: 134 after a first run's 139). Reusing the first measurement instead overran the
+    budget by 0.3 GiB at nvidia-smi on a third run (BENCHMARKS.md, session 7)."""
     if device.type != "cuda":
         return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CONTEXT_BYTES:
-        free, total = torch.cuda.mem_get_info(index)
-        _CONTEXT_BYTES[index] = min(max(total - free - torch.cuda.memory_reserved(index), 0), 2 << 30)
-    return _CONTEXT_BYTES[index] + RUNTIME_SLACK
+    free, total = torch.cuda.mem_get_info(device)
+    context = total - free - torch.cuda.memory_reserved(device)
+    return min(max(context, 0), 2 << 30) + RUNTIME_SLACK
 
 
 @dataclass(frozen=True)
