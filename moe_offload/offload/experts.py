@@ -83,8 +83,9 @@ class OffloadedExperts:
         # Look ahead at decode only: a prefill chunk needs nearly every expert of every layer, and guessed
         # copies for the next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s).
         lookahead = self.lookahead if x.shape[0] == 1 else []
-        ahead = [router(x)[1] for _, router in lookahead]  # each [T, K]
-        flat = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]).tolist()  # guesses may be wider than K
+        ahead = [router(x)[1] for _, router in lookahead]  # each [T, K], or wider (placement.widened)
+        routed = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]) if ahead else indices.flatten()
+        flat = routed.tolist()
         stats.host_syncs += 1
         n = indices.numel()
         used = sorted(set(flat[:n]))
