@@ -210,3 +210,28 @@ def test_auto_needs_the_cached_layers_to_keep_most_experts():
     assert not wants_device_lookup(auto, plan(139, 12), torch.device("cpu"))
     assert wants_device_lookup(OffloadOptions(device_lookup="on"), plan(10, 2), torch.device("cpu"))
     assert not wants_device_lookup(OffloadOptions(device_lookup="off"), plan(139, 12), gpu)
+
+
+def test_decode_segments_end_at_host_layers(deep_dir, monkeypatch):
+    """graphs.GraphedDecode run eagerly on the CPU: a segment runs the device-lookup layers whole and stops at a CPU
+    layer's router; the step equals the ordinary decode path."""
+    from moe_offload.graphs import GraphedDecode
+
+    engine = load(deep_dir, device_lookup="on")
+    for block in engine.model.moe_blocks():  # on a CPU device no layer decodes on the device: pretend they do
+        if block.experts.device_lookup:
+            monkeypatch.setattr(block.experts, "decode_on_device", lambda x: x.shape[0] == 1)
+    dynamic, static = engine.new_session(), engine.new_session()
+    prompt = list(range(3, 30))
+    logits = dynamic.prefill(prompt)[0]
+    static.prefill(prompt)
+    decoder = GraphedDecode(engine.model, static.kv, use_graphs=False)
+    assert decoder.host_layers == [0, 2] and decoder.segments == [(0, 0), (1, 2), (3, None)]
+    token = int(logits.argmax())
+    for _ in range(8):
+        a = dynamic.step(token)
+        b = decoder.step(token, len(static.tokens))
+        static.tokens.append(token)
+        static.kv.length = len(static.tokens)
+        assert (a - b).abs().max().item() < 1e-4
+        token = int(a.argmax())
