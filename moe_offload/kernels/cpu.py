@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -245,13 +246,25 @@ def experts_2bit_g16(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[C
     if x.dtype != torch.float32 or x.shape != (d,) or not x.is_contiguous():
         raise MoeOffloadError(f"experts_2bit_g16 expects a contiguous float32 vector of {d}, got {x.dtype} {tuple(x.shape)}")
     structs = [(_Matrix * n)(*[m._struct for m in ms]) for ms in (gates, ups, downs)]
-    xq, xd, xs = torch.empty(d, dtype=torch.int8), torch.empty(d // 16), torch.empty(d // 16)
-    g, u = torch.empty(n * i), torch.empty(n * i)
-    hq, hd, hs = torch.empty(n * i, dtype=torch.int8), torch.empty(n * i // 16), torch.empty(n * i // 16)
+    work = _experts_work(n, d, i)
     y = torch.empty(n, d)
     _library().hqq_experts_2bit_g16(*structs, n, x.data_ptr(), gates[0].chunk, PREFETCH_BYTES,
-                                    *(t.data_ptr() for t in (xq, xd, xs, g, u, hq, hd, hs, y)), int(threads))
+                                    *(t.data_ptr() for t in (*work, y)), int(threads))
     return y
+
+
+_work = threading.local()  # per thread: the hybrid executor's worker and the decode thread may both call
+
+
+def _experts_work(n: int, d: int, i: int) -> tuple[torch.Tensor, ...]:
+    """Scratch of ``experts_2bit_g16`` (int8 x and its block scales and sums, g, u, int8 h and its scales and sums),
+    kept per thread and shape: a layer's call would otherwise allocate nine small tensors each time."""
+    cache = _work.__dict__.setdefault("buffers", {})
+    if (n, d, i) not in cache:
+        cache[(n, d, i)] = (torch.empty(d, dtype=torch.int8), torch.empty(d // 16), torch.empty(d // 16),
+                            torch.empty(n * i), torch.empty(n * i),
+                            torch.empty(n * i, dtype=torch.int8), torch.empty(n * i // 16), torch.empty(n * i // 16))
+    return cache[(n, d, i)]
 
 
 def fusable(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix]) -> bool:
