@@ -16,20 +16,10 @@ import json
 import torch
 
 from moe_offload import kernels
+from moe_offload.offload.store import ExpertStore
 from moe_offload.quant.presets import make_preset
 from moe_offload.synthetic import random_quantized, synthetic_config
 from moe_offload.weights import build_expert, expert_layout, expert_shapes
-
-
-def aligned_host_stack(n: int, nbytes: int, device_base: int) -> tuple[torch.Tensor, int]:
-    """A pinned [n, nbytes] stack whose first row lies a whole number of rows from ``device_base``."""
-    raw = torch.empty((n + 1) * nbytes, dtype=torch.uint8, pin_memory=True)
-    pad = (device_base - raw.data_ptr()) % nbytes
-    assert pad % 64 == 0
-    stack = raw[pad : pad + n * nbytes].view(n, nbytes)
-    first = (stack.data_ptr() - device_base) // nbytes
-    assert (stack.data_ptr() - device_base) % nbytes == 0
-    return stack, first
 
 
 def events_ms(f, reps: int) -> float:
@@ -65,8 +55,12 @@ def main() -> None:
                 qt = random_quantized(shape, preset.experts, g, dev)
                 flat.update({f"{proj}.{k}": t for k, t in qt.tensors().items()})
             layout.pack(flat, out=dstack[e])
-        hstack, first = aligned_host_stack(n, B, dstack.data_ptr())
-        hstack.copy_(dstack.cpu())
+        # the offload store, aligned to the stack as device lookup aligns it to the slots
+        store = ExpertStore(layout, [(0, e) for e in range(n)], align_to=dstack.data_ptr())
+        assert store.pinned
+        for e in range(n):
+            store.buffer((0, e)).copy_(dstack[e])
+        where = [store.index_from((0, e), dstack.data_ptr()) for e in range(n)]
         base = build_expert(layout.views(dstack[0]), config, preset.experts)
         x = torch.randn(1, config.hidden_size, device=dev, dtype=torch.bfloat16)
         for int8 in (False, True):
@@ -74,18 +68,18 @@ def main() -> None:
                 return kernels.grouped_expert_forward(x, ids, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt,
                                                       B, int8_activations=int8)
             dev_ids = [torch.tensor([e, (e + 1) % n], dtype=torch.int64, device=dev) for e in range(n)]
-            host_ids = [torch.tensor([first + e, first + (e + 1) % n], dtype=torch.int64, device=dev) for e in range(n)]
+            host_ids = [torch.tensor([where[e], where[(e + 1) % n]], dtype=torch.int64, device=dev) for e in range(n)]
             same = all(torch.equal(run(dev_ids[e]), run(host_ids[e])) for e in range(n))
             slot = torch.empty((1, B), dtype=torch.uint8, device=dev)
 
             def copy_only(i):
-                slot[0].copy_(hstack[i % n], non_blocking=True)
+                slot[0].copy_(store.buffer((0, i % n)), non_blocking=True)
 
             r = {"preset": name, "int8": int8, "expert_MB": B / 1e6, "host_equals_device": same,
                  "resident_2_experts_ms": events_ms(lambda i=0: run(dev_ids[i % n]), a.reps),
                  "zero_copy_2_experts_ms": events_ms(lambda i=0: run(host_ids[i % n]), a.reps),
                  "copy_1_expert_ms": events_ms(copy_only, a.reps)}
-            one = [torch.tensor([first + e], dtype=torch.int64, device=dev) for e in range(n)]
+            one = [torch.tensor([where[e]], dtype=torch.int64, device=dev) for e in range(n)]
             r["zero_copy_1_expert_ms"] = events_ms(lambda i=0: run(one[i % n]), a.reps)
             r["zero_copy_GBps"] = B / r["zero_copy_1_expert_ms"] / 1e6
             r["copy_GBps"] = B / r["copy_1_expert_ms"] / 1e6

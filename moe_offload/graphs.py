@@ -4,7 +4,7 @@ Eager decode issues ~60 small kernels per layer from Python; at batch 1 the host
 everything runs as captured graphs over static buffers (the position lives in a device tensor, attention spans the
 whole KV cache under a mask). A layer whose routed experts are picked on the host (offloaded experts copied on a
 miss, a CPU layer, a routing hook) ends a segment: the graph runs up to its router, its experts run eagerly, and
-the next graph starts from their output. Quantized experts run eagerly replay graphs of their own (see
+the next graph starts from their output. Quantized experts that run eagerly replay graphs of their own (see
 weights.QuantExpert, grouped.SlotKernel), keyed by their static input buffer.
 
 Layers whose experts are picked on the device (resident quantized stacks, grouped.py; offloaded layers with device
@@ -50,7 +50,6 @@ class GraphedDecode:
         # Segment j runs layers first..host-1 whole, then layer ``host`` up to its router (host None: to the logits).
         firsts = [0] + [h + 1 for h in self.host_layers]
         self.segments: list[tuple[int, int | None]] = list(zip(firsts, [*self.host_layers, None]))
-        self.whole = not self.host_layers  # one graph per step
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.outputs: list[Pending | torch.Tensor] = []
         if self.use_graphs:

@@ -77,7 +77,7 @@ class ExpertCache:
         self.table: torch.Tensor | None = None  # [L, E] int64 on the device: slot, or host index
         self.log: torch.Tensor | None = None  # [L, 2K] int64: experts looked up, then their table entries; -1: none
         self._host_index: dict[Key, int] = {}
-        self._in_flight: dict[Key, torch.cuda.Event | None] = {}  # copied into a slot, copy maybe not landed
+        self._in_flight: dict[Key, torch.cuda.Event] = {}  # copied into a slot, copy maybe not landed
         self._host_modules: dict[int, nn.Module] = {}  # CPU stand-in for in-place reads (module_at)
 
     # -- copies -------------------------------------------------------------------------------
@@ -173,6 +173,8 @@ class ExpertCache:
         """Start copies for this layer's non-resident experts (hits are counted, misses copied).
 
         ``together``: one kernel will read them all (``slots_for``), so their copies share one event."""
+        if not experts:  # e.g. a CPU layer at decode
+            return
         protected = [(layer, e) for e in experts]
         keep = self._keep(protected)
         s = self.stats.layers[layer]
@@ -293,7 +295,7 @@ class ExpertCache:
             landed: dict[int, bool] = {}  # a batch's copies share one event: query it once
             for ev in self._in_flight.values():
                 if id(ev) not in landed:
-                    landed[id(ev)] = ev is None or ev.query()
+                    landed[id(ev)] = ev.query()
             self._in_flight = {k: ev for k, ev in self._in_flight.items() if not landed[id(ev)]}
         else:
             self._in_flight.clear()

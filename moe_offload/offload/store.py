@@ -35,7 +35,6 @@ class ExpertStore:
         B = layout.nbytes
         per_chunk = max(1, chunk_bytes // B)
         self.pinned = pin and torch.cuda.is_available()
-        self.align_to = align_to
         self._buffers: dict[Key, torch.Tensor] = {}
         for start in range(0, len(keys), per_chunk):
             group = keys[start : start + per_chunk]
