@@ -63,6 +63,7 @@ class BenchResult:
     cpu_layers: int = 0  # layers whose experts the CPU computed at decode (no GPU slots)
     device_lookup: bool = False  # the layers between CPU layers looked their experts up on the GPU
     in_place_per_token: float = 0.0  # misses read in place from host memory (device lookup)
+    split_experts_per_token: float = 0.0  # misses split: first hidden units on the CPU, the rest copied (hybrid)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -196,6 +197,7 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
         cpu_layers=plan.cpu_layers if plan else 0,
         device_lookup=cache is not None and cache.table is not None,
         in_place_per_token=summary.get("in_place_per_token", 0.0),
+        split_experts_per_token=summary.get("split_experts_per_token", 0.0),
     )
 
 

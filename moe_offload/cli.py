@@ -68,9 +68,10 @@ def _load(model: str, device: str, dtype: str, max_context: int, quantize: str |
         err.print(f"[dim]{engine.plan}[/]", highlight=False)
     if engine.hybrid is not None:
         h = engine.hybrid
+        split = f"; misses split within experts ({h.split.quantum}-unit steps)" if h.split is not None else ""
         err.print(f"[dim]{'CPU experts':<20}hybrid on, {h.threads} threads; copy {h.cost.copy_ms:.2f} ms vs CPU "
-                  f"{h.cost.cpu_ms:.2f} ms per expert; extra host memory 0 B (reads the expert store in place)[/]",
-                  highlight=False)
+                  f"{h.cost.cpu_ms:.2f} ms per expert; extra host memory 0 B (reads the expert store in place)"
+                  f"{split}[/]", highlight=False)
     return engine
 
 
@@ -94,11 +95,12 @@ def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="au
 
 def _cache_summary(engine) -> dict:
     if engine.cache_stats is None:  # everything resident: nothing is ever copied
-        return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0, "cpu_experts_per_token": 0.0}
+        return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0, "cpu_experts_per_token": 0.0,
+                "split_experts_per_token": 0.0}
     s = engine.cache_stats.summary()
     return {k: s[k] for k in ("hit_rate", "prefetch_recall", "prefetch_precision", "bytes_copied_per_token",
                               "host_syncs_per_token", "cpu_experts_per_token", "cpu_ms_per_token",
-                              "in_place_per_token")}
+                              "in_place_per_token", "split_experts_per_token")}
 
 
 def _params(temperature, top_p, top_k, max_new_tokens, seed, stop):
@@ -345,6 +347,8 @@ def bench(
     if hybrid == "on" or base.cpu_layers or (hybrid == "auto" and ablations and dev.type == "cuda"):  # vs copies only
         copies_only = dataclasses.replace(base, hybrid="off", cpu_layers=0, device_lookup="off")
         runs.insert(runs.index(("full", base)) + 1, ("no hybrid", copies_only))
+    if hybrid == "on" and not base.cpu_layers:  # splitting misses within experts against whole experts only
+        runs.insert(runs.index(("full", base)) + 1, ("whole experts", dataclasses.replace(base, split=False)))
     if base.cpu_layers and (device_lookup == "on" or (ablations and device_lookup == "auto" and dev.type == "cuda")):
         runs.insert(runs.index(("full", base)) + 1, ("host lookup", dataclasses.replace(base, device_lookup="off")))
     if ablations and int8_activations:  # the same run with exact activations beside it
@@ -394,7 +398,9 @@ def bench(
         table.add_row(label, f"{r.decode_tok_s:.1f}", f"{r.limit_tok_s:.1f}",
                       f"{100 * r.decode_tok_s / r.limit_tok_s:.0f}%", f"{r.prefill_tok_s:.0f}", f"{r.hit_rate:.2f}",
                       f"{r.prefetch_recall:.2f}", f"{r.bytes_copied_per_token / 2**20:.1f}",
-                      f"{r.cpu_experts_per_token:.1f}", f"{r.h2d_gb_s:.1f}",
+                      f"{r.cpu_experts_per_token:.1f}"
+                      + (f" + {r.split_experts_per_token:.1f} split" if r.split_experts_per_token else ""),
+                      f"{r.h2d_gb_s:.1f}",
                       f"{r.peak_gpu_bytes / 2**30:.2f}")
     Console().print(table)
     if replay_trace is not None:

@@ -46,6 +46,37 @@ class CpuExpert:
             return F.linear(x.to(m.dtype), m).float()
         return torch.stack([m.matvec(row, threads) for row in x])  # a few tokens at most: rows one by one
 
+    def head_parts(self, rows: int) -> tuple[object, object] | None:
+        """(gate, up) over their first ``rows`` rows, for ``head`` (built once per row count: views into the store); None
+        where the matrices cannot be cut (torch's int4 layout)."""
+        heads = self.__dict__.setdefault("_heads", {})
+        if rows not in heads:
+            parts = []
+            for proj in ("gate_proj", "up_proj"):
+                m = self.matrices[proj]
+                if isinstance(m, torch.Tensor):
+                    parts.append(m[:rows])
+                elif isinstance(m, cpu_kernels.CpuMatrix):
+                    parts.append(cpu_kernels.CpuMatrix(m.qt.rows(0, rows), int8_activations=m.int8,
+                                                       simd="avx2" if m.chunk == 128 else "auto"))
+                else:
+                    parts = None
+                    break
+            heads[rows] = None if parts is None else tuple(parts)
+        return heads[rows]
+
+    def head(self, x: torch.Tensor, rows: int, threads: int) -> torch.Tensor:
+        """The expert's first ``rows`` hidden units, silu(gate x) * up x: x float32 [T, D] -> float32 [T, rows] (the
+        CPU's share of a split expert; ``forward_with_head`` of the GPU module takes it from there)."""
+        gate, up = self.head_parts(rows)
+        x = x.float().contiguous()
+        if isinstance(gate, torch.Tensor):
+            return F.silu(F.linear(x.to(gate.dtype), gate).float()) * F.linear(x.to(up.dtype), up).float()
+        if gate.int8 and up.int8:
+            qs = [cpu_kernels.QuantizedVector(row, gate.chunk) for row in x]  # rounded once for gate and up
+            return torch.stack([F.silu(gate.matvec(q, threads)) * up.matvec(q, threads) for q in qs])
+        return torch.stack([F.silu(gate.matvec(row, threads)) * up.matvec(row, threads) for row in x])
+
     def fused_parts(self) -> tuple[object, object, object] | None:
         """(gate, up, down) when one C call can compute this expert with others (``run_experts``), else None."""
         parts = tuple(self.matrices.get(p) for p in ("gate_proj", "up_proj", "down_proj"))
@@ -73,6 +104,22 @@ def run_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int) -> list
             y = cpu_kernels.experts_2bit_g16(gates, ups, downs, x[0].float().contiguous(), threads)
             return list(y.unsqueeze(1))
     return [e(x, threads) for e in experts]
+
+
+def run_heads(experts: list[CpuExpert], x: torch.Tensor, rows: int, threads: int) -> list[torch.Tensor]:
+    """The first ``rows`` hidden units of every expert at x float32 [1, D] -> float32 [1, rows] each: one parallel C
+    call for all of them where the integer path covers them, else expert by expert."""
+    parts = [e.head_parts(rows) for e in experts]
+    if x.shape[0] == 1 and parts and all(p is not None for p in parts):
+        gates, ups = [p[0] for p in parts], [p[1] for p in parts]
+        if cpu_kernels.fusable(gates, ups, None):
+            return list(cpu_kernels.gate_up_2bit_g16(gates, ups, x[0].float().contiguous(), threads).unsqueeze(1))
+    return [e.head(x, rows, threads) for e in experts]
+
+
+def can_split(expert: CpuExpert) -> bool:
+    """Whether this expert's gate and up can be cut by rows on the CPU (not with torch's int4 layout)."""
+    return all(isinstance(expert.matrices.get(p), (torch.Tensor, cpu_kernels.CpuMatrix)) for p in ("gate_proj", "up_proj"))
 
 
 # Our kernel over the store in place (int8 activations where its fast path applies, at the widest SIMD the CPU

@@ -162,6 +162,13 @@ class Expert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_with_head(self, x: torch.Tensor, units: int, head: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The expert's output when its first ``units`` hidden units, silu(gate(x)) * up(x) for rows [0, units), come from
+        elsewhere: ``head()`` -> [T, units], called once the rest is enqueued (the GPU computes its share while the caller
+        waits for the CPU's). Only rows [units, I) of gate and up are read here. A split expert (offload/hybrid.py)."""
+        tail = F.silu(F.linear(x, self.gate_proj.weight[units:])) * F.linear(x, self.up_proj.weight[units:])
+        return self.down_proj(torch.cat([head().to(tail.dtype), tail], dim=-1))
+
 
 class Experts(Protocol):
     """Where a layer's experts live (resident, offloaded, ...): ``(x [T, D], indices [T, K], weights [T, K]) -> [T, D]``."""

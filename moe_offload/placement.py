@@ -6,6 +6,7 @@ Part of the composition root: it is the one place that knows both the model and 
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Callable
 import torch
 
 from .config import ModelConfig
-from .cpu_expert import make_cpu_expert, run_experts
+from .cpu_expert import can_split, make_cpu_expert, run_experts, run_heads
 from .errors import MoeOffloadError
 from .flat import FlatLayout
 from .grouped import SlotKernel
@@ -22,14 +23,14 @@ from .kernels import cpu as cpu_kernels
 from .model import MoeTransformer, Router, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
-from .offload.hybrid import CostModel, HybridExecutor, calibrate
+from .offload.hybrid import CostModel, HybridExecutor, SplitShape, calibrate
 from .offload.planner import Plan, auto_cpu_layers, parse_size, plan
 from .offload.policy import PER_LAYER_POLICIES, NoCache, make_policy
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
 from .quant.hqq import QuantSpec
 from .quant.presets import QuantPreset
-from .weights import build_expert, expert_layout, expert_shapes, non_expert_bytes
+from .weights import build_expert, expert_layout, expert_shapes, head_split_ranges, non_expert_bytes
 
 WORKSPACE_BYTES = 512 << 20  # activations of a prefill chunk, logits, allocator slack
 FREE_MEMORY_MARGIN = 1 << 30
@@ -79,6 +80,9 @@ class OffloadOptions:
     # (offload/experts.py): off | auto (CUDA, pinned store, grouped kernels, and the cached layers keep most of their
     # experts: LOOKUP_MIN_CACHED_SHARE) | on (also on a CPU device: tests).
     device_lookup: str = "auto"
+    # Split a layer's misses between CPU and GPU within each expert (the CPU computes the first hidden units from host
+    # memory, the rest is copied), where the cost model says it finishes earlier than whole experts (offload/hybrid.py).
+    split: bool = True
 
     @property
     def requested(self) -> bool:
@@ -350,4 +354,25 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
                 warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} "
                               "ms for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
                 return None
-    return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic, run_many=run_experts)
+    split = split_shape(store, config, make) if dynamic and options.split else None
+    return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic, run_many=run_experts,
+                          split=split, run_heads=run_heads if split else None)
+
+
+# Split experts cut the hidden units in multiples of the largest of these that leaves at least SPLIT_MIN_STEPS steps
+# (the CPU kernel works in blocks of 16 rows, the GPU's int8 activations in blocks of 32; coarser steps cost little:
+# Mixtral has 112 steps of 128).
+SPLIT_QUANTA = (128, 64, 32, 16)
+SPLIT_MIN_STEPS = 4
+
+
+def split_shape(store: ExpertStore, config: ModelConfig, make) -> SplitShape | None:
+    """How this model's experts split between CPU and GPU, or None where they cannot (hidden units not a multiple of
+    the quantum, or a CPU layout without rows: torch's int4)."""
+    units = config.intermediate_size
+    quantum = next((q for q in SPLIT_QUANTA if units % q == 0 and units >= SPLIT_MIN_STEPS * q), None)
+    if quantum is None or not can_split(make(store.layout.views(store.buffer(store.keys()[0])))):
+        return None
+    layout = store.layout
+    head_bytes = sum(f.nbytes // f.shape[0] for f in layout.fields if f.name.split(".", 1)[0] in ("gate_proj", "up_proj"))
+    return SplitShape(units, quantum, functools.partial(head_split_ranges, layout), head_bytes, layout.nbytes)

@@ -23,7 +23,7 @@ from .loading import EXPERT_KEY, CheckpointFiles, iter_tensors
 from .model import Expert
 from .flat import ALIGN, FlatLayout
 from .quant.hqq import QuantizedTensor, QuantSpec, quantize, tensor_layout
-from .quant.linear import QuantLinear
+from .quant.linear import QuantLinear, reference_matmul
 from .quant.presets import QuantPreset
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -188,12 +188,28 @@ class QuantExpert(Expert):
                 return self._replay(x, pool)
             return self._fused(x)
         if self.int8_activations and x.shape[0] == 1:  # a decode step's arithmetic on the CUDA GEMV, elsewhere
-            from .kernels.gemv_int8 import fake_quantize_reference as rounded
-
-            xr = rounded(x).to(x.dtype)
+            xr = _rounded(x)
             h = F.silu(self.gate_proj(xr)) * self.up_proj(xr)
-            return self.down_proj(rounded(h).to(h.dtype))
+            return self.down_proj(_rounded(h))
         return super().forward(x)
+
+    def forward_with_head(self, x: torch.Tensor, units: int, head: Callable[[], torch.Tensor]) -> torch.Tensor:
+        gate, up, down = self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt
+        n = gate.shape[0]
+        fused = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available()
+        int8 = self.int8_activations and x.shape[0] == 1
+        tail = None
+        if units < n:
+            if fused:
+                tail = kernels.gate_up_silu(x, gate.rows(units, n), up.rows(units, n), int8_activations=int8)
+            else:
+                xr = _rounded(x) if int8 else x
+                tail = F.silu(reference_matmul(xr, gate.rows(units, n), None)) * reference_matmul(xr, up.rows(units, n), None)
+        h = head().to(x.dtype)
+        h = h if tail is None else torch.cat([h, tail], dim=-1)
+        if fused:
+            return kernels.quant_linear(h, down, int8_activations=int8)
+        return reference_matmul(_rounded(h) if int8 else h, down, None)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.expert_forward(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt,
@@ -202,6 +218,13 @@ class QuantExpert(Expert):
     def _replay(self, x: torch.Tensor, pool) -> torch.Tensor:
         graphs = self.__dict__.setdefault("_graphs", {})
         return replay_graph(graphs, x.data_ptr(), lambda: self._fused(x), x.device, pool)
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8-activation GEMV sees it (rounded per block of 32), in x's dtype: the CPU stand-in."""
+    from .kernels.gemv_int8 import fake_quantize_reference
+
+    return fake_quantize_reference(x).to(x.dtype)
 
 
 def replay_graph(graphs: dict, key, run: Callable[[], torch.Tensor], device: torch.device, pool) -> torch.Tensor:
@@ -224,6 +247,24 @@ def replay_graph(graphs: dict, key, run: Callable[[], torch.Tensor], device: tor
     graph, out = graphs[key]
     graph.replay()
     return out
+def head_split_ranges(layout: FlatLayout, head: int) -> list[tuple[int, int]]:
+    """Byte ranges of an expert's flat buffer that ``forward_with_head`` reads when the first ``head`` hidden units come
+    from elsewhere: gate and up without their first ``head`` rows (every stored tensor has one row per hidden unit,
+    row-major), down whole. Adjacent ranges are merged: what a split expert's copy moves."""
+    ranges: list[tuple[int, int]] = []
+    for f in layout.fields:
+        start = f.offset
+        if f.name.split(".", 1)[0] in ("gate_proj", "up_proj"):
+            start += head * (f.nbytes // f.shape[0])
+        if start == f.offset + f.nbytes:
+            continue  # every row comes from elsewhere
+        if ranges and ranges[-1][1] >= start - ALIGN and ranges[-1][1] <= start:  # only alignment padding between
+            ranges[-1] = (ranges[-1][0], f.offset + f.nbytes)
+        else:
+            ranges.append((start, f.offset + f.nbytes))
+    return ranges
+
+
 def build_expert(flat: dict[str, torch.Tensor], config: ModelConfig, spec: QuantSpec | None) -> Expert:
     """An Expert module whose weights are exactly the given tensors (views stay views: no copies).
 

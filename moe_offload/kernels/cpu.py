@@ -253,6 +253,24 @@ def experts_2bit_g16(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[C
     return y
 
 
+def gate_up_2bit_g16(gates: list[CpuMatrix], ups: list[CpuMatrix], x: torch.Tensor, threads: int) -> torch.Tensor:
+    """silu(gate_e x) * up_e x for several experts at once, one parallel region: x float32 [D] -> float32 [n, I], where
+    I is the matrices' row count (the first I hidden units of split experts: row-prefix matrices). Same conditions as
+    ``experts_2bit_g16`` for gate and up."""
+    n = len(gates)
+    if not fusable(gates, ups, None):
+        raise MoeOffloadError("gate_up_2bit_g16 needs 2-bit group-16 matrices on the integer path, one shape and chunk")
+    d, i = gates[0].k, gates[0].n
+    if x.dtype != torch.float32 or x.shape != (d,) or not x.is_contiguous():
+        raise MoeOffloadError(f"gate_up_2bit_g16 expects a contiguous float32 vector of {d}, got {x.dtype} {tuple(x.shape)}")
+    structs = [(_Matrix * n)(*[m._struct for m in ms]) for ms in (gates, ups)]
+    work = _experts_work(n, d, i)
+    h = torch.empty(n, i)
+    _library().hqq_experts_2bit_g16(*structs, None, n, x.data_ptr(), gates[0].chunk, PREFETCH_BYTES,
+                                    *(t.data_ptr() for t in (*work, h)), int(threads))
+    return h
+
+
 _work = threading.local()  # per thread: the hybrid executor's worker and the decode thread may both call
 
 
@@ -267,15 +285,15 @@ def _experts_work(n: int, d: int, i: int) -> tuple[torch.Tensor, ...]:
     return cache[(n, d, i)]
 
 
-def fusable(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix]) -> bool:
+def fusable(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix] | None) -> bool:
     """Whether ``experts_2bit_g16`` can compute these experts: all on the integer path, one chunk width, SwiGLU
-    shapes (gate/up [I, D], down [D, I]) equal across experts."""
-    ms = [*gates, *ups, *downs]
+    shapes (gate/up [I, D], down [D, I]) equal across experts. ``downs`` None: gate and up only (``gate_up_2bit_g16``)."""
+    ms = [*gates, *ups, *(downs or [])]
     if not gates or not all(isinstance(m, CpuMatrix) and m.int8 and m.chunk == gates[0].chunk for m in ms):
         return False
     d, i = gates[0].k, gates[0].n
-    return (all((m.n, m.k) == (i, d) for m in (*gates, *ups)) and all((m.n, m.k) == (d, i) for m in downs)
-            and len(gates) == len(ups) == len(downs))
+    return (all((m.n, m.k) == (i, d) for m in (*gates, *ups)) and len(gates) == len(ups)
+            and (downs is None or (all((m.n, m.k) == (d, i) for m in downs) and len(downs) == len(gates))))
 
 
 INT4_GROUPS = (32, 64, 128, 256)

@@ -402,7 +402,9 @@ void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx,
    instead of a fork per matrix; the row blocks of all experts' gate and up (then down) projections are shared
    out together, so n experts keep every thread busy as one expert would. x is rounded to int8 once, and h per
    group of 16 as soon as it exists. Work buffers: xq int8 [D], xd/xsum float [D/16], g/u float [n*I],
-   hq int8 [n*I], hd/hsum float [n*I/16]; y float [n*D]. */
+   hq int8 [n*I], hd/hsum float [n*I/16]; y float [n*D].
+   down == NULL: stop at the hidden units, y float [n*I] = silu(gate_e x) * up_e x (the first I hidden units of a
+   split expert, whose gate/up structs then cover only those rows; hq, hd and hsum are unused). */
 void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hqq_matrix *down, int n, const float *x,
                           int chunk, int prefetch, int8_t *xq, float *xd, float *xsum, float *g, float *u,
                           int8_t *hq, float *hd, float *hsum, float *y, int threads) {
@@ -423,11 +425,12 @@ void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hq
             const int e = q / (I / 16), grp = q % (I / 16);
             float h[16];
             const float *ge = g + (size_t)e * I + 16 * grp, *ue = u + (size_t)e * I + 16 * grp;
-            for (int j = 0; j < 16; j++) h[j] = ge[j] / (1.0f + expf(-ge[j])) * ue[j];
-            quantize_group(h, grp, chunk, hq + (size_t)e * I, hd + (size_t)e * (I / 16), hsum + (size_t)e * (I / 16));
+            float *he = down ? h : y + (size_t)e * I + 16 * grp;
+            for (int j = 0; j < 16; j++) he[j] = ge[j] / (1.0f + expf(-ge[j])) * ue[j];
+            if (down) quantize_group(h, grp, chunk, hq + (size_t)e * I, hd + (size_t)e * (I / 16), hsum + (size_t)e * (I / 16));
         }
 #pragma omp for schedule(static)
-        for (int b = 0; b < n * down_blocks; b++) {
+        for (int b = 0; b < (down ? n * down_blocks : 0); b++) {
             const int e = b / down_blocks, rb = b % down_blocks;
             rows_any(&down[e], rb * rows, rb * rows + rows, hq + (size_t)e * I, hd + (size_t)e * (I / 16),
                      hsum + (size_t)e * (I / 16), y + (size_t)e * D, chunk, prefetch);

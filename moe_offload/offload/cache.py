@@ -70,7 +70,8 @@ class ExpertCache:
         self._waited: torch.cuda.Event | None = None  # the ready event the compute stream waited on last
         self.cpu_recent: set[Key] = set()  # experts the hybrid path computed on the CPU in the latest step
         self._last_ready: torch.cuda.Event | None = None  # recorded after the latest batch of copies
-        self.copies = 0  # copies enqueued so far (the hybrid scheduler tracks the copy queue's backlog by it)
+        self.copies = 0  # whole-expert copies enqueued so far
+        self.copy_units = 0.0  # bytes enqueued so far, in expert sizes (the hybrid scheduler's copy backlog)
         self.sample_copies = 0  # time every n-th copy with CUDA events (0: none); read by take_copy_samples
         self._copy_samples: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, copies)
         # Device lookup (off until enable_device_lookup): where each expert is, as seen by the kernels.
@@ -81,24 +82,33 @@ class ExpertCache:
         self._host_modules: dict[int, nn.Module] = {}  # CPU stand-in for in-place reads (module_at)
 
     # -- copies -------------------------------------------------------------------------------
-    def _copy(self, pairs: list[tuple[Key, int]], together: bool = True, evicted: Collection[Key] = ()) -> None:
+    def _copy(self, pairs: list[tuple[Key, int]], together: bool = True, evicted: Collection[Key] = (),
+              ranges: list[tuple[int, int]] | None = None) -> None:
         """Copy each (key, slot) pair's expert into its slot: on CUDA one batch on the copy stream.
 
         A batch enters the copy stream once (top-8 models miss several experts per layer; per-copy stream
         switches cost more host time than the 1-2 MB copies themselves). ``together``: the experts are used
         by one kernel, so one ``ready`` event serves them all; otherwise each gets its own, so computing
         the first need not wait for the last copy (prefill, expert by expert). ``evicted``: the experts these
-        copies overwrite (device lookup points them back to host memory first)."""
+        copies overwrite (device lookup points them back to host memory first). ``ranges``: copy only these byte
+        ranges of each buffer (split experts, into scratch slots: never sampled, never in the device table)."""
         if not pairs:
             return
-        self.copies += len(pairs)
+        B = self.store.layout.nbytes
+        spans = [(0, B)] if ranges is None else ranges
+        self.copy_units += len(pairs) * sum(b - a for a, b in spans) / B
+        if ranges is not None:
+            assert all(slot >= self.num_slots for _, slot in pairs) and not evicted, "partial copies go to scratch slots"
+        else:
+            self.copies += len(pairs)
         table = self.table
         if table is not None:
             for key in evicted:
                 table[key].fill_(self._host_index[key])  # compute stream: later lookups read host memory
         if not self.cuda:
             for key, slot in pairs:
-                self.slots[slot].copy_(self.store.buffer(key))
+                for a, b in spans:
+                    self.slots[slot][a:b].copy_(self.store.buffer(key)[a:b])
                 if table is not None and slot < self.num_slots:
                     table[key].fill_(slot)
             return
@@ -113,7 +123,8 @@ class ExpertCache:
             free = self.free[slot]
             if free is not None and all(free is not f for f in frees):
                 frees.append(free)
-        sample = bool(self.sample_copies) and self.copies // self.sample_copies != (self.copies - len(pairs)) // self.sample_copies
+        sample = (ranges is None and bool(self.sample_copies)
+                  and self.copies // self.sample_copies != (self.copies - len(pairs)) // self.sample_copies)
         with torch.cuda.stream(self.copy_stream):
             for free in frees:
                 self.copy_stream.wait_event(free)
@@ -121,7 +132,12 @@ class ExpertCache:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(self.copy_stream)
             for key, slot in pairs:
-                self.slots[slot].copy_(self.store.buffer(key), non_blocking=True)
+                if ranges is None:
+                    self.slots[slot].copy_(self.store.buffer(key), non_blocking=True)
+                else:
+                    src, dst = self.store.buffer(key), self.slots[slot]
+                    for a, b in ranges:
+                        dst[a:b].copy_(src[a:b], non_blocking=True)
                 if not together:
                     self.ready[slot] = torch.cuda.Event()
                     self.ready[slot].record(self.copy_stream)
@@ -219,6 +235,27 @@ class ExpertCache:
         self._copy(batch, evicted=evicted)
         s.prefetch_copies += len(batch)
         s.bytes_copied += len(batch) * self.store.layout.nbytes
+
+    def load_split(self, layer: int, experts: list[int], ranges: list[tuple[int, int]]) -> dict[int, int]:
+        """Split experts (the hybrid path): copy only ``ranges`` of each one's buffer, each into a scratch slot of its
+        own (at most one per scratch slot); the CPU computes the rest. They take no cache slot and evict nothing.
+        Counted as misses. -> expert -> scratch slot, for ``split_module``."""
+        if len(experts) > len(self._scratch):
+            raise ValueError(f"{len(experts)} split experts but {len(self._scratch)} scratch slots")
+        pairs = [((layer, e), self._next_scratch()) for e in experts]
+        self._copy(pairs, together=False, ranges=ranges)
+        s = self.stats.layers[layer]
+        s.misses += len(experts)
+        s.split_experts += len(experts)
+        s.bytes_copied += len(experts) * sum(b - a for a, b in ranges)
+        return {e: slot for (_, e), slot in pairs}
+
+    def split_module(self, layer: int, slot: int) -> nn.Module:
+        """The module over a split expert's scratch slot (``load_split``); the compute stream waits for its copy."""
+        self._mark_used()
+        self._wait(slot, layer)
+        self._unmarked.append(slot)
+        return self.modules[slot]
 
     # -- device lookup ------------------------------------------------------------------------
     def enable_device_lookup(self, top_k: int) -> None:

@@ -95,16 +95,25 @@ class OffloadedExperts:
                 cache.account(layer, experts, ids)
         self._score_guess(self.layer, used)
         on_cpu: list[int] = []
+        split: list[int] = []  # misses whose first hidden units the CPU computes while the rest is copied
+        head = 0
         if self.hybrid is not None and x.shape[0] == 1:  # decode only: CPU cost grows with tokens, a copy's does not
-            on_cpu = used if self.cpu_only else self.hybrid.choose_cpu(
-                [e for e in used if cache.policy.slot_of((self.layer, e)) is None])
+            if self.cpu_only:
+                on_cpu = used
+            else:
+                misses = [e for e in used if cache.policy.slot_of((self.layer, e)) is None]
+                on_cpu, head = self.hybrid.choose(misses)
+                split = misses if head else []
         inline = self.cpu_only and bool(on_cpu)  # a CPU layer computes on this thread, after its guesses' copies start
         if on_cpu and not inline:  # started first, so the CPU works while the GPU computes hits and copied misses
             results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer])
+        if split:
+            results = self.hybrid.submit_heads(self.layer, split, head, x, stats.layers[self.layer])
+            split_slots = cache.load_split(self.layer, split, self.hybrid.split.ranges(head))
         if on_cpu:
             cache.cpu_recent = cache.cpu_recent | {(self.layer, e) for e in on_cpu}  # new set: readers copy-free
-        on_gpu = [e for e in used if e not in on_cpu]
-        grouped = not on_cpu and self.grouped is not None and self.grouped.ok(x)  # decode: two launches in all
+        on_gpu = [e for e in used if e not in on_cpu and e not in split]
+        grouped = not on_cpu and not split and self.grouped is not None and self.grouped.ok(x)  # two launches in all
         cache.load(self.layer, on_gpu, together=grouped)  # this layer's misses first: they are needed soonest
         protected = [(self.layer, e) for e in used]
         # Guesses are copied only while the copy queue is idle: when copies set the pace, a speculative copy
@@ -122,6 +131,14 @@ class OffloadedExperts:
             protected = protected + [(layer, e) for e in guess]
         if inline:
             results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True)
+        if split:
+            def expert(e: int):
+                if e not in split:
+                    return cache.module(self.layer, e)
+                module = cache.split_module(self.layer, split_slots[e])
+                return lambda x_: module.forward_with_head(x_, head, lambda: results.expert(e)(x_))
+
+            return self.combine(x, indices, weights, expert, flat[:n], last=split)
         if not on_cpu:
             if grouped:
                 slots = cache.slots_for(self.layer, flat[:n])  # rank order, as the router gave them

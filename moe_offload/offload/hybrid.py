@@ -37,6 +37,8 @@ CpuExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
 MakeCpuExpert = Callable[[dict[str, torch.Tensor]], CpuExpertFn]
 # (one layer's CPU experts, x, threads) -> their outputs: lets the kernel compute them together
 RunMany = Callable[[list, torch.Tensor, int], list[torch.Tensor]]
+# (split experts' CPU halves, x, head units, threads) -> each one's first ``head`` hidden units
+RunHeads = Callable[[list, torch.Tensor, int, int], list[torch.Tensor]]
 
 
 def run_one_by_one(experts: list[CpuExpertFn], x: torch.Tensor, threads: int) -> list[torch.Tensor]:
@@ -76,6 +78,50 @@ def split_misses(misses: Sequence[int], cost: CostModel, copy_backlog_ms: float 
     return to_copy, to_cpu
 
 
+@dataclass(frozen=True)
+class SplitShape:
+    """How experts of this model can be split (family knowledge, injected): ``units`` hidden units, cut in multiples
+    of ``quantum``; ``ranges(head)``: the byte ranges of an expert's buffer the GPU needs when the CPU computes the first
+    ``head`` units; ``head_bytes``: the bytes of the expert buffer the CPU reads per unit (gate and up rows)."""
+
+    units: int
+    quantum: int
+    ranges: Callable[[int], list[tuple[int, int]]]
+    head_bytes: int
+    expert_bytes: int
+
+    def cpu_share(self, head: int) -> float:
+        """Share of a whole expert's bytes the CPU reads for a head of ``head`` units (its time scales with it)."""
+        return head * self.head_bytes / self.expert_bytes
+
+
+def plan_split(misses: int, cost: CostModel, shape: SplitShape, copy_backlog_ms: float = 0.0) -> tuple[int, float]:
+    """(head, finish ms) for splitting ``misses`` experts alike: the CPU computes the first ``head`` hidden units of each
+    (from host memory), the copy link brings the rest of each expert, and both finish as close together as the
+    quantum allows. head 0: no split helps (a whole copy is at least as early)."""
+    best = (0, copy_backlog_ms + misses * cost.copy_ms)
+    if not misses:
+        return best
+    copy_share = lambda head: 1.0 - shape.cpu_share(head) if head else 1.0  # noqa: E731
+    # The balance point: backlog + m c (1 - s h) = m p s h, with s the CPU share per unit.
+    per_unit = shape.head_bytes / shape.expert_bytes
+    ideal = (copy_backlog_ms + misses * cost.copy_ms) / (misses * per_unit * (cost.cpu_ms + cost.copy_ms))
+    lower = min(shape.units, int(ideal // shape.quantum) * shape.quantum)
+    for head in {lower, min(shape.units, lower + shape.quantum)}:
+        if head <= 0:
+            continue
+        finish = max(misses * cost.cpu_ms * shape.cpu_share(head),
+                     copy_backlog_ms + misses * cost.copy_ms * copy_share(head))
+        if finish < best[1]:
+            best = (head, finish)
+    return best
+
+
+def whole_finish(misses: Sequence[int], to_cpu: Sequence[int], cost: CostModel, copy_backlog_ms: float = 0.0) -> float:
+    """When the slower path finishes, with ``to_cpu`` of ``misses`` on the CPU and the rest copied (split_misses)."""
+    return max(len(to_cpu) * cost.cpu_ms, copy_backlog_ms + (len(misses) - len(to_cpu)) * cost.copy_ms)
+
+
 def _now_ms() -> float:
     return time.perf_counter() * 1e3
 
@@ -106,8 +152,12 @@ class HybridExecutor:
     """The split decision, the CPU worker and the cost model, shared by every offloaded layer."""
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
-                 threads: int, dynamic: bool = True, run_many: RunMany = run_one_by_one):
+                 threads: int, dynamic: bool = True, run_many: RunMany = run_one_by_one,
+                 split: SplitShape | None = None, run_heads: RunHeads | None = None):
         self.store, self.cache, self.make_cpu_expert, self.run_many = store, cache, make_cpu_expert, run_many
+        # Split experts (None: whole experts only): a lone miss keeps both paths busy instead of one.
+        self.split, self.run_heads = (split, run_heads) if run_heads is not None else (None, None)
+        self.max_split = len(cache._scratch)  # each split expert is copied into a scratch slot of its own
         self.cost, self.threads = cost, threads
         self.dynamic = dynamic  # split cached layers' misses (False: only CPU layers use the CPU)
         self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
@@ -115,7 +165,7 @@ class HybridExecutor:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload-cpu",
                                         initializer=torch.set_num_threads, initargs=(threads,))
         self._copy_free_at = 0.0  # host-clock estimate of when the copy queue drains
-        self._copies_seen = cache.copies
+        self._copies_seen = cache.copy_units
         if cost.smoothing:
             cache.sample_copies = 8  # time one copy in eight to refit copy_ms
 
@@ -129,8 +179,8 @@ class HybridExecutor:
     def _sync_copy_clock(self) -> float:
         """Account for copies enqueued since the last call; returns now (ms)."""
         now = _now_ms()
-        new = self.cache.copies - self._copies_seen
-        self._copies_seen = self.cache.copies
+        new = self.cache.copy_units - self._copies_seen
+        self._copies_seen = self.cache.copy_units
         if new:
             self._copy_free_at = max(self._copy_free_at, now) + new * self.cost.copy_ms
         for ms in self.cache.take_copy_samples():
@@ -143,9 +193,20 @@ class HybridExecutor:
 
     # -- per layer -----------------------------------------------------------------------------------
     def choose_cpu(self, misses: Sequence[int]) -> list[int]:
+        return self.choose(misses)[0]
+
+    def choose(self, misses: Sequence[int]) -> tuple[list[int], int]:
+        """(misses for the CPU whole, head): head > 0 splits every miss instead (the CPU computes its first ``head``
+        hidden units, the rest is copied), where that finishes the layer earlier than whole experts would."""
         if not misses or not self.dynamic:
-            return []
-        return split_misses(misses, self.cost, self.copy_backlog_ms())[1]
+            return [], 0
+        backlog = self.copy_backlog_ms()
+        to_cpu = split_misses(misses, self.cost, backlog)[1]
+        if self.split is not None and len(misses) <= self.max_split:
+            head, finish = plan_split(len(misses), self.cost, self.split, backlog)
+            if head and finish < whole_finish(misses, to_cpu, self.cost, backlog):
+                return [], head
+        return to_cpu, 0
 
     def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats,
                inline: bool = False) -> CpuResults:
@@ -171,6 +232,24 @@ class HybridExecutor:
             future.set_result(run())
             stats.cpu_wait_ms += _now_ms() - start
             return CpuResults(future, x.device, x.dtype, stats)
+        return CpuResults(self._pool.submit(run), x.device, x.dtype, stats)
+
+    def submit_heads(self, layer: int, experts: Sequence[int], head: int, x: torch.Tensor,
+                     stats: LayerStats) -> CpuResults:
+        """Start the first ``head`` hidden units of these split experts on x [1, D]; ``expert(e)`` then gives [1, head]."""
+        x_host = x.detach().to("cpu", torch.float32)
+        fns = [self.cpu_expert((layer, e)) for e in experts]
+        share = self.split.cpu_share(head)
+
+        def run() -> dict[int, torch.Tensor]:
+            start = _now_ms()
+            outs = self.run_heads(fns, x_host, head, self.threads)
+            ms = _now_ms() - start
+            stats.cpu_ms += ms
+            self.cost.observe_cpu(ms / (len(fns) * share))  # as ms per whole expert
+            return dict(zip(experts, outs))
+
+        self._sync_copy_clock()
         return CpuResults(self._pool.submit(run), x.device, x.dtype, stats)
 
     def close(self) -> None:

@@ -20,7 +20,8 @@ class LayerStats:
     in_place: int = 0  # misses the kernels read in place from host memory (device lookup; counted in misses too)
     wait_ms: float = 0.0  # compute-stream time spent waiting for copies (when timing is on)
     cpu_experts: int = 0  # misses computed on the CPU instead of copied (hybrid path; counted in misses too)
-    cpu_ms: float = 0.0  # wall time of those CPU computations
+    split_experts: int = 0  # misses split: the CPU computed their first hidden units, the GPU the rest from a partial copy
+    cpu_ms: float = 0.0  # wall time of the CPU computations (whole and split experts)
     cpu_wait_ms: float = 0.0  # host time spent waiting for a CPU result after the GPU work was enqueued
 
     @property
@@ -60,6 +61,7 @@ class CacheStats:
             "host_syncs_per_token": self.host_syncs / self.tokens if self.tokens else 0.0,
             "cpu_experts": t.cpu_experts,
             "cpu_experts_per_token": t.cpu_experts / self.tokens if self.tokens else 0.0,
+            "split_experts_per_token": t.split_experts / self.tokens if self.tokens else 0.0,
             "cpu_ms_per_token": t.cpu_ms / self.tokens if self.tokens else 0.0,
             "cpu_wait_ms_per_token": t.cpu_wait_ms / self.tokens if self.tokens else 0.0,
         }

@@ -146,6 +146,12 @@ class QuantizedTensor:
 
         return cls(d["qweight"], meta("scale"), meta("zero"), shape, spec)
 
+    def rows(self, start: int, stop: int) -> "QuantizedTensor":
+        """Rows [start, stop) of the matrix (output features): views, no copies. Every stored tensor is row-major
+        with one row per output feature, so a row range of each is a contiguous slice."""
+        sliced = {name: t[start:stop] for name, t in self.tensors().items()}
+        return QuantizedTensor.assemble(sliced, (stop - start, self.shape[1]), self.spec)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

@@ -144,3 +144,27 @@ def test_fused_experts_refuse_other_layouts():
     assert not cpu.fusable([gate], [up], [down])
     with pytest.raises(MoeOffloadError, match="2-bit group-16"):
         cpu.experts_2bit_g16([gate], [up], [down], torch.randn(256), threads=1)
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [256, 768])
+def test_fused_gate_up_heads_match_matrix_by_matrix(rows):
+    """gate_up_2bit_g16 (the CPU's share of split experts: the first rows of gate and up, SiLU, no down) against the
+    same row-prefix matrices one by one, and against float64 over the full matrices' first rows."""
+    d, i = 256, 768
+    torch.manual_seed(rows)
+    spec = QuantSpec(2, 16, True)
+    full = [[quantize(torch.randn(i, d) * 0.5, spec, optimize=False) for _ in range(2)] for _ in range(2)]
+    heads = [[cpu.CpuMatrix(qt.rows(0, rows)) for qt in pair] for pair in full]
+    gates, ups = [h[0] for h in heads], [h[1] for h in heads]
+    assert cpu.fusable(gates, ups, None)
+    x = torch.randn(d)
+    got = cpu.gate_up_2bit_g16(gates, ups, x, threads=2)
+    assert got.shape == (2, rows)
+    for e, (gate, up) in enumerate(heads):
+        q = cpu.QuantizedVector(x, gate.chunk)
+        one = torch.nn.functional.silu(gate.matvec(q, 2)) * up.matvec(q, 2)
+        torch.testing.assert_close(got[e], one, rtol=1e-5, atol=1e-5)
+        w = [dequantize(qt, torch.float64)[:rows] for qt in full[e]]
+        ref = torch.nn.functional.silu(w[0] @ x.double()) * (w[1] @ x.double())
+        assert (got[e].double() - ref).norm() / ref.norm() < 2e-2

@@ -13,7 +13,7 @@ import moe_offload
 from moe_offload.cli import app
 from moe_offload.errors import MoeOffloadError
 from moe_offload.kernels import cpu as cpu_kernels
-from moe_offload.offload.hybrid import CostModel, split_misses
+from moe_offload.offload.hybrid import CostModel, SplitShape, plan_split, split_misses
 from moe_offload.offload.snapshot import snapshot
 from moe_offload.placement import OffloadOptions
 
@@ -50,6 +50,36 @@ def test_split_counts_the_copy_backlog():
 def test_split_many_misses_spreads_by_finish_time():
     to_copy, to_cpu = split_misses(list(range(8)), CostModel(copy_ms=1.0, cpu_ms=3.0))
     assert len(to_copy) == 6 and len(to_cpu) == 2  # copies finish at 6, the CPU at 6
+
+
+# An expert of 3 parts of 1000 bytes (gate, up, down); gate and up have 100 hidden units of 10 bytes each.
+SHAPE = SplitShape(units=100, quantum=10, ranges=lambda head: [(0, 3000 - 20 * head)], head_bytes=20, expert_bytes=3000)
+
+
+def test_split_balances_one_miss_between_the_paths():
+    # CPU and copy equally fast: the CPU takes 3/4 of gate+up (half the expert), the copy the other half.
+    head, finish = plan_split(1, CostModel(copy_ms=1.0, cpu_ms=1.0), SHAPE)
+    assert head == 80 and finish == pytest.approx(max(1.0 * 80 * 20 / 3000, 1.0 - 80 * 20 / 3000))
+    assert finish < 0.6  # against 1.0 for either path alone
+
+
+def test_split_gives_the_cpu_all_of_gate_and_up_at_most():
+    head, finish = plan_split(2, CostModel(copy_ms=10.0, cpu_ms=0.1), SHAPE)
+    assert head == 100 and finish == pytest.approx(2 * 10.0 / 3)  # the copy still brings down
+
+
+def test_no_split_when_the_cpu_is_far_slower():
+    assert plan_split(1, CostModel(copy_ms=1.0, cpu_ms=100.0), SHAPE) == (0, 1.0)
+
+
+def test_split_within_experts_counts_the_copy_backlog():
+    idle, _ = plan_split(1, CostModel(copy_ms=1.0, cpu_ms=1.0), SHAPE)
+    busy, _ = plan_split(1, CostModel(copy_ms=1.0, cpu_ms=1.0), SHAPE, copy_backlog_ms=0.5)
+    assert busy > idle  # a busy link leaves more of the expert to the CPU
+
+
+def test_no_misses_no_split():
+    assert plan_split(0, CostModel(copy_ms=1.0, cpu_ms=1.0), SHAPE) == (0, 0.0)
 
 
 # -- end to end on the CPU ------------------------------------------------------------------------
@@ -100,6 +130,48 @@ def test_cpu_experts_are_not_cached_and_not_copied(tiny_dir):
     assert recent and not recent & engine.expert_cache.policy.resident()
     view = snapshot(engine.expert_cache)
     assert {key for key in recent if view.state(*key) == "p"} == recent
+
+
+# Copies twice as slow as the CPU: a lone miss or two are split, not given whole to either path.
+SPLITS = CostModel(copy_ms=1.0, cpu_ms=0.5, smoothing=0.0)
+
+
+def test_split_experts_match_copy_only_within_tolerance(tiny_dir, copy_only):
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS)
+    assert engine.hybrid.split is not None
+    tokens, logits = decode_logits(engine)
+    assert tokens == copy_only[0]
+    err = (logits - copy_only[1]).norm() / copy_only[1].norm()
+    assert err < 2e-2, f"relative logit error {err:.2e}"
+    s = engine.cache_stats.summary()
+    assert s["split_experts_per_token"] > 0 and s["cpu_ms_per_token"] > 0
+
+
+def test_split_experts_copy_part_of_an_expert_and_evict_nothing(tiny_dir):
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS, prefetch=0)
+    cache = engine.expert_cache
+    ids = engine.encode(PROMPT)
+    kv = engine.model.new_kv_cache(64)
+    engine.model(torch.tensor([ids]), kv, 0)  # prefill: no CPU path
+    resident, before = set(cache.policy.resident()), cache.stats.total()
+    for i in range(6):  # decode steps
+        engine.model(torch.tensor([[ids[i]]]), kv, len(ids) + i)
+    after = cache.stats.total()
+    split = after.split_experts - before.split_experts
+    whole = (after.misses - before.misses) - split - (after.cpu_experts - before.cpu_experts)
+    B = cache.store.layout.nbytes
+    moved = after.bytes_copied - before.bytes_copied
+    assert split > 0
+    assert whole * B < moved < (whole + split) * B  # a split expert moves only part of its buffer
+    if whole == 0:  # split experts go through scratch slots: the cache keeps what it had
+        assert set(cache.policy.resident()) == resident
+
+
+def test_split_off_keeps_whole_experts(tiny_dir):
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS, split=False)
+    assert engine.hybrid.split is None
+    engine.generate(PROMPT, max_new_tokens=6, ignore_eos=True)
+    assert engine.cache_stats.total().split_experts == 0
 
 
 def test_off_is_bit_exact(tiny_dir):
