@@ -47,22 +47,28 @@ def test_cuda_synthetic_quantized_offload_bit_identical(preset):
     assert offloaded.cache_stats.summary()["bytes_copied"] > 0
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("how", ["whole", "split"])
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
-def test_cuda_hybrid_matches_copy_only(dtype, tol):
-    """Misses computed on the CPU (forced by the cost model) while the GPU computes the rest: the same
-    tokens, logits within floating-point tolerance (the CPU adds in float32, in another order)."""
+def test_cuda_hybrid_matches_copy_only(dtype, tol, how, int8):
+    """Misses computed on the CPU (forced by the cost model), whole or split (the CPU computes the first hidden units,
+    the GPU the rest from a partial copy), while the GPU computes the rest: the same tokens, logits within
+    floating-point tolerance (the CPU adds in float32, in another order)."""
     from moe_offload.offload.hybrid import CostModel
 
+    if int8 and dtype == "float32":
+        pytest.skip("int8 activations run on the 16-bit GEMV")
+    cost = CostModel(copy_ms=10.0, cpu_ms=0.1, smoothing=0.0) if how == "whole" else CostModel(1.0, 0.5, smoothing=0.0)
     prompt = list(range(3, 60))
-    copy_only = load_synthetic("tiny", preset="4/2", device="cuda", dtype=dtype,
+    copy_only = load_synthetic("tiny", preset="4/2", device="cuda", dtype=dtype, int8_activations=int8,
                                offload=OffloadOptions(offload_per_layer=2, hybrid="off"))
-    hybrid = load_synthetic("tiny", preset="4/2", device="cuda", dtype=dtype,
-                            offload=OffloadOptions(offload_per_layer=2, hybrid="on",
-                                                   hybrid_cost=CostModel(copy_ms=10.0, cpu_ms=0.1, smoothing=0.0)))
+    hybrid = load_synthetic("tiny", preset="4/2", device="cuda", dtype=dtype, int8_activations=int8,
+                            offload=OffloadOptions(offload_per_layer=2, hybrid="on", hybrid_cost=cost))
     a, b = greedy(copy_only, prompt, n=12), greedy(hybrid, prompt, n=12)
     assert torch.allclose(a[0].float(), b[0].float(), rtol=tol, atol=tol)  # prefill never uses the CPU
     assert a[1] == b[1]
-    assert hybrid.cache_stats.summary()["cpu_experts"] > 0
+    s = hybrid.cache_stats.summary()
+    assert (s["cpu_experts"] if how == "whole" else s["split_experts_per_token"]) > 0
 
 
 @pytest.mark.parametrize("prefetch", [0, 1])
