@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over a few greedy steps of a synthetic model.
 
 Usage (GPU machine): python3 benchmarks/profile_decode.py --synthetic mixtral-8x7b --preset 4/2 [--gpu-memory 12GiB]
-    [--cpu-layers N] [--host]
+    [--cpu-layers N] [--hybrid on] [--no-split] [--int8] [--host]
 
 ``--host``: Python's cProfile instead, for the host's share of an offloaded step (per-layer routing syncs, cache
 bookkeeping, the CPU path's hand-offs), sorted by own time.
@@ -26,13 +26,18 @@ def main() -> None:
     ap.add_argument("--gpu-memory", default=None)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cpu-layers", type=int, default=0)
+    ap.add_argument("--hybrid", default=None, help="off/auto/on (default: auto with --cpu-layers, else off)")
+    ap.add_argument("--no-split", action="store_true", help="with --hybrid on: whole experts only")
+    ap.add_argument("--int8", action="store_true", help="int8 activations at decode")
     ap.add_argument("--host", action="store_true")
     ap.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
     ap.add_argument("--sort", default="tottime", help="cProfile order (--host): tottime or cumulative")
     args = ap.parse_args()
+    hybrid = args.hybrid or ("auto" if args.cpu_layers else "off")
     engine = load_synthetic(args.synthetic, preset=args.preset, device="cuda", max_context=1024,
+                            int8_activations=args.int8,
                             offload=OffloadOptions(gpu_memory=args.gpu_memory, cpu_layers=args.cpu_layers,
-                                                   hybrid="auto" if args.cpu_layers else "off"))
+                                                   hybrid=hybrid, split=not args.no_split))
     if args.prefill:
         prompt = [3 + (i * 7919) % 30000 for i in range(args.prefill)]
         for _ in range(2):  # compile and warm
@@ -58,6 +63,13 @@ def main() -> None:
         token = int(session.step(token).argmax())
     torch.cuda.synchronize()
     print(f"{args.gpu_memory or 'resident'}: {(time.perf_counter() - t0) / args.steps * 1e3:.1f} ms/token unprofiled")
+    if engine.cache_stats is not None:
+        s = engine.cache_stats.summary()
+        print({k: round(v, 3) for k, v in s.items() if k in ("hit_rate", "cpu_experts_per_token", "split_experts_per_token",
+                                                          "cpu_ms_per_token", "cpu_wait_ms_per_token", "copy_wait_ms",
+                                                          "bytes_copied_per_token")})
+    if engine.hybrid is not None:
+        print(f"cost model: copy {engine.hybrid.cost.copy_ms:.3f} ms, CPU {engine.hybrid.cost.cpu_ms:.3f} ms per expert")
     if args.host:
         prof = cProfile.Profile()
         prof.enable()

@@ -117,6 +117,20 @@ def run_heads(experts: list[CpuExpert], x: torch.Tensor, rows: int, threads: int
     return [e.head(x, rows, threads) for e in experts]
 
 
+def start_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int,
+                  rows: int | None = None) -> cpu_kernels.Started | None:
+    """``run_experts`` (or, with ``rows``, ``run_heads``) started on the C kernel's own worker thread where one fused
+    call covers them: ``.wait()`` -> (float32 [n, D] or [n, rows], ms). None where it does not (run them on a thread)."""
+    parts = [e.fused_parts() if rows is None else e.head_parts(rows) for e in experts]
+    if x.shape[0] != 1 or not parts or any(p is None for p in parts):
+        return None
+    gates, ups = [p[0] for p in parts], [p[1] for p in parts]
+    downs = [p[2] for p in parts] if rows is None else None
+    if not cpu_kernels.fusable(gates, ups, downs):
+        return None
+    return cpu_kernels.start(gates, ups, downs, x[0].float().contiguous(), threads)
+
+
 def can_split(expert: CpuExpert) -> bool:
     """Whether this expert's gate and up can be cut by rows on the CPU (not with torch's int4 layout)."""
     return all(isinstance(expert.matrices.get(p), (torch.Tensor, cpu_kernels.CpuMatrix)) for p in ("gate_proj", "up_proj"))

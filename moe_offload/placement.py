@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .config import ModelConfig
-from .cpu_expert import can_split, make_cpu_expert, run_experts, run_heads
+from .cpu_expert import can_split, make_cpu_expert, run_experts, run_heads, start_experts
 from .errors import MoeOffloadError
 from .flat import FlatLayout
 from .grouped import SlotKernel
@@ -356,13 +356,14 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
                 return None
     split = split_shape(store, config, make) if dynamic and options.split else None
     return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic, run_many=run_experts,
-                          split=split, run_heads=run_heads if split else None)
+                          split=split, run_heads=run_heads if split else None, start=start_experts)
 
 
 # Split experts cut the hidden units in multiples of the largest of these that leaves at least SPLIT_MIN_STEPS steps
-# (the CPU kernel works in blocks of 16 rows, the GPU's int8 activations in blocks of 32; coarser steps cost little:
-# Mixtral has 112 steps of 128).
-SPLIT_QUANTA = (128, 64, 32, 16)
+# (the CPU kernel works in blocks of 16 rows, the GPU's int8 activations in blocks of 32). Coarse steps cost little
+# balance (Mixtral: 28 steps of 512, each 2.4% of an expert) and keep few row-cut variants (CPU matrix structs per
+# expert and step, GPU kernel configurations per tail size).
+SPLIT_QUANTA = (512, 256, 128, 64, 32, 16)
 SPLIT_MIN_STEPS = 4
 
 

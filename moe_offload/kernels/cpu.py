@@ -65,7 +65,7 @@ def _cpu_signature() -> str:
 
 
 def _compile(compiler: str, out: Path) -> None:
-    base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", str(SOURCE), "-o", str(out)]
+    base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", str(out)]
     errors = []
     for extra in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread, still correct
         result = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True)
@@ -106,6 +106,10 @@ def _library() -> ctypes.CDLL:
     lib.hqq_experts_2bit_g16.argtypes = ([ctypes.POINTER(_Matrix)] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                          ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int])
     lib.hqq_experts_2bit_g16.restype = None
+    lib.hqq_experts_submit.argtypes = lib.hqq_experts_2bit_g16.argtypes
+    lib.hqq_experts_submit.restype = ctypes.c_int
+    lib.hqq_experts_wait.argtypes = []
+    lib.hqq_experts_wait.restype = ctypes.c_double
     return lib
 
 
@@ -234,22 +238,32 @@ class CpuMatrix:
         return y
 
 
+def _experts_args(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix] | None, x: torch.Tensor,
+                  work: tuple[torch.Tensor, ...] | None) -> tuple[tuple, torch.Tensor]:
+    """The C arguments of hqq_experts_2bit_g16 (after ``threads``) and the output tensor; ``downs`` None: gate and up
+    only. ``work``: scratch to use (default: this thread's)."""
+    name = "experts_2bit_g16" if downs is not None else "gate_up_2bit_g16"
+    n = len(gates)
+    if not fusable(gates, ups, downs):
+        raise MoeOffloadError(f"{name} needs 2-bit group-16 matrices on the integer path, one shape and chunk")
+    d, i = gates[0].k, gates[0].n
+    if x.dtype != torch.float32 or x.shape != (d,) or not x.is_contiguous():
+        raise MoeOffloadError(f"{name} expects a contiguous float32 vector of {d}, got {x.dtype} {tuple(x.shape)}")
+    structs = [(_Matrix * n)(*[m._struct for m in ms]) for ms in (gates, ups, downs or [])]
+    out = torch.empty(n, d if downs is not None else i)
+    work = work if work is not None else _experts_work(n, d, i)
+    args = (*structs[:2], structs[2] if downs is not None else None, n, x.data_ptr(), gates[0].chunk, PREFETCH_BYTES,
+            *(t.data_ptr() for t in (*work, out)))
+    return args, out
+
+
 def experts_2bit_g16(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix], x: torch.Tensor,
                      threads: int) -> torch.Tensor:
     """down_e(silu(gate_e x) * up_e x) for several SwiGLU experts at once, one parallel region in all (one layer's
     CPU experts): x float32 [D] -> float32 [n, D]. Every matrix must be on the integer path with one chunk width
     and expert 0's shapes (``fusable``)."""
-    n = len(gates)
-    if not fusable(gates, ups, downs):
-        raise MoeOffloadError("experts_2bit_g16 needs 2-bit group-16 matrices on the integer path, one shape and chunk")
-    d, i = gates[0].k, gates[0].n
-    if x.dtype != torch.float32 or x.shape != (d,) or not x.is_contiguous():
-        raise MoeOffloadError(f"experts_2bit_g16 expects a contiguous float32 vector of {d}, got {x.dtype} {tuple(x.shape)}")
-    structs = [(_Matrix * n)(*[m._struct for m in ms]) for ms in (gates, ups, downs)]
-    work = _experts_work(n, d, i)
-    y = torch.empty(n, d)
-    _library().hqq_experts_2bit_g16(*structs, n, x.data_ptr(), gates[0].chunk, PREFETCH_BYTES,
-                                    *(t.data_ptr() for t in (*work, y)), int(threads))
+    args, y = _experts_args(gates, ups, downs, x, None)
+    _library().hqq_experts_2bit_g16(*args, int(threads))
     return y
 
 
@@ -257,21 +271,56 @@ def gate_up_2bit_g16(gates: list[CpuMatrix], ups: list[CpuMatrix], x: torch.Tens
     """silu(gate_e x) * up_e x for several experts at once, one parallel region: x float32 [D] -> float32 [n, I], where
     I is the matrices' row count (the first I hidden units of split experts: row-prefix matrices). Same conditions as
     ``experts_2bit_g16`` for gate and up."""
-    n = len(gates)
-    if not fusable(gates, ups, None):
-        raise MoeOffloadError("gate_up_2bit_g16 needs 2-bit group-16 matrices on the integer path, one shape and chunk")
-    d, i = gates[0].k, gates[0].n
-    if x.dtype != torch.float32 or x.shape != (d,) or not x.is_contiguous():
-        raise MoeOffloadError(f"gate_up_2bit_g16 expects a contiguous float32 vector of {d}, got {x.dtype} {tuple(x.shape)}")
-    structs = [(_Matrix * n)(*[m._struct for m in ms]) for ms in (gates, ups)]
-    work = _experts_work(n, d, i)
-    h = torch.empty(n, i)
-    _library().hqq_experts_2bit_g16(*structs, None, n, x.data_ptr(), gates[0].chunk, PREFETCH_BYTES,
-                                    *(t.data_ptr() for t in (*work, h)), int(threads))
+    args, h = _experts_args(gates, ups, None, x, None)
+    _library().hqq_experts_2bit_g16(*args, int(threads))
     return h
 
 
+class Started:
+    """``experts_2bit_g16`` or ``gate_up_2bit_g16`` running on the C library's own worker thread (``start``).
+    ``wait()`` -> (output, milliseconds the C call took); it releases the interpreter lock while it waits."""
+
+    def __init__(self, out: torch.Tensor, keep: tuple):
+        self.out, self._keep, self.ms = out, keep, None
+
+    def wait(self) -> tuple[torch.Tensor, float]:
+        global _running
+        if self.ms is None:  # the C side's one job is this one
+            self.ms = _library().hqq_experts_wait()
+            self._keep = None  # the C side is done with the structs, x and the scratch
+            _running = None
+        return self.out, self.ms
+
+
+def start(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix] | None, x: torch.Tensor,
+          threads: int) -> Started:
+    """Start ``experts_2bit_g16`` (or, ``downs`` None, ``gate_up_2bit_g16``) on the library's worker thread and return
+    at once: the caller's thread launches GPU work meanwhile, and no Python thread has to be scheduled for the CPU
+    work to start or finish. One job at a time (a previous one is waited for first)."""
+    global _running
+    if _running is not None:  # one job at a time: the previous one finishes first (its scratch is reused)
+        _running.wait()
+    n, d, i = len(gates), gates[0].k, gates[0].n
+    work = _async_work.get((n, d, i))
+    if work is None:
+        work = _async_work[(n, d, i)] = _new_work(n, d, i)
+    args, out = _experts_args(gates, ups, downs, x, work)
+    if _library().hqq_experts_submit(*args, int(threads)) != 0:
+        raise MoeOffloadError("could not start the CPU expert worker thread")
+    _running = Started(out, (args, x, work))
+    return _running
+
+
+_running: Started | None = None  # the job the C worker holds, until waited for
+
+
 _work = threading.local()  # per thread: the hybrid executor's worker and the decode thread may both call
+_async_work: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}  # the C worker's (one job at a time)
+
+
+def _new_work(n: int, d: int, i: int) -> tuple[torch.Tensor, ...]:
+    return (torch.empty(d, dtype=torch.int8), torch.empty(d // 16), torch.empty(d // 16), torch.empty(n * i),
+            torch.empty(n * i), torch.empty(n * i, dtype=torch.int8), torch.empty(n * i // 16), torch.empty(n * i // 16))
 
 
 def _experts_work(n: int, d: int, i: int) -> tuple[torch.Tensor, ...]:
@@ -279,9 +328,7 @@ def _experts_work(n: int, d: int, i: int) -> tuple[torch.Tensor, ...]:
     kept per thread and shape: a layer's call would otherwise allocate nine small tensors each time."""
     cache = _work.__dict__.setdefault("buffers", {})
     if (n, d, i) not in cache:
-        cache[(n, d, i)] = (torch.empty(d, dtype=torch.int8), torch.empty(d // 16), torch.empty(d // 16),
-                            torch.empty(n * i), torch.empty(n * i),
-                            torch.empty(n * i, dtype=torch.int8), torch.empty(n * i // 16), torch.empty(n * i // 16))
+        cache[(n, d, i)] = _new_work(n, d, i)
     return cache[(n, d, i)]
 
 

@@ -454,3 +454,91 @@ void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hq
     (void)g; (void)u; (void)hq; (void)hd; (void)hsum; (void)y; (void)threads;
 }
 #endif
+
+/* hqq_experts_2bit_g16 on the library's own worker thread: submit returns at once, wait blocks until the call is done
+   and returns its time in ms. A caller in Python then never needs the interpreter lock on the worker's side: a Python
+   worker thread would wait for it (up to the interpreter's switch interval) while the main thread launches GPU work.
+   One job at a time; the caller keeps every pointer alive until wait returns. */
+#include <pthread.h>
+#include <time.h>
+
+typedef struct {
+    const hqq_matrix *gate, *up, *down;
+    int n;
+    const float *x;
+    int chunk, prefetch;
+    int8_t *xq;
+    float *xd, *xsum, *g, *u;
+    int8_t *hq;
+    float *hd, *hsum, *y;
+    int threads;
+} experts_job;
+
+static pthread_mutex_t job_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_cond = PTHREAD_COND_INITIALIZER;
+static experts_job job;
+static int job_state; /* 0 idle, 1 queued, 2 running, 3 done */
+static int job_worker_started;
+static double job_ms;
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+static void *job_worker(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&job_mutex);
+    for (;;) {
+        while (job_state != 1) pthread_cond_wait(&job_cond, &job_mutex);
+        experts_job j = job;
+        job_state = 2;
+        pthread_mutex_unlock(&job_mutex);
+        double start = now_ms();
+        hqq_experts_2bit_g16(j.gate, j.up, j.down, j.n, j.x, j.chunk, j.prefetch, j.xq, j.xd, j.xsum, j.g, j.u, j.hq,
+                             j.hd, j.hsum, j.y, j.threads);
+        double ms = now_ms() - start;
+        pthread_mutex_lock(&job_mutex);
+        job_ms = ms;
+        job_state = 3;
+        pthread_cond_broadcast(&job_cond);
+    }
+    return NULL;
+}
+
+/* 0: started; -1: a job is still pending (wait for it first); -2: no worker thread could be started. */
+int hqq_experts_submit(const hqq_matrix *gate, const hqq_matrix *up, const hqq_matrix *down, int n, const float *x,
+                       int chunk, int prefetch, int8_t *xq, float *xd, float *xsum, float *g, float *u, int8_t *hq,
+                       float *hd, float *hsum, float *y, int threads) {
+    pthread_mutex_lock(&job_mutex);
+    if (job_state == 1 || job_state == 2) {
+        pthread_mutex_unlock(&job_mutex);
+        return -1;
+    }
+    if (!job_worker_started) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, job_worker, NULL) != 0) {
+            pthread_mutex_unlock(&job_mutex);
+            return -2;
+        }
+        pthread_detach(thread);
+        job_worker_started = 1;
+    }
+    experts_job j = {gate, up, down, n, x, chunk, prefetch, xq, xd, xsum, g, u, hq, hd, hsum, y, threads};
+    job = j;
+    job_state = 1;
+    pthread_cond_broadcast(&job_cond);
+    pthread_mutex_unlock(&job_mutex);
+    return 0;
+}
+
+/* Blocks until the submitted job is done; its time in ms (-1 when nothing was submitted). */
+double hqq_experts_wait(void) {
+    pthread_mutex_lock(&job_mutex);
+    while (job_state == 1 || job_state == 2) pthread_cond_wait(&job_cond, &job_mutex);
+    double ms = job_state == 3 ? job_ms : -1.0;
+    job_state = 0;
+    pthread_mutex_unlock(&job_mutex);
+    return ms;
+}

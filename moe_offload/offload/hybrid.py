@@ -23,7 +23,7 @@ import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -39,6 +39,28 @@ MakeCpuExpert = Callable[[dict[str, torch.Tensor]], CpuExpertFn]
 RunMany = Callable[[list, torch.Tensor, int], list[torch.Tensor]]
 # (split experts' CPU halves, x, head units, threads) -> each one's first ``head`` hidden units
 RunHeads = Callable[[list, torch.Tensor, int, int], list[torch.Tensor]]
+
+
+class Started(Protocol):
+    """CPU work already running outside Python (the C kernel's own thread): wait() -> (outputs [n, ...], ms)."""
+
+    def wait(self) -> tuple[torch.Tensor, float]: ...
+
+
+# (a layer's CPU experts, x, threads, head units or None for whole experts) -> Started, or None where the work must
+# run on a Python thread instead (run_many / run_heads)
+Start = Callable[[list, torch.Tensor, int, int | None], Started | None]
+
+
+class _Done:
+    """A Future stand-in over Started: result() waits for the C call, then ``finish(outputs, ms)``."""
+
+    def __init__(self, started: Started, finish: Callable[[list[torch.Tensor], float], dict[int, torch.Tensor]]):
+        self.started, self.finish = started, finish
+
+    def result(self) -> dict[int, torch.Tensor]:
+        out, ms = self.started.wait()
+        return self.finish(list(out.unsqueeze(1)), ms)
 
 
 def run_one_by_one(experts: list[CpuExpertFn], x: torch.Tensor, threads: int) -> list[torch.Tensor]:
@@ -153,8 +175,9 @@ class HybridExecutor:
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
                  threads: int, dynamic: bool = True, run_many: RunMany = run_one_by_one,
-                 split: SplitShape | None = None, run_heads: RunHeads | None = None):
+                 split: SplitShape | None = None, run_heads: RunHeads | None = None, start: Start | None = None):
         self.store, self.cache, self.make_cpu_expert, self.run_many = store, cache, make_cpu_expert, run_many
+        self.start = start  # CPU work that can run outside Python starts there (no interpreter lock hand-offs)
         # Split experts (None: whole experts only): a lone miss keeps both paths busy instead of one.
         self.split, self.run_heads = (split, run_heads) if run_heads is not None else (None, None)
         self.max_split = len(cache._scratch)  # each split expert is copied into a scratch slot of its own
@@ -215,13 +238,15 @@ class HybridExecutor:
         x_host = x.detach().to("cpu", torch.float32)
         fns = {e: self.cpu_expert((layer, e)) for e in experts}
 
-        def run() -> dict[int, torch.Tensor]:
-            start = _now_ms()
-            outs = self.run_many(list(fns.values()), x_host, self.threads)
-            ms = _now_ms() - start
+        def finish(outs: list[torch.Tensor], ms: float) -> dict[int, torch.Tensor]:
             stats.cpu_ms += ms
             self.cost.observe_cpu(ms / len(fns))
             return dict(zip(fns, outs))
+
+        def run() -> dict[int, torch.Tensor]:
+            start = _now_ms()
+            outs = self.run_many(list(fns.values()), x_host, self.threads)
+            return finish(outs, _now_ms() - start)
 
         stats.cpu_experts += len(experts)
         stats.misses += len(experts)
@@ -232,7 +257,12 @@ class HybridExecutor:
             future.set_result(run())
             stats.cpu_wait_ms += _now_ms() - start
             return CpuResults(future, x.device, x.dtype, stats)
-        return CpuResults(self._pool.submit(run), x.device, x.dtype, stats)
+        return CpuResults(self._launch(run, finish, list(fns.values()), x_host, None), x.device, x.dtype, stats)
+
+    def _launch(self, run: Callable[[], dict], finish: Callable, fns: list, x_host: torch.Tensor, head: int | None):
+        """Start CPU work: outside Python where ``start`` can, else ``run`` on the worker thread. -> .result()"""
+        started = self.start(fns, x_host, self.threads, head) if self.start is not None else None
+        return self._pool.submit(run) if started is None else _Done(started, finish)
 
     def submit_heads(self, layer: int, experts: Sequence[int], head: int, x: torch.Tensor,
                      stats: LayerStats) -> CpuResults:
@@ -241,16 +271,18 @@ class HybridExecutor:
         fns = [self.cpu_expert((layer, e)) for e in experts]
         share = self.split.cpu_share(head)
 
-        def run() -> dict[int, torch.Tensor]:
-            start = _now_ms()
-            outs = self.run_heads(fns, x_host, head, self.threads)
-            ms = _now_ms() - start
+        def finish(outs: list[torch.Tensor], ms: float) -> dict[int, torch.Tensor]:
             stats.cpu_ms += ms
             self.cost.observe_cpu(ms / (len(fns) * share))  # as ms per whole expert
             return dict(zip(experts, outs))
 
+        def run() -> dict[int, torch.Tensor]:
+            start = _now_ms()
+            outs = self.run_heads(fns, x_host, head, self.threads)
+            return finish(outs, _now_ms() - start)
+
         self._sync_copy_clock()
-        return CpuResults(self._pool.submit(run), x.device, x.dtype, stats)
+        return CpuResults(self._launch(run, finish, fns, x_host, head), x.device, x.dtype, stats)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -168,3 +168,20 @@ def test_fused_gate_up_heads_match_matrix_by_matrix(rows):
         w = [dequantize(qt, torch.float64)[:rows] for qt in full[e]]
         ref = torch.nn.functional.silu(w[0] @ x.double()) * (w[1] @ x.double())
         assert (got[e].double() - ref).norm() / ref.norm() < 2e-2
+
+
+@needs_int8
+def test_started_on_the_kernels_thread_equals_the_direct_call():
+    d, i = 256, 512
+    torch.manual_seed(5)
+    spec = QuantSpec(2, 16, True)
+    mats = [[cpu.CpuMatrix(quantize(torch.randn(*shape) * 0.5, spec, optimize=False))
+             for shape in ((i, d), (i, d), (d, i))] for _ in range(2)]
+    gates, ups, downs = (list(t) for t in zip(*mats))
+    x = torch.randn(d)
+    job = cpu.start(gates, ups, downs, x, threads=2)
+    heads = cpu.start(gates, ups, None, x, threads=2)  # waits for the first job before it starts
+    y, ms = job.wait()
+    h, ms_h = heads.wait()
+    assert torch.equal(y, cpu.experts_2bit_g16(gates, ups, downs, x, threads=2)) and ms >= 0
+    assert torch.equal(h, cpu.gate_up_2bit_g16(gates, ups, x, threads=2)) and ms_h >= 0

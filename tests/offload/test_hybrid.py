@@ -302,3 +302,29 @@ def test_cli_cpu_layers_bad_value(tiny_dir):
     result = CliRunner().invoke(app, ["generate", str(tiny_dir), "-p", "Hi", "--device", "cpu", "--cpu-layers", "lots"])
     assert result.exit_code == 1
     assert "--cpu-layers 'lots' must be a number of layers or auto" in result.output
+
+
+@pytest.mark.skipif(not cpu_kernels.available() or not cpu_kernels.int8_available(), reason="no integer CPU path")
+def test_fused_cpu_work_runs_on_the_kernels_own_thread(tmp_path, monkeypatch):
+    """With dims the integer path takes (multiples of 128), whole and split CPU experts start on the C library's worker
+    thread (no Python thread involved) and still match copies only within tolerance."""
+    from conftest import make_checkpoint
+
+    from moe_offload.kernels.cpu import start
+
+    started = []
+    monkeypatch.setattr("moe_offload.kernels.cpu.start", lambda *a: started.append(a[2] is None) or start(*a))
+    directory = make_checkpoint(tmp_path / "m", hidden_size=128, intermediate_size=512)
+    tokens, reference = decode_logits(load(directory, hybrid="off"), n=8)
+    ids = load(directory, hybrid="off").encode(PROMPT) + tokens
+    for cost, split in ((ALL_CPU, False), (SPLITS, True)):
+        started.clear()
+        engine = load(directory, hybrid="on", hybrid_cost=cost)
+        engine.hybrid._pool.submit = None  # the Python worker thread must not be needed
+        kv = engine.model.new_kv_cache(64)
+        n = len(ids) - len(tokens)
+        logits = [engine.model(torch.tensor([ids[:n]]), kv, 0)[0, -1]]  # the copy-only run's tokens, teacher-forced
+        logits += [engine.model(torch.tensor([[ids[i]]]), kv, i)[0, -1] for i in range(n, len(ids) - 1)]
+        # int8 activations on the CPU (per group of 16): ~1-2% here, so greedy tokens of this random model may flip
+        assert (torch.stack(logits) - reference).norm() / reference.norm() < 3e-2
+        assert started and any(started) == split  # heads (no down matrices) where split
