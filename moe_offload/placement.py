@@ -376,4 +376,5 @@ def split_shape(store: ExpertStore, config: ModelConfig, make) -> SplitShape | N
         return None
     layout = store.layout
     head_bytes = sum(f.nbytes // f.shape[0] for f in layout.fields if f.name.split(".", 1)[0] in ("gate_proj", "up_proj"))
-    return SplitShape(units, quantum, functools.partial(head_split_ranges, layout), head_bytes, layout.nbytes)
+    ranges = functools.lru_cache(maxsize=None)(functools.partial(head_split_ranges, layout))  # one list per step
+    return SplitShape(units, quantum, ranges, head_bytes, layout.nbytes)
