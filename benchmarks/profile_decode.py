@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--preset", default="4/2")
     ap.add_argument("--gpu-memory", default=None)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warm", type=int, default=8, help="decode steps before timing")
     ap.add_argument("--cpu-layers", type=int, default=0)
     ap.add_argument("--hybrid", default=None, help="off/auto/on (default: auto with --cpu-layers, else off)")
     ap.add_argument("--no-split", action="store_true", help="with --hybrid on: whole experts only")
@@ -55,7 +56,7 @@ def main() -> None:
     session = engine.new_session()
     logits, _ = session.prefill(list(range(3, 67)))
     token = int(logits.argmax())
-    for _ in range(8):  # warm
+    for _ in range(args.warm):  # warm: kernels compiled, graphs captured, caches filled
         token = int(session.step(token).argmax())
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -213,10 +213,15 @@ class QuantExpert(Expert):
         ms of host time each; a split expert has four)."""
         gate, up, down = self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt
         n = gate.shape[0]
-        hidden = self.__dict__.get("_hidden")
-        if hidden is None or hidden.dtype != x.dtype or hidden.shape[0] != x.shape[0]:
-            hidden = self._hidden = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
         pool = EXPERT_GRAPHS.get() if x.shape[0] == 1 else None
+        buffers = self.__dict__.get("_split_buffers")
+        if buffers is None or buffers[0].shape != x.shape or buffers[0].dtype != x.dtype:
+            buffers = self._split_buffers = (torch.empty_like(x), torch.empty((x.shape[0], n), dtype=x.dtype,
+                                                                                 device=x.device))
+        inputs, hidden = buffers
+        if pool is not None:  # graphs keyed by head size only, not by every layer's input buffer
+            inputs.copy_(x)
+            x = inputs
         graphs = self.__dict__.setdefault("_graphs", {})
 
         def tail() -> torch.Tensor:
@@ -227,7 +232,7 @@ class QuantExpert(Expert):
             return kernels.quant_linear(hidden, down, int8_activations=int8)
 
         if units < n:
-            replay_graph(graphs, ("tail", x.data_ptr(), units), tail, x.device, pool) if pool is not None else tail()
+            replay_graph(graphs, ("tail", units), tail, x.device, pool) if pool is not None else tail()
         hidden[:, :units].copy_(head())
         return replay_graph(graphs, ("down", hidden.data_ptr()), down_all, x.device, pool) if pool is not None else down_all()
 

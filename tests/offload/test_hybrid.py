@@ -314,7 +314,8 @@ def test_fused_cpu_work_runs_on_the_kernels_own_thread(tmp_path, monkeypatch):
 
     started = []
     monkeypatch.setattr("moe_offload.kernels.cpu.start", lambda *a: started.append(a[2] is None) or start(*a))
-    directory = make_checkpoint(tmp_path / "m", hidden_size=128, intermediate_size=512)
+    # multiples of 256: one chunk width for every matrix on AVX-512 hosts too (fusable)
+    directory = make_checkpoint(tmp_path / "m", hidden_size=256, intermediate_size=512)
     tokens, reference = decode_logits(load(directory, hybrid="off"), n=8)
     ids = load(directory, hybrid="off").encode(PROMPT) + tokens
     for cost, split in ((ALL_CPU, False), (SPLITS, True)):
