@@ -120,7 +120,9 @@ class OffloadedExperts:
         # takes the link from a needed one and a wrong guess (~1 in 5) is pure loss (BENCHMARKS.md, session 4).
         # They are still recorded, so prefetch recall stays measured.
         # A CPU layer speculates whatever the queue holds: its own experts need no copy, and its CPU time is long.
-        speculate = bool(lookahead) and (self.cpu_only or cache.copies_idle())  # no event query when prefetch is off
+        # A split layer's own copies are already queued, and the CPU carries part of the next layer's misses: its guesses
+        # queue behind them (the next layer's split then counts them in the copy backlog).
+        speculate = bool(lookahead) and (self.cpu_only or bool(split) or cache.copies_idle())  # no query if prefetch off
         start = n
         for (layer, _), a in zip(lookahead, ahead):
             guess = sorted(set(flat[start : start + a.numel()]))
