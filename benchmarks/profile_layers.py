@@ -71,6 +71,9 @@ def main() -> None:
           f"{s['hit_rate']:.2f}, CPU experts {s['cpu_experts_per_token']:.1f} + split {s['split_experts_per_token']:.1f} "
           f"per token, CPU {s['cpu_ms_per_token']:.1f} ms, CPU wait {s['cpu_wait_ms_per_token']:.1f} ms, "
           f"{s['bytes_copied_per_token'] / 2**20:.0f} MiB copied")
+    if engine.hybrid is not None:
+        c = engine.hybrid.cost
+        print(f"  cost model: copy {c.copy_ms:.3f} ms/expert; CPU {c.cpu_fixed_ms:.3f} ms/call + {c.cpu_ms:.3f} ms/expert")
     for label in sorted(TIMES, key=TIMES.get, reverse=True):
         print(f"  {label:<36} {TIMES[label] / args.steps * 1e3:7.2f} ms/token  {CALLS[label] / args.steps:6.1f} calls")
 

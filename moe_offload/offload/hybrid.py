@@ -69,17 +69,40 @@ def run_one_by_one(experts: list[CpuExpertFn], x: torch.Tensor, threads: int) ->
 
 @dataclass
 class CostModel:
-    """Milliseconds per expert on each path, smoothed over observations (exponential moving average)."""
+    """Milliseconds on each path: ``copy_ms`` per expert copied; on the CPU, ``cpu_fixed_ms`` per call (waking the
+    thread team, rounding x, barriers) plus ``cpu_ms`` per expert's worth of bytes read. Refit from observations:
+    copies by a moving average, CPU calls by a moving least-squares line through (experts, ms), which a mix of whole
+    experts and split heads (fractions of an expert) pins down."""
 
     copy_ms: float
     cpu_ms: float
     smoothing: float = 0.1  # 0 freezes the model (tests)
+    cpu_fixed_ms: float = 0.0
+    # moving sums of the CPU observations (units, ms, units^2, units*ms), weighted like the averages
+    _fit: tuple[float, float, float, float] | None = None
 
     def observe_copy(self, ms: float) -> None:
         self.copy_ms += self.smoothing * (ms - self.copy_ms)
 
-    def observe_cpu(self, ms: float) -> None:
-        self.cpu_ms += self.smoothing * (ms - self.cpu_ms)
+    def observe_cpu(self, ms: float, units: float = 1.0) -> None:
+        """One CPU call: ``units`` experts' worth of bytes (a split head counts its share) took ``ms``."""
+        if not self.smoothing:
+            return
+        a = self.smoothing
+        point = (units, ms, units * units, units * ms)
+        self._fit = point if self._fit is None else tuple((1 - a) * f + a * v for f, v in zip(self._fit, point))
+        mu, my, muu, muy = self._fit
+        var = muu - mu * mu
+        if var > 1e-3 * max(muu, 1e-9):  # enough spread in call sizes for a line
+            slope = (muy - mu * my) / var
+            if slope > 0:
+                self.cpu_ms = slope
+                self.cpu_fixed_ms = max(0.0, my - slope * mu)
+                return
+        self.cpu_ms = max(1e-3, (my - self.cpu_fixed_ms) / max(mu, 1e-9))  # one call size so far: the rate only
+
+    def cpu_call_ms(self, units: float) -> float:
+        return self.cpu_fixed_ms + self.cpu_ms * units if units else 0.0
 
 
 def split_misses(misses: Sequence[int], cost: CostModel, copy_backlog_ms: float = 0.0,
@@ -91,8 +114,9 @@ def split_misses(misses: Sequence[int], cost: CostModel, copy_backlog_ms: float 
     to_copy: list[int] = []
     to_cpu: list[int] = []
     for e in misses:
-        if cpu_done + cost.cpu_ms < copy_done + cost.copy_ms:
-            cpu_done += cost.cpu_ms
+        step = cost.cpu_ms + (0.0 if to_cpu else cost.cpu_fixed_ms)  # one call for all of the layer's CPU experts
+        if cpu_done + step < copy_done + cost.copy_ms:
+            cpu_done += step
             to_cpu.append(e)
         else:
             copy_done += cost.copy_ms
@@ -124,16 +148,16 @@ def plan_split(misses: int, cost: CostModel, shape: SplitShape, copy_backlog_ms:
     best = (0, copy_backlog_ms + misses * cost.copy_ms)
     if not misses:
         return best
-    copy_share = lambda head: 1.0 - shape.cpu_share(head) if head else 1.0  # noqa: E731
-    # The balance point: backlog + m c (1 - s h) = m p s h, with s the CPU share per unit.
+    # The balance point: fixed + m p s h = backlog + m c (1 - s h), with s the CPU's share of an expert per unit.
     per_unit = shape.head_bytes / shape.expert_bytes
-    ideal = (copy_backlog_ms + misses * cost.copy_ms) / (misses * per_unit * (cost.cpu_ms + cost.copy_ms))
-    lower = min(shape.units, int(ideal // shape.quantum) * shape.quantum)
+    ideal = ((copy_backlog_ms + misses * cost.copy_ms - cost.cpu_fixed_ms)
+             / (misses * per_unit * (cost.cpu_ms + cost.copy_ms)))
+    lower = max(0, min(shape.units, int(ideal // shape.quantum) * shape.quantum))
     for head in {lower, min(shape.units, lower + shape.quantum)}:
         if head <= 0:
             continue
-        finish = max(misses * cost.cpu_ms * shape.cpu_share(head),
-                     copy_backlog_ms + misses * cost.copy_ms * copy_share(head))
+        share = shape.cpu_share(head)
+        finish = max(cost.cpu_call_ms(misses * share), copy_backlog_ms + misses * cost.copy_ms * (1.0 - share))
         if finish < best[1]:
             best = (head, finish)
     return best
@@ -141,7 +165,7 @@ def plan_split(misses: int, cost: CostModel, shape: SplitShape, copy_backlog_ms:
 
 def whole_finish(misses: Sequence[int], to_cpu: Sequence[int], cost: CostModel, copy_backlog_ms: float = 0.0) -> float:
     """When the slower path finishes, with ``to_cpu`` of ``misses`` on the CPU and the rest copied (split_misses)."""
-    return max(len(to_cpu) * cost.cpu_ms, copy_backlog_ms + (len(misses) - len(to_cpu)) * cost.copy_ms)
+    return max(cost.cpu_call_ms(len(to_cpu)), copy_backlog_ms + (len(misses) - len(to_cpu)) * cost.copy_ms)
 
 
 def _now_ms() -> float:
@@ -240,7 +264,7 @@ class HybridExecutor:
 
         def finish(outs: list[torch.Tensor], ms: float) -> dict[int, torch.Tensor]:
             stats.cpu_ms += ms
-            self.cost.observe_cpu(ms / len(fns))
+            self.cost.observe_cpu(ms, len(fns))
             return dict(zip(fns, outs))
 
         def run() -> dict[int, torch.Tensor]:
@@ -273,7 +297,7 @@ class HybridExecutor:
 
         def finish(outs: list[torch.Tensor], ms: float) -> dict[int, torch.Tensor]:
             stats.cpu_ms += ms
-            self.cost.observe_cpu(ms / (len(fns) * share))  # as ms per whole expert
+            self.cost.observe_cpu(ms, len(fns) * share)
             return dict(zip(experts, outs))
 
         def run() -> dict[int, torch.Tensor]:

@@ -78,6 +78,35 @@ def test_split_within_experts_counts_the_copy_backlog():
     assert busy > idle  # a busy link leaves more of the expert to the CPU
 
 
+def test_cpu_cost_fits_a_fixed_cost_per_call_and_a_rate():
+    cost = CostModel(copy_ms=1.0, cpu_ms=2.0, smoothing=0.2)
+    for i in range(200):  # whole experts and split heads: calls of 1, 0.5 and 2 experts' worth
+        units = (1.0, 0.5, 2.0)[i % 3]
+        cost.observe_cpu(0.3 + 0.9 * units, units)
+    assert cost.cpu_fixed_ms == pytest.approx(0.3, abs=1e-6) and cost.cpu_ms == pytest.approx(0.9, abs=1e-6)
+    assert cost.cpu_call_ms(2) == pytest.approx(2.1) and cost.cpu_call_ms(0) == 0.0
+
+
+def test_one_call_size_fits_the_rate_only():
+    cost = CostModel(copy_ms=1.0, cpu_ms=2.0, smoothing=0.5, cpu_fixed_ms=0.2)
+    for _ in range(50):
+        cost.observe_cpu(1.4, 1.0)
+    assert cost.cpu_fixed_ms == 0.2 and cost.cpu_ms == pytest.approx(1.2)
+
+
+def test_fixed_cpu_cost_gives_the_cpu_less():
+    free, _ = plan_split(1, CostModel(copy_ms=1.0, cpu_ms=1.0), SHAPE)
+    taxed, finish = plan_split(1, CostModel(copy_ms=1.0, cpu_ms=1.0, cpu_fixed_ms=0.2), SHAPE)
+    assert 0 < taxed < free and finish > 0.2
+    assert plan_split(1, CostModel(copy_ms=1.0, cpu_ms=1.0, cpu_fixed_ms=1.0), SHAPE)[0] == 0  # never pays
+
+
+def test_split_misses_counts_the_fixed_cost_once():
+    # the first CPU expert pays for the call (0.5 + 0.4 < 1.0), a second adds only its rate (1.3 < 2.0 copying both)
+    assert split_misses([1, 2, 3], CostModel(copy_ms=1.0, cpu_ms=0.4, cpu_fixed_ms=0.5)) == ([2], [1, 3])
+    assert split_misses([1], CostModel(copy_ms=1.0, cpu_ms=0.6, cpu_fixed_ms=0.5)) == ([1], [])  # 1.1 > 1.0
+
+
 def test_no_misses_no_split():
     assert plan_split(0, CostModel(copy_ms=1.0, cpu_ms=1.0), SHAPE) == (0, 0.0)
 
