@@ -349,6 +349,8 @@ def bench(
         runs.insert(runs.index(("full", base)) + 1, ("no hybrid", copies_only))
     if hybrid == "on" and not base.cpu_layers:  # splitting misses within experts against whole experts only
         runs.insert(runs.index(("full", base)) + 1, ("whole experts", dataclasses.replace(base, split=False)))
+    if (hybrid == "on" or base.cpu_layers) and dev.type == "cuda":  # the GPU waits for the CPU, against the host
+        runs.insert(runs.index(("full", base)) + 1, ("host waits", dataclasses.replace(base, gpu_waits=False)))
     if base.cpu_layers and (device_lookup == "on" or (ablations and device_lookup == "auto" and dev.type == "cuda")):
         runs.insert(runs.index(("full", base)) + 1, ("host lookup", dataclasses.replace(base, device_lookup="off")))
     if ablations and int8_activations:  # the same run with exact activations beside it

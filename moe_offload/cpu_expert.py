@@ -117,10 +117,11 @@ def run_heads(experts: list[CpuExpert], x: torch.Tensor, rows: int, threads: int
     return [e.head(x, rows, threads) for e in experts]
 
 
-def start_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int,
-                  rows: int | None = None) -> cpu_kernels.Started | None:
+def start_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int, rows: int | None = None,
+                  signal: bool = False, on_done=None) -> cpu_kernels.Started | None:
     """``run_experts`` (or, with ``rows``, ``run_heads``) started on the C kernel's own worker thread where one fused
-    call covers them: ``.wait()`` -> (float32 [n, D] or [n, rows], ms). None where it does not (run them on a thread)."""
+    call covers them: ``.wait()`` -> (float32 [n, D] or [n, rows], ms). None where it does not (run them on a thread).
+    ``signal``, ``on_done``: see ``kernels.cpu.start``."""
     parts = [e.fused_parts() if rows is None else e.head_parts(rows) for e in experts]
     if x.shape[0] != 1 or not parts or any(p is None for p in parts):
         return None
@@ -128,7 +129,7 @@ def start_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int,
     downs = [p[2] for p in parts] if rows is None else None
     if not cpu_kernels.fusable(gates, ups, downs):
         return None
-    return cpu_kernels.start(gates, ups, downs, x[0].float().contiguous(), threads)
+    return cpu_kernels.start(gates, ups, downs, x[0].float().contiguous(), threads, signal, on_done)
 
 
 def can_split(expert: CpuExpert) -> bool:

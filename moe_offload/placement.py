@@ -20,6 +20,7 @@ from .errors import MoeOffloadError
 from .flat import FlatLayout
 from .grouped import SlotKernel
 from .kernels import cpu as cpu_kernels
+from .kernels import host_signal
 from .model import MoeTransformer, Router, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
@@ -83,6 +84,8 @@ class OffloadOptions:
     # Split a layer's misses between CPU and GPU within each expert (the CPU computes the first hidden units from host
     # memory, the rest is copied), where the cost model says it finishes earlier than whole experts (offload/hybrid.py).
     split: bool = True
+    # CUDA: the GPU stream waits for CPU results (cuStreamWaitValue32 on a pinned flag) instead of the host thread.
+    gpu_waits: bool = True
 
     @property
     def requested(self) -> bool:
@@ -355,8 +358,10 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
                               "ms for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
                 return None
     split = split_shape(store, config, make) if dynamic and options.split else None
+    # On CUDA the GPU waits for the CPU's results (a pinned flag), so the host never does: it enqueues the rest meanwhile.
+    wait_geq = host_signal.wait_geq if device.type == "cuda" and options.gpu_waits and host_signal.available() else None
     return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic, run_many=run_experts,
-                          split=split, run_heads=run_heads if split else None, start=start_experts)
+                          split=split, run_heads=run_heads if split else None, start=start_experts, wait_geq=wait_geq)
 
 
 # Split experts cut the hidden units in multiples of the largest of these that leaves at least SPLIT_MIN_STEPS steps

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -106,7 +107,7 @@ def _library() -> ctypes.CDLL:
     lib.hqq_experts_2bit_g16.argtypes = ([ctypes.POINTER(_Matrix)] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                          ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int])
     lib.hqq_experts_2bit_g16.restype = None
-    lib.hqq_experts_submit.argtypes = lib.hqq_experts_2bit_g16.argtypes
+    lib.hqq_experts_submit.argtypes = lib.hqq_experts_2bit_g16.argtypes + [ctypes.c_void_p, ctypes.c_int32]
     lib.hqq_experts_submit.restype = ctypes.c_int
     lib.hqq_experts_wait.argtypes = []
     lib.hqq_experts_wait.restype = ctypes.c_double
@@ -239,7 +240,7 @@ class CpuMatrix:
 
 
 def _experts_args(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix] | None, x: torch.Tensor,
-                  work: tuple[torch.Tensor, ...] | None) -> tuple[tuple, torch.Tensor]:
+                  work: tuple[torch.Tensor, ...] | None, pinned: bool = False) -> tuple[tuple, torch.Tensor]:
     """The C arguments of hqq_experts_2bit_g16 (after ``threads``) and the output tensor; ``downs`` None: gate and up
     only. ``work``: scratch to use (default: this thread's)."""
     name = "experts_2bit_g16" if downs is not None else "gate_up_2bit_g16"
@@ -250,7 +251,8 @@ def _experts_args(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuM
     if x.dtype != torch.float32 or x.shape != (d,) or not x.is_contiguous():
         raise MoeOffloadError(f"{name} expects a contiguous float32 vector of {d}, got {x.dtype} {tuple(x.shape)}")
     structs = [(_Matrix * n)(*[m._struct for m in ms]) for ms in (gates, ups, downs or [])]
-    out = torch.empty(n, d if downs is not None else i)
+    width = d if downs is not None else i
+    out = _pinned_output(n, width) if pinned else torch.empty(n, width)
     work = work if work is not None else _experts_work(n, d, i)
     args = (*structs[:2], structs[2] if downs is not None else None, n, x.data_ptr(), gates[0].chunk, PREFETCH_BYTES,
             *(t.data_ptr() for t in (*work, out)))
@@ -278,10 +280,15 @@ def gate_up_2bit_g16(gates: list[CpuMatrix], ups: list[CpuMatrix], x: torch.Tens
 
 class Started:
     """``experts_2bit_g16`` or ``gate_up_2bit_g16`` running on the C library's own worker thread (``start``).
-    ``wait()`` -> (output, milliseconds the C call took); it releases the interpreter lock while it waits."""
 
-    def __init__(self, out: torch.Tensor, keep: tuple):
-        self.out, self._keep, self.ms = out, keep, None
+    ``wait()`` -> (output, milliseconds the C call took); it releases the interpreter lock while it waits, and calls
+    ``on_done(ms)`` once. ``signal`` (flag, seq): the worker sets the pinned int32 ``flag`` to ``seq`` once the output
+    (then in pinned memory) is written, so a CUDA stream can wait for it instead of the host (kernels/host_signal.py).
+    """
+
+    def __init__(self, out: torch.Tensor, keep: tuple, signal: tuple[torch.Tensor, int] | None = None,
+                 on_done: Callable[[float], None] | None = None):
+        self.out, self._keep, self.signal, self.on_done, self.ms = out, keep, signal, on_done, None
 
     def wait(self) -> tuple[torch.Tensor, float]:
         global _running
@@ -289,29 +296,59 @@ class Started:
             self.ms = _library().hqq_experts_wait()
             self._keep = None  # the C side is done with the structs, x and the scratch
             _running = None
+            if self.on_done is not None:
+                self.on_done(self.ms)
         return self.out, self.ms
 
 
 def start(gates: list[CpuMatrix], ups: list[CpuMatrix], downs: list[CpuMatrix] | None, x: torch.Tensor,
-          threads: int) -> Started:
+          threads: int, signal: bool = False, on_done: Callable[[float], None] | None = None) -> Started:
     """Start ``experts_2bit_g16`` (or, ``downs`` None, ``gate_up_2bit_g16``) on the library's worker thread and return
     at once: the caller's thread launches GPU work meanwhile, and no Python thread has to be scheduled for the CPU
-    work to start or finish. One job at a time (a previous one is waited for first)."""
-    global _running
+    work to start or finish. One job at a time (a previous one is waited for first). ``signal``: write the output
+    into pinned memory and set a pinned flag after it (``Started.signal``)."""
+    global _running, _seq
     if _running is not None:  # one job at a time: the previous one finishes first (its scratch is reused)
         _running.wait()
     n, d, i = len(gates), gates[0].k, gates[0].n
     work = _async_work.get((n, d, i))
     if work is None:
         work = _async_work[(n, d, i)] = _new_work(n, d, i)
-    args, out = _experts_args(gates, ups, downs, x, work)
-    if _library().hqq_experts_submit(*args, int(threads)) != 0:
+    args, out = _experts_args(gates, ups, downs, x, work, pinned=signal)
+    flag = None
+    if signal:
+        flag, _seq = _signal_flag(), _seq + 1
+    if _library().hqq_experts_submit(*args, int(threads), None if flag is None else flag.data_ptr(), _seq) != 0:
         raise MoeOffloadError("could not start the CPU expert worker thread")
-    _running = Started(out, (args, x, work))
+    _running = Started(out, (args, x, work), None if flag is None else (flag, _seq), on_done)
     return _running
 
 
+def wait_running() -> None:
+    """Wait for the job on the C worker, if any (e.g. before its buffers are dropped)."""
+    if _running is not None:
+        _running.wait()
+
+
 _running: Started | None = None  # the job the C worker holds, until waited for
+_seq = 0  # the last job's signal value
+
+
+@functools.lru_cache(maxsize=None)
+def _signal_flag() -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, pin_memory=True)
+
+
+_PINNED_RING = 4  # outputs in flight: the host runs at most a layer or two ahead of the GPU that copies them
+_pinned: dict[tuple[int, int], tuple[list[torch.Tensor], list[int]]] = {}
+
+
+def _pinned_output(rows: int, cols: int) -> torch.Tensor:
+    """The next pinned buffer of a small ring per shape (pinning per call would cost more than the copy)."""
+    ring, at = _pinned.setdefault((rows, cols), ([torch.empty(rows, cols, pin_memory=True)
+                                                  for _ in range(_PINNED_RING)], [0]))
+    at[0] = (at[0] + 1) % _PINNED_RING
+    return ring[at[0]]
 
 
 _work = threading.local()  # per thread: the hybrid executor's worker and the decode thread may both call

@@ -472,6 +472,8 @@ typedef struct {
     int8_t *hq;
     float *hd, *hsum, *y;
     int threads;
+    int32_t *flag; /* NULL, or set to seq once y is written (a GPU stream may wait on it: cuStreamWaitValue32) */
+    int32_t seq;
 } experts_job;
 
 static pthread_mutex_t job_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -499,6 +501,7 @@ static void *job_worker(void *unused) {
         hqq_experts_2bit_g16(j.gate, j.up, j.down, j.n, j.x, j.chunk, j.prefetch, j.xq, j.xd, j.xsum, j.g, j.u, j.hq,
                              j.hd, j.hsum, j.y, j.threads);
         double ms = now_ms() - start;
+        if (j.flag) __atomic_store_n(j.flag, j.seq, __ATOMIC_RELEASE); /* after y: x86 keeps the stores in order */
         pthread_mutex_lock(&job_mutex);
         job_ms = ms;
         job_state = 3;
@@ -507,10 +510,11 @@ static void *job_worker(void *unused) {
     return NULL;
 }
 
-/* 0: started; -1: a job is still pending (wait for it first); -2: no worker thread could be started. */
+/* 0: started; -1: a job is still pending (wait for it first); -2: no worker thread could be started. flag: see
+   experts_job. */
 int hqq_experts_submit(const hqq_matrix *gate, const hqq_matrix *up, const hqq_matrix *down, int n, const float *x,
                        int chunk, int prefetch, int8_t *xq, float *xd, float *xsum, float *g, float *u, int8_t *hq,
-                       float *hd, float *hsum, float *y, int threads) {
+                       float *hd, float *hsum, float *y, int threads, int32_t *flag, int32_t seq) {
     pthread_mutex_lock(&job_mutex);
     if (job_state == 1 || job_state == 2) {
         pthread_mutex_unlock(&job_mutex);
@@ -525,7 +529,7 @@ int hqq_experts_submit(const hqq_matrix *gate, const hqq_matrix *up, const hqq_m
         pthread_detach(thread);
         job_worker_started = 1;
     }
-    experts_job j = {gate, up, down, n, x, chunk, prefetch, xq, xd, xsum, g, u, hq, hd, hsum, y, threads};
+    experts_job j = {gate, up, down, n, x, chunk, prefetch, xq, xd, xsum, g, u, hq, hd, hsum, y, threads, flag, seq};
     job = j;
     job_state = 1;
     pthread_cond_broadcast(&job_cond);

@@ -42,25 +42,21 @@ RunHeads = Callable[[list, torch.Tensor, int, int], list[torch.Tensor]]
 
 
 class Started(Protocol):
-    """CPU work already running outside Python (the C kernel's own thread): wait() -> (outputs [n, ...], ms)."""
+    """CPU work already running outside Python (the C kernel's own thread). wait() -> (outputs [n, ...], ms), calling
+    the on_done(ms) it was started with; ``signal``: (pinned int32 flag, value) the worker sets once the outputs (in
+    pinned memory) are written, or None."""
+
+    out: torch.Tensor
+    signal: tuple[torch.Tensor, int] | None
 
     def wait(self) -> tuple[torch.Tensor, float]: ...
 
 
-# (a layer's CPU experts, x, threads, head units or None for whole experts) -> Started, or None where the work must
-# run on a Python thread instead (run_many / run_heads)
-Start = Callable[[list, torch.Tensor, int, int | None], Started | None]
-
-
-class _Done:
-    """A Future stand-in over Started: result() waits for the C call, then ``finish(outputs, ms)``."""
-
-    def __init__(self, started: Started, finish: Callable[[list[torch.Tensor], float], dict[int, torch.Tensor]]):
-        self.started, self.finish = started, finish
-
-    def result(self) -> dict[int, torch.Tensor]:
-        out, ms = self.started.wait()
-        return self.finish(list(out.unsqueeze(1)), ms)
+# (a layer's CPU experts, x, threads, head units or None for whole experts, signal, on_done) -> Started, or None where
+# the work must run on a Python thread instead (run_many / run_heads)
+Start = Callable[[list, torch.Tensor, int, "int | None", bool, Callable[[float], None]], "Started | None"]
+# wait_geq(flag, value): the current CUDA stream waits until the pinned flag reaches value (kernels/host_signal.py)
+WaitGeq = Callable[[torch.Tensor, int], None]
 
 
 def run_one_by_one(experts: list[CpuExpertFn], x: torch.Tensor, threads: int) -> list[torch.Tensor]:
@@ -176,8 +172,8 @@ class CpuResults:
     """Outputs of one layer's CPU experts, arriving from the worker thread; ``expert(e)`` stands in for
     the expert's module and blocks (on the host, GPU work already enqueued) until its output exists."""
 
-    def __init__(self, future: Future, device: torch.device, dtype: torch.dtype, stats: LayerStats):
-        self.future, self.device, self.dtype, self.stats = future, device, dtype, stats
+    def __init__(self, future, device: torch.device, dtype: torch.dtype, stats: LayerStats):
+        self.future, self.device, self.dtype, self.stats = future, device, dtype, stats  # future: .result() -> dict
         self._outputs: dict[int, torch.Tensor] | None = None
 
     def _get(self) -> dict[int, torch.Tensor]:
@@ -194,14 +190,49 @@ class CpuResults:
         return lambda _x: self._get()[e]
 
 
+class _Waited:
+    """``.result()`` over Started work: the host waits for the C call, then maps experts to output rows."""
+
+    def __init__(self, started: Started, keys: list[int]):
+        self.started, self.keys = started, keys
+
+    def result(self) -> dict[int, torch.Tensor]:
+        out, _ = self.started.wait()
+        return dict(zip(self.keys, out.unsqueeze(1)))
+
+
+class SignaledResults:
+    """Outputs of CPU work that signals a pinned flag when done: the first ``expert(e)`` makes the compute stream wait
+    for the flag and copy the outputs up, and returns at once. The host never waits for the CPU here; the GPU does,
+    and the host meanwhile enqueues the rest of the layer and the next one."""
+
+    def __init__(self, started: Started, keys: list[int], wait_geq: WaitGeq, device: torch.device, dtype: torch.dtype):
+        self.started, self.keys, self.wait_geq, self.device, self.dtype = started, keys, wait_geq, device, dtype
+        self._outputs: dict[int, torch.Tensor] | None = None
+
+    def _get(self) -> dict[int, torch.Tensor]:
+        if self._outputs is None:
+            flag, value = self.started.signal
+            self.wait_geq(flag, value)
+            ys = self.started.out.to(self.device, non_blocking=True).to(self.dtype)  # pinned: in stream order
+            self._outputs = dict(zip(self.keys, ys.unsqueeze(1)))
+        return self._outputs
+
+    def expert(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda _x: self._get()[e]
+
+
 class HybridExecutor:
     """The split decision, the CPU worker and the cost model, shared by every offloaded layer."""
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
                  threads: int, dynamic: bool = True, run_many: RunMany = run_one_by_one,
-                 split: SplitShape | None = None, run_heads: RunHeads | None = None, start: Start | None = None):
+                 split: SplitShape | None = None, run_heads: RunHeads | None = None, start: Start | None = None,
+                 wait_geq: WaitGeq | None = None):
         self.store, self.cache, self.make_cpu_expert, self.run_many = store, cache, make_cpu_expert, run_many
         self.start = start  # CPU work that can run outside Python starts there (no interpreter lock hand-offs)
+        self.wait_geq = wait_geq  # given (CUDA): the GPU, not the host, waits for such work
+        self._last: Started | None = None
         # Split experts (None: whole experts only): a lone miss keeps both paths busy instead of one.
         self.split, self.run_heads = (split, run_heads) if run_heads is not None else (None, None)
         self.max_split = len(cache._scratch)  # each split expert is copied into a scratch slot of its own
@@ -256,60 +287,70 @@ class HybridExecutor:
         return to_cpu, 0
 
     def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats,
-               inline: bool = False) -> CpuResults:
-        """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB). ``inline``: compute them
-        on this thread now (a CPU layer, where the GPU has nothing of the layer's to do meanwhile)."""
+               inline: bool = False):
+        """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB); ``expert(e)`` of the result
+        then gives [1, D]. ``inline``: a CPU layer, where the GPU has nothing of the layer's to do meanwhile: computed
+        on this thread now, unless the GPU can wait for the CPU itself (``wait_geq``)."""
         x_host = x.detach().to("cpu", torch.float32)
         fns = {e: self.cpu_expert((layer, e)) for e in experts}
 
-        def finish(outs: list[torch.Tensor], ms: float) -> dict[int, torch.Tensor]:
+        def record(ms: float) -> None:
             stats.cpu_ms += ms
             self.cost.observe_cpu(ms, len(fns))
-            return dict(zip(fns, outs))
 
         def run() -> dict[int, torch.Tensor]:
             start = _now_ms()
             outs = self.run_many(list(fns.values()), x_host, self.threads)
-            return finish(outs, _now_ms() - start)
+            record(_now_ms() - start)
+            return dict(zip(fns, outs))
 
         stats.cpu_experts += len(experts)
         stats.misses += len(experts)
         self._sync_copy_clock()
-        if inline:
+        if inline and self.wait_geq is None:
             start = _now_ms()
             future: Future = Future()
             future.set_result(run())
             stats.cpu_wait_ms += _now_ms() - start
             return CpuResults(future, x.device, x.dtype, stats)
-        return CpuResults(self._launch(run, finish, list(fns.values()), x_host, None), x.device, x.dtype, stats)
+        return self._launch(list(fns), list(fns.values()), x_host, None, run, record, x, stats)
 
-    def _launch(self, run: Callable[[], dict], finish: Callable, fns: list, x_host: torch.Tensor, head: int | None):
-        """Start CPU work: outside Python where ``start`` can, else ``run`` on the worker thread. -> .result()"""
-        started = self.start(fns, x_host, self.threads, head) if self.start is not None else None
-        return self._pool.submit(run) if started is None else _Done(started, finish)
-
-    def submit_heads(self, layer: int, experts: Sequence[int], head: int, x: torch.Tensor,
-                     stats: LayerStats) -> CpuResults:
+    def submit_heads(self, layer: int, experts: Sequence[int], head: int, x: torch.Tensor, stats: LayerStats):
         """Start the first ``head`` hidden units of these split experts on x [1, D]; ``expert(e)`` then gives [1, head]."""
         x_host = x.detach().to("cpu", torch.float32)
         fns = [self.cpu_expert((layer, e)) for e in experts]
         share = self.split.cpu_share(head)
 
-        def finish(outs: list[torch.Tensor], ms: float) -> dict[int, torch.Tensor]:
+        def record(ms: float) -> None:
             stats.cpu_ms += ms
             self.cost.observe_cpu(ms, len(fns) * share)
-            return dict(zip(experts, outs))
 
         def run() -> dict[int, torch.Tensor]:
             start = _now_ms()
             outs = self.run_heads(fns, x_host, head, self.threads)
-            return finish(outs, _now_ms() - start)
+            record(_now_ms() - start)
+            return dict(zip(experts, outs))
 
         self._sync_copy_clock()
-        return CpuResults(self._launch(run, finish, fns, x_host, head), x.device, x.dtype, stats)
+        return self._launch(list(experts), fns, x_host, head, run, record, x, stats)
+
+    def _launch(self, keys: list[int], fns: list, x_host: torch.Tensor, head: int | None, run: Callable[[], dict],
+                record: Callable[[float], None], x: torch.Tensor, stats: LayerStats):
+        """Start CPU work outside Python where ``start`` can (and let the GPU wait for it where ``wait_geq`` is given),
+        else ``run`` it on the Python worker thread."""
+        signal = self.wait_geq is not None
+        started = self.start(fns, x_host, self.threads, head, signal, record) if self.start is not None else None
+        self._last = started or self._last
+        if started is None:
+            return CpuResults(self._pool.submit(run), x.device, x.dtype, stats)
+        if started.signal is not None:
+            return SignaledResults(started, keys, self.wait_geq, x.device, x.dtype)
+        return CpuResults(_Waited(started, keys), x.device, x.dtype, stats)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._last is not None:  # the C worker's last job: its statistics, its buffers
+            self._last.wait()
 
 
 def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, threads: int,

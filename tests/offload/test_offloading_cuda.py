@@ -92,3 +92,43 @@ def test_cuda_top8_batched_copies_bit_identical(prefetch, offloaded_per_layer):
     assert cache.copies == sum(n for n, _ in batches)
     torch.cuda.synchronize()
     assert cache.copies_idle()  # what prefetch asks before it speculates
+
+
+@pytest.mark.parametrize("gpu_waits", [True, False])
+@pytest.mark.parametrize("how", ["whole", "split", "cpu layer"])
+def test_cuda_cpu_work_on_the_kernels_thread(tmp_path, how, gpu_waits):
+    """Dims the CPU kernel's integer path takes (multiples of 256): CPU experts run on the C library's own thread, and
+    the GPU stream (or, without gpu_waits, the host) waits for their pinned outputs. Logits stay within the CPU path's
+    tolerance of copies only, teacher-forced on the same tokens."""
+    from conftest import make_checkpoint
+    from moe_offload.kernels import cpu as cpu_kernels, host_signal
+    from moe_offload.offload.hybrid import CostModel
+
+    if not (cpu_kernels.available() and cpu_kernels.int8_available() and host_signal.available()):
+        pytest.skip("needs the integer CPU path and stream memory operations")
+    directory = make_checkpoint(tmp_path / "m", hidden_size=256, intermediate_size=512)
+    cost = {"whole": CostModel(10.0, 0.1, smoothing=0.0), "split": CostModel(1.0, 0.5, smoothing=0.0),
+            "cpu layer": CostModel(1.0, 1.0, smoothing=0.0)}[how]
+    extra = {"cpu_layers": 1} if how == "cpu layer" else {"offload_per_layer": 2}
+
+    def load(**options):
+        return moe_offload.load(directory, device="cuda", dtype="float32", quantize="4/2",
+                                offload=OffloadOptions(**options))
+
+    prompt = list(range(3, 40))
+    reference = load(offload_per_layer=2, hybrid="off")
+    first, tokens = greedy(reference, prompt, n=10)
+    engine = load(hybrid="on", hybrid_cost=cost, gpu_waits=gpu_waits, **extra)
+    assert (engine.hybrid.wait_geq is not None) == gpu_waits
+    session, want = engine.new_session(), reference.new_session()
+    got, _ = session.prefill(prompt)
+    ref, _ = want.prefill(prompt)
+    errors = []
+    for t in tokens:  # the copy-only run's tokens, teacher-forced through both
+        got, ref = session.step(t), want.step(t)
+        errors.append(float((got - ref).norm() / ref.norm()))
+    assert max(errors) < 3e-2, errors
+    s = engine.cache_stats.summary()
+    assert s["cpu_experts"] + s["split_experts_per_token"] > 0
+    if gpu_waits:
+        assert s["cpu_wait_ms_per_token"] == 0.0  # the host never waited for the CPU
