@@ -290,7 +290,8 @@ class HybridExecutor:
                inline: bool = False):
         """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB); ``expert(e)`` of the result
         then gives [1, D]. ``inline``: a CPU layer, where the GPU has nothing of the layer's to do meanwhile: computed
-        on this thread now, unless the GPU can wait for the CPU itself (``wait_geq``)."""
+        on this thread now. (Started for the GPU to wait on instead, CPU layers with device lookup measured slower: 21.7
+        against 24.9 tok/s, Mixtral 4/2 at 12 GiB with 14 CPU layers.)"""
         x_host = x.detach().to("cpu", torch.float32)
         fns = {e: self.cpu_expert((layer, e)) for e in experts}
 
@@ -307,7 +308,7 @@ class HybridExecutor:
         stats.cpu_experts += len(experts)
         stats.misses += len(experts)
         self._sync_copy_clock()
-        if inline and self.wait_geq is None:
+        if inline:
             start = _now_ms()
             future: Future = Future()
             future.set_result(run())
