@@ -85,12 +85,6 @@ class OffloadedExperts:
         lookahead = self.lookahead if x.shape[0] == 1 else []
         ahead = [router(x)[1] for _, router in lookahead]  # each [T, K], or wider (placement.widened)
         routed = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]) if ahead else indices.flatten()
-        if self.hybrid is not None and self.hybrid.wait_geq is not None and x.is_cuda:
-            # The GPU may be waiting for the CPU's experts: wait asleep, not spinning on a core the CPU kernel's threads
-            # need (a blocking event; .tolist() would spin).
-            done = torch.cuda.Event(blocking=True)
-            done.record()
-            done.synchronize()
         flat = routed.tolist()
         stats.host_syncs += 1
         n = indices.numel()
