@@ -348,7 +348,7 @@ def bench(
         copies_only = dataclasses.replace(base, hybrid="off", cpu_layers=0, device_lookup="off")
         runs.insert(runs.index(("full", base)) + 1, ("no hybrid", copies_only))
     if hybrid == "on" and not base.cpu_layers:  # splitting misses within experts against whole experts only
-        runs.insert(runs.index(("full", base)) + 1, ("whole experts", dataclasses.replace(base, split=False)))
+        runs.insert(runs.index(("full", base)) + 1, ("split experts", dataclasses.replace(base, split=True)))
     if (hybrid == "on" or base.cpu_layers) and dev.type == "cuda":  # the GPU waits for the CPU, against the host
         runs.insert(runs.index(("full", base)) + 1, ("host waits", dataclasses.replace(base, gpu_waits=False)))
     if base.cpu_layers and (device_lookup == "on" or (ablations and device_lookup == "auto" and dev.type == "cuda")):

@@ -83,7 +83,9 @@ class OffloadOptions:
     device_lookup: str = "auto"
     # Split a layer's misses between CPU and GPU within each expert (the CPU computes the first hidden units from host
     # memory, the rest is copied), where the cost model says it finishes earlier than whole experts (offload/hybrid.py).
-    split: bool = True
+    # Off by default: on the H100 it measured slower than whole experts with the GPU waiting for the CPU (12 GiB: 21.6
+    # against 25.6 tok/s; 9.6 GB: 18.4 against 20.5, Mixtral 4/2; BENCHMARKS.md, session 8).
+    split: bool = False
     # CUDA: the GPU stream waits for CPU results (cuStreamWaitValue32 on a pinned flag) instead of the host thread.
     gpu_waits: bool = True
 
@@ -291,6 +293,10 @@ HYBRID_MODES = ("off", "auto", "on")
 # (under load a CPU expert took 1.4x longer: 2.25 vs 1.63 ms). Measured on the H100 box (4/2, 12 GiB), decode
 # with the CPU path against copies alone: 0.85x at 1.3 copies (pinned), 4.8x at 0.4 (pageable, no prefetch).
 AUTO_MAX_CPU_TO_COPY = 0.6
+# Where the GPU waits for the CPU's results (host_signal), the host no longer idles through a CPU expert and auto keeps
+# the CPU path up to this ratio. Measured on the H100 box (4/2, int8 activations, calibrated ~0.8 of a copy): 25.6
+# against 21.3 tok/s at 12 GiB, 20.5 against 16.0 at 9.6 GB (BENCHMARKS.md, session 8).
+AUTO_MAX_CPU_TO_COPY_GPU_WAITS = 1.0
 
 
 def default_cpu_threads() -> int:
@@ -351,7 +357,9 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
                           f"{cost.copy_ms:.2f} ms for a copy on this machine; CPU layers will likely be slower than "
                           "copies (they pay with the 4/2 preset's experts on an AVX2/AVX-512 CPU)",
                           RuntimeWarning, stacklevel=2)
-        if options.hybrid == "auto" and cost.cpu_ms > AUTO_MAX_CPU_TO_COPY * cost.copy_ms:
+        gpu_waits = device.type == "cuda" and options.gpu_waits and host_signal.available()
+        limit = AUTO_MAX_CPU_TO_COPY_GPU_WAITS if gpu_waits else AUTO_MAX_CPU_TO_COPY
+        if options.hybrid == "auto" and cost.cpu_ms > limit * cost.copy_ms:
             dynamic = False
             if not cpu_layers:
                 warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} "

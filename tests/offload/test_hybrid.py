@@ -166,7 +166,7 @@ SPLITS = CostModel(copy_ms=1.0, cpu_ms=0.5, smoothing=0.0)
 
 
 def test_split_experts_match_copy_only_within_tolerance(tiny_dir, copy_only):
-    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS)
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS, split=True)
     assert engine.hybrid.split is not None
     tokens, logits = decode_logits(engine)
     assert tokens == copy_only[0]
@@ -177,7 +177,7 @@ def test_split_experts_match_copy_only_within_tolerance(tiny_dir, copy_only):
 
 
 def test_split_experts_copy_part_of_an_expert_and_evict_nothing(tiny_dir):
-    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS, prefetch=0)
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS, prefetch=0, split=True)
     cache = engine.expert_cache
     ids = engine.encode(PROMPT)
     kv = engine.model.new_kv_cache(64)
@@ -196,8 +196,8 @@ def test_split_experts_copy_part_of_an_expert_and_evict_nothing(tiny_dir):
         assert set(cache.policy.resident()) == resident
 
 
-def test_split_off_keeps_whole_experts(tiny_dir):
-    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS, split=False)
+def test_split_is_off_by_default(tiny_dir):
+    engine = load(tiny_dir, hybrid="on", hybrid_cost=SPLITS)
     assert engine.hybrid.split is None
     engine.generate(PROMPT, max_new_tokens=6, ignore_eos=True)
     assert engine.cache_stats.total().split_experts == 0
@@ -349,7 +349,7 @@ def test_fused_cpu_work_runs_on_the_kernels_own_thread(tmp_path, monkeypatch):
     ids = load(directory, hybrid="off").encode(PROMPT) + tokens
     for cost, split in ((ALL_CPU, False), (SPLITS, True)):
         started.clear()
-        engine = load(directory, hybrid="on", hybrid_cost=cost)
+        engine = load(directory, hybrid="on", hybrid_cost=cost, split=split)
         engine.hybrid._pool.submit = None  # the Python worker thread must not be needed
         kv = engine.model.new_kv_cache(64)
         n = len(ids) - len(tokens)
