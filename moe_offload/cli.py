@@ -70,7 +70,7 @@ def _load(model: str, device: str, dtype: str, max_context: int, quantize: str |
         h = engine.hybrid
         split = f"; misses split within experts ({h.split.quantum}-unit steps)" if h.split is not None else ""
         err.print(f"[dim]{'CPU experts':<20}hybrid on, {h.threads} threads; copy {h.cost.copy_ms:.2f} ms vs CPU "
-                  f"{h.cost.cpu_ms:.2f} ms per expert; extra host memory 0 B (reads the expert store in place)"
+                  f"{h.cost.cpu_call_ms(1):.2f} ms per expert; extra host memory 0 B (reads the expert store in place)"
                   f"{split}[/]", highlight=False)
     return engine
 

@@ -351,18 +351,18 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
     # CPU layers (--cpu-layers) use the CPU path either way.
     dynamic = options.hybrid == "on" or (options.hybrid == "auto" and device.type == "cuda")
     if cost is None:
-        cost = calibrate(store, cache, make, threads, config.hidden_size)
-        if cpu_layers and cost.cpu_ms > CPU_LAYERS_WARN_CPU_TO_COPY * cost.copy_ms:
-            warnings.warn(f"--cpu-layers {cpu_layers}: a CPU expert takes {cost.cpu_ms:.2f} ms against "
+        cost = calibrate(store, cache, make, threads, config.hidden_size, run_many=run_experts)
+        if cpu_layers and cost.cpu_call_ms(1) > CPU_LAYERS_WARN_CPU_TO_COPY * cost.copy_ms:
+            warnings.warn(f"--cpu-layers {cpu_layers}: a CPU expert takes {cost.cpu_call_ms(1):.2f} ms against "
                           f"{cost.copy_ms:.2f} ms for a copy on this machine; CPU layers will likely be slower than "
                           "copies (they pay with the 4/2 preset's experts on an AVX2/AVX-512 CPU)",
                           RuntimeWarning, stacklevel=2)
         gpu_waits = device.type == "cuda" and options.gpu_waits and host_signal.available()
         limit = AUTO_MAX_CPU_TO_COPY_GPU_WAITS if gpu_waits else AUTO_MAX_CPU_TO_COPY
-        if options.hybrid == "auto" and cost.cpu_ms > limit * cost.copy_ms:
+        if options.hybrid == "auto" and cost.cpu_call_ms(1) > limit * cost.copy_ms:  # a lone miss on the CPU
             dynamic = False
             if not cpu_layers:
-                warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_ms:.2f} ms against {cost.copy_ms:.2f} "
+                warnings.warn(f"hybrid CPU path off: a CPU expert takes {cost.cpu_call_ms(1):.2f} ms against {cost.copy_ms:.2f} "
                               "ms for a copy on this machine (--hybrid on forces it)", RuntimeWarning, stacklevel=2)
                 return None
     split = split_shape(store, config, make) if dynamic and options.split else None

@@ -355,16 +355,26 @@ class HybridExecutor:
 
 
 def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, threads: int,
-              hidden_size: int, key: Key = (0, 0), repeats: int = 3) -> CostModel:
-    """Measure one expert's copy and CPU times on this machine, in the configuration the run will use."""
-    expert = make_cpu_expert(store.layout.views(store.buffer(key)))
+              hidden_size: int, key: Key = (0, 0), repeats: int = 3, run_many: RunMany = run_one_by_one) -> CostModel:
+    """Measure one expert's copy and CPU times on this machine, in the configuration the run will use: one and two
+    experts per CPU call through ``run_many`` (as decode calls it), which gives the fixed cost of a call and the rate."""
+    layer, e = key
+    other = (layer, (e + 1) % (1 + max(k for l, k in store.keys() if l == layer)))
+    experts = [make_cpu_expert(store.layout.views(store.buffer(k))) for k in (key, other)]
     x = torch.randn(1, hidden_size)
-    expert(x, threads)  # warm-up: page-in, kernel library load
-    cpu = []
-    for _ in range(repeats):
-        start = _now_ms()
-        expert(x, threads)
-        cpu.append(_now_ms() - start)
+
+    def timed(n: int) -> float:
+        run_many(experts[:n], x, threads)  # warm-up: page-in, kernel library load, scratch
+        times = []
+        for _ in range(repeats):
+            start = _now_ms()
+            run_many(experts[:n], x, threads)
+            times.append(_now_ms() - start)
+        return statistics.median(times)
+
+    one, two = timed(1), timed(2)
+    rate = two - one if other != key and two > one else one
+    fixed = max(0.0, one - rate)
     scratch = cache.slots[-1]
     src = store.buffer(key)
     copy = []
@@ -381,4 +391,4 @@ def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuEx
             start = _now_ms()
             scratch.copy_(src)
             copy.append(_now_ms() - start)
-    return CostModel(copy_ms=statistics.median(copy[1:]), cpu_ms=statistics.median(cpu))
+    return CostModel(copy_ms=statistics.median(copy[1:]), cpu_ms=rate, cpu_fixed_ms=fixed)
