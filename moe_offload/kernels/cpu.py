@@ -10,6 +10,10 @@ experts on the CPU while the main thread keeps the GPU busy.
   ``.matvec(x, threads)`` with x float32 [K] -> float32 [N]. 2-bit group-16 matrices (the 4/2 preset's
   experts) take an integer fast path (x rounded to int8 per group of 16; AVX-512 VNNI, AVX-VNNI or AVX2 dot
   products): ``int8_path(qt)``, ``QuantizedVector(x, chunk)`` to round x once for several matrices.
+* ``experts_2bit_g16(gates, ups, downs, x, threads)``: a layer's CPU experts in one parallel call;
+  ``gate_up_2bit_g16`` the same for the first rows of gate and up only (split experts); ``start(...)`` runs either
+  on the library's own worker thread and returns at once (``Started.wait()``), optionally setting a pinned flag for a
+  CUDA stream to wait on (``kernels/host_signal.py``).
 * ``Int4Matrix(qt)``: the same product through torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``),
   from an exact conversion of the HQQ codes (group sizes 32/64/128/256 only; costs its own host copy,
   about 4.5 bits per weight): (q - z) * s = (q - 8) * s + (8 - z) * s, the kernel's form.

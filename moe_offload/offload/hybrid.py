@@ -1,13 +1,22 @@
 """Hybrid expert execution: at decode, a layer's cache misses are split between host-to-device copies
 and computation on the host CPU, whichever lets the layer finish first.
 
-Per MoE layer at decode (one token): hits run on the GPU. For the misses, a cost model (ms per expert
-copy, ms per expert on the CPU; measured at start-up, refit from telemetry) and the copy queue's
+Per MoE layer at decode (one token): hits run on the GPU. For the misses, a cost model (ms per expert copy; on the
+CPU a fixed cost per call plus ms per expert; measured at start-up, refit from telemetry) and the copy queue's
 current backlog (prefetches included) decide, miss by miss, which path would finish it earlier; ties
-go to the copy, because a copied expert stays cached. The CPU experts run on one worker thread (its
-kernel spreads over ``threads`` cores) while the GPU computes hits and copied misses; their outputs, a
-few KB, are added last. CPU-computed experts never enter the cache. Prefill and batches of more than
-one token stay on the GPU: a copy costs the same for any number of tokens, CPU work grows with them.
+go to the copy, because a copied expert stays cached. CPU-computed experts never enter the cache. Prefill and
+batches of more than one token stay on the GPU: a copy costs the same for any number of tokens, CPU work grows.
+
+Where the CPU work is one fused C call (``start``), it runs on the C library's own thread: no Python thread has to be
+scheduled to start or finish it. On CUDA (``wait_geq``) the host does not wait for it either: the worker writes the
+outputs into pinned memory and then sets a pinned flag, and the compute stream waits for the flag and copies the
+outputs up, while the host goes on enqueueing the layer's remaining work. Otherwise the CPU experts run on a Python
+worker thread and their outputs, a few KB, are added last.
+
+Split experts (``split``, opt-in): every miss of a layer is cut by hidden units instead, the CPU computing the first
+units of gate and up from host memory while the rest of the expert (gate and up without those rows, all of down) is
+copied into a scratch slot, so a lone miss keeps both paths busy. Measured slower than whole experts on the H100
+(BENCHMARKS.md, session 8): the partial copies and the extra launches cost the host more than the balance gains.
 
 CPU layers (``--cpu-layers``) use the same executor without a split: every expert of such a layer runs on the
 CPU at decode, on the calling thread (``submit(inline=True)``: the GPU has nothing of that layer to do meanwhile),
@@ -355,7 +364,7 @@ class HybridExecutor:
 
 
 def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, threads: int,
-              hidden_size: int, key: Key = (0, 0), repeats: int = 3, run_many: RunMany = run_one_by_one) -> CostModel:
+              hidden_size: int, key: Key = (0, 0), repeats: int = 5, run_many: RunMany = run_one_by_one) -> CostModel:
     """Measure one expert's copy and CPU times on this machine, in the configuration the run will use: one and two
     experts per CPU call through ``run_many`` (as decode calls it), which gives the fixed cost of a call and the rate."""
     layer, e = key
@@ -364,7 +373,8 @@ def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuEx
     x = torch.randn(1, hidden_size)
 
     def timed(n: int) -> float:
-        run_many(experts[:n], x, threads)  # warm-up: page-in, kernel library load, scratch
+        for _ in range(2):  # warm-up: page-in, kernel library load, thread team, scratch (a first call measured 15 ms)
+            run_many(experts[:n], x, threads)
         times = []
         for _ in range(repeats):
             start = _now_ms()
