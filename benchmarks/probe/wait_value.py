@@ -1,14 +1,10 @@
+"""Probe: a CUDA stream waits (cuStreamWaitValue32) on a flag in torch's pinned memory set by another host thread;
+the copy after the wait sees the data written before the flag, and the latency from flag to stream release."""
 import ctypes, time, threading, torch
 cuda = ctypes.CDLL("libcuda.so.1")
 fn = getattr(cuda, "cuStreamWaitValue32_v2", None) or cuda.cuStreamWaitValue32
 fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
 fn.restype = ctypes.c_int
-attr = ctypes.c_int()
-dev = ctypes.c_int()
-cuda.cuCtxGetDevice(ctypes.byref(dev))
-for a in (92, 93, 94, 120, 121):  # CAN_USE_STREAM_MEM_OPS_V1=92, 64_BIT..=93, WAIT_VALUE_NOR=94, ...
-    r = cuda.cuDeviceGetAttribute(ctypes.byref(attr), a, dev)
-    print("attr", a, r, attr.value)
 torch.zeros(1, device="cuda")
 flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
 src = torch.full((4096,), 7.0, pin_memory=True)
