@@ -365,26 +365,19 @@ class HybridExecutor:
 
 def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, threads: int,
               hidden_size: int, key: Key = (0, 0), repeats: int = 5, run_many: RunMany = run_one_by_one) -> CostModel:
-    """Measure one expert's copy and CPU times on this machine, in the configuration the run will use: one and two
-    experts per CPU call through ``run_many`` (as decode calls it), which gives the fixed cost of a call and the rate."""
-    layer, e = key
-    other = (layer, (e + 1) % (1 + max(k for l, k in store.keys() if l == layer)))
-    experts = [make_cpu_expert(store.layout.views(store.buffer(k))) for k in (key, other)]
+    """Measure one expert's copy and CPU times on this machine, the CPU through ``run_many`` as decode calls it. The
+    whole call counts as rate (no fixed part): decode refits both from its own calls. (Starting from a fixed part
+    measured here, one and two experts per call, the plan gave the CPU 1 miss a token instead of 21-24 and decode lost
+    the hybrid's gain: 20.0 tok/s, Mixtral 4/2 at 12 GiB; BENCHMARKS.md, session 8.)"""
+    expert = make_cpu_expert(store.layout.views(store.buffer(key)))
     x = torch.randn(1, hidden_size)
-
-    def timed(n: int) -> float:
-        for _ in range(2):  # warm-up: page-in, kernel library load, thread team, scratch (a first call measured 15 ms)
-            run_many(experts[:n], x, threads)
-        times = []
-        for _ in range(repeats):
-            start = _now_ms()
-            run_many(experts[:n], x, threads)
-            times.append(_now_ms() - start)
-        return statistics.median(times)
-
-    one, two = timed(1), timed(2)
-    rate = two - one if other != key and two > one else one
-    fixed = max(0.0, one - rate)
+    for _ in range(2):  # warm-up: page-in, kernel library load, thread team, scratch (a first call measured 15 ms)
+        run_many([expert], x, threads)
+    cpu = []
+    for _ in range(repeats):
+        start = _now_ms()
+        run_many([expert], x, threads)
+        cpu.append(_now_ms() - start)
     scratch = cache.slots[-1]
     src = store.buffer(key)
     copy = []
@@ -401,4 +394,4 @@ def calibrate(store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuEx
             start = _now_ms()
             scratch.copy_(src)
             copy.append(_now_ms() - start)
-    return CostModel(copy_ms=statistics.median(copy[1:]), cpu_ms=rate, cpu_fixed_ms=fixed)
+    return CostModel(copy_ms=statistics.median(copy[1:]), cpu_ms=statistics.median(cpu))
