@@ -120,7 +120,7 @@ class OffloadedExperts:
         # takes the link from a needed one and a wrong guess (~1 in 5) is pure loss (BENCHMARKS.md, session 4).
         # They are still recorded, so prefetch recall stays measured.
         # A CPU layer speculates whatever the queue holds: its own experts need no copy, and its CPU time is long.
-        # (Split layers too: speculating behind their own copies measured slower, 11.8 against 22.3 tok/s at 12 GiB.)
+        # (Letting split layers speculate behind their own copies measured slower: 11.8 against 22.3 tok/s, 12 GiB.)
         speculate = bool(lookahead) and (self.cpu_only or cache.copies_idle())  # no event query when prefetch is off
         start = n
         for (layer, _), a in zip(lookahead, ahead):

@@ -279,9 +279,6 @@ class HybridExecutor:
         return max(0.0, self._copy_free_at - now)
 
     # -- per layer -----------------------------------------------------------------------------------
-    def choose_cpu(self, misses: Sequence[int]) -> list[int]:
-        return self.choose(misses)[0]
-
     def choose(self, misses: Sequence[int]) -> tuple[list[int], int]:
         """(misses for the CPU whole, head): head > 0 splits every miss instead (the CPU computes its first ``head``
         hidden units, the rest is copied), where that finishes the layer earlier than whole experts would."""

@@ -286,7 +286,7 @@ def test_cpu_layers_compute_every_decode_expert_there_and_copy_nothing(tiny_dir)
     top_k = engine.config.top_k
     assert layers[cpu_layer].cpu_experts == steps * top_k == layers[cpu_layer].misses
     # the other layer holds all its experts (no budget): every use a hit, and the copy path's costs do not
-    # send its experts to the CPU (choose_cpu only sees misses)
+    # send its experts to the CPU (choose only sees misses)
     others = [s for l, s in enumerate(layers) if l != cpu_layer]
     assert all(s.cpu_experts == 0 and s.misses == 0 and s.hits == steps * top_k for s in others)
     assert sum(s.bytes_copied for s in layers) == 0
