@@ -294,8 +294,8 @@ HYBRID_MODES = ("off", "auto", "on")
 # with the CPU path against copies alone: 0.85x at 1.3 copies (pinned), 4.8x at 0.4 (pageable, no prefetch).
 AUTO_MAX_CPU_TO_COPY = 0.6
 # Where the GPU waits for the CPU's results (host_signal), the host no longer idles through a CPU expert and auto keeps
-# the CPU path up to this ratio. Measured on the H100 box (4/2, int8 activations; calibrations there ranged from 0.75
-# to 1.15 of a copy), --hybrid on against copies only: 25.6-26.0 against 21.3 and 25.9 against 22.4 tok/s at 12 GiB,
+# the CPU path up to this ratio. Measured on the H100 box (4/2, int8 activations; a CPU expert measured 0.73 to 1.14
+# copies there, at start-up or refit during decode), --hybrid on against copies only: 25.6-26.0 against 21.3 and 25.9 against 22.4 tok/s at 12 GiB,
 # 20.5 against 16.0 at 9.6 GB (BENCHMARKS.md, session 8). 4/3's float CPU kernel calibrates at ~3 copies: off.
 AUTO_MAX_CPU_TO_COPY_GPU_WAITS = 1.2
 
