@@ -17,6 +17,8 @@ Stream/event protocol (CUDA):
     event (``wait_event``, no host sync) right before it first uses the slot;
   * a layer's misses (and a layer's prefetch guesses) are enqueued as one batch: one entry into the copy
     stream and, when one kernel reads them all (grouped decode), one ``ready`` event for the batch.
+  * split experts (the hybrid path) copy only some byte ranges of an expert into a scratch slot (``load_split``), under
+    the same protocol; they take no cache slot and evict nothing.
 On a CPU "device" the slots are plain memory and a copy is a synchronous memcpy.
 
 Device lookup (``enable_device_lookup``): a [L, E] table on the device says where each expert is: a slot number,
