@@ -238,6 +238,10 @@ class ExpertCache:
         s.prefetch_copies += len(batch)
         s.bytes_copied += len(batch) * self.store.layout.nbytes
 
+    @property
+    def scratch_slots(self) -> int:
+        return len(self._scratch)
+
     def load_split(self, layer: int, experts: list[int], ranges: list[tuple[int, int]]) -> dict[int, int]:
         """Split experts (the hybrid path): copy only ``ranges`` of each one's buffer, each into a scratch slot of its
         own (at most one per scratch slot); the CPU computes the rest. They take no cache slot and evict nothing.

@@ -31,7 +31,7 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -84,7 +84,7 @@ class CostModel:
     smoothing: float = 0.1  # 0 freezes the model (tests)
     cpu_fixed_ms: float = 0.0
     # moving sums of the CPU observations (units, ms, units^2, units*ms), weighted like the averages
-    _fit: tuple[float, float, float, float] | None = None
+    _fit: tuple[float, float, float, float] | None = field(default=None, repr=False, compare=False)
 
     def observe_copy(self, ms: float) -> None:
         self.copy_ms += self.smoothing * (ms - self.copy_ms)
@@ -244,7 +244,7 @@ class HybridExecutor:
         self._last: Started | None = None
         # Split experts (None: whole experts only): a lone miss keeps both paths busy instead of one.
         self.split, self.run_heads = (split, run_heads) if run_heads is not None else (None, None)
-        self.max_split = len(cache._scratch)  # each split expert is copied into a scratch slot of its own
+        self.max_split = cache.scratch_slots  # each split expert is copied into a scratch slot of its own
         self.cost, self.threads = cost, threads
         self.dynamic = dynamic  # split cached layers' misses (False: only CPU layers use the CPU)
         self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
