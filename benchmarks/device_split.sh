@@ -3,7 +3,8 @@
 # units from host memory while the rest is copied) against whole experts and copies only, and their tests on the GPU.
 # Usage on the GPU machine, from the repo root:
 #   OUT=<dir> [BUDGETS="12GiB 9.6GB"] [EXTRA="--int8-activations"] [SUFFIX=_int8] bash benchmarks/device_split.sh [tests|bench]...
-# Each bench runs --hybrid on (splits allowed), then whole experts only and copies only (--hybrid off) in one process.
+# Each bench runs --hybrid on, then (as bench does now) split experts, the host waiting for the CPU, and copies only
+# (--hybrid off) in one process. Until split experts became opt-in, the first run split and the second ran whole experts.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
 OUT=${OUT:-benchmarks/results}

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over a few greedy steps of a synthetic model.
 
 Usage (GPU machine): python3 benchmarks/profile_decode.py --synthetic mixtral-8x7b --preset 4/2 [--gpu-memory 12GiB]
-    [--cpu-layers N] [--hybrid on] [--no-split] [--int8] [--host]
+    [--cpu-layers N] [--hybrid on] [--split] [--int8] [--host]
 
 ``--host``: Python's cProfile instead, for the host's share of an offloaded step (per-layer routing syncs, cache
 bookkeeping, the CPU path's hand-offs), sorted by own time.
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=8, help="decode steps before timing")
     ap.add_argument("--cpu-layers", type=int, default=0)
     ap.add_argument("--hybrid", default=None, help="off/auto/on (default: auto with --cpu-layers, else off)")
-    ap.add_argument("--no-split", action="store_true", help="with --hybrid on: whole experts only")
+    ap.add_argument("--split", action="store_true", help="with --hybrid on: split experts (opt-in)")
     ap.add_argument("--int8", action="store_true", help="int8 activations at decode")
     ap.add_argument("--host", action="store_true")
     ap.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
@@ -38,7 +38,7 @@ def main() -> None:
     engine = load_synthetic(args.synthetic, preset=args.preset, device="cuda", max_context=1024,
                             int8_activations=args.int8,
                             offload=OffloadOptions(gpu_memory=args.gpu_memory, cpu_layers=args.cpu_layers,
-                                                   hybrid=hybrid, split=not args.no_split))
+                                                   hybrid=hybrid, split=args.split))
     if args.prefill:
         prompt = [3 + (i * 7919) % 30000 for i in range(args.prefill)]
         for _ in range(2):  # compile and warm

@@ -1,7 +1,7 @@
 """Host time per decode token, phase by phase, for offloaded decode (inclusive wall times of the main thread's calls).
 
 cProfile distorts Python-heavy paths; this wraps a few methods with perf_counter instead. Usage (GPU machine):
-    python3 benchmarks/profile_layers.py --gpu-memory 12GiB [--hybrid on] [--no-split] [--int8] [--steps 64]
+    python3 benchmarks/profile_layers.py --gpu-memory 12GiB [--hybrid on] [--split] [--int8] [--steps 64]
 """
 
 import argparse
@@ -38,13 +38,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu-memory", default="12GiB")
     ap.add_argument("--hybrid", default="off")
-    ap.add_argument("--no-split", action="store_true")
+    ap.add_argument("--split", action="store_true")
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--steps", type=int, default=64)
     args = ap.parse_args()
     engine = load_synthetic("mixtral-8x7b", preset="4/2", device="cuda", max_context=1024, int8_activations=args.int8,
                             offload=OffloadOptions(gpu_memory=args.gpu_memory, hybrid=args.hybrid,
-                                                   split=not args.no_split))
+                                                   split=args.split))
     for owner, name in ((experts_mod.OffloadedExperts, "__call__"), (cache_mod.ExpertCache, "load"),
                         (cache_mod.ExpertCache, "load_split"), (cache_mod.ExpertCache, "module"),
                         (cache_mod.ExpertCache, "split_module"), (cache_mod.ExpertCache, "prefetch"),
@@ -67,7 +67,7 @@ def main() -> None:
     torch.cuda.synchronize()
     total = (time.perf_counter() - start) / args.steps * 1e3
     s = engine.cache_stats.summary()
-    print(f"hybrid {args.hybrid}{' no split' if args.no_split else ''}: {total:.1f} ms/token; hit rate "
+    print(f"hybrid {args.hybrid}{' split' if args.split else ''}: {total:.1f} ms/token; hit rate "
           f"{s['hit_rate']:.2f}, CPU experts {s['cpu_experts_per_token']:.1f} + split {s['split_experts_per_token']:.1f} "
           f"per token, CPU {s['cpu_ms_per_token']:.1f} ms, CPU wait {s['cpu_wait_ms_per_token']:.1f} ms, "
           f"{s['bytes_copied_per_token'] / 2**20:.0f} MiB copied")

@@ -93,28 +93,34 @@ class CpuExpert:
         return self._apply("down_proj", h.contiguous(), threads)
 
 
+def _fused(experts: list[CpuExpert], x: torch.Tensor, rows: int | None):
+    """(gates, ups, downs) when one C call computes all these experts at x [1, D] (whole, or with ``rows`` their first
+    hidden units only: downs None), else None."""
+    parts = [e.fused_parts() if rows is None else e.head_parts(rows) for e in experts]
+    if x.shape[0] != 1 or not parts or any(p is None for p in parts):
+        return None
+    gates, ups = [p[0] for p in parts], [p[1] for p in parts]
+    downs = [p[2] for p in parts] if rows is None else None
+    return (gates, ups, downs) if cpu_kernels.fusable(gates, ups, downs) else None
+
+
 def run_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int) -> list[torch.Tensor]:
     """Every expert at x float32 [1, D] -> their outputs float32 [1, D]: one parallel C call for all of them where
     the integer path covers them (one layer's CPU experts: one fork of the thread team instead of three per
     expert), else expert by expert."""
-    parts = [e.fused_parts() for e in experts]
-    if x.shape[0] == 1 and parts and all(p is not None for p in parts):
-        gates, ups, downs = (list(t) for t in zip(*parts))
-        if cpu_kernels.fusable(gates, ups, downs):
-            y = cpu_kernels.experts_2bit_g16(gates, ups, downs, x[0].float().contiguous(), threads)
-            return list(y.unsqueeze(1))
-    return [e(x, threads) for e in experts]
+    fused = _fused(experts, x, None)
+    if fused is None:
+        return [e(x, threads) for e in experts]
+    return list(cpu_kernels.experts_2bit_g16(*fused, x[0].float().contiguous(), threads).unsqueeze(1))
 
 
 def run_heads(experts: list[CpuExpert], x: torch.Tensor, rows: int, threads: int) -> list[torch.Tensor]:
     """The first ``rows`` hidden units of every expert at x float32 [1, D] -> float32 [1, rows] each: one parallel C
     call for all of them where the integer path covers them, else expert by expert."""
-    parts = [e.head_parts(rows) for e in experts]
-    if x.shape[0] == 1 and parts and all(p is not None for p in parts):
-        gates, ups = [p[0] for p in parts], [p[1] for p in parts]
-        if cpu_kernels.fusable(gates, ups, None):
-            return list(cpu_kernels.gate_up_2bit_g16(gates, ups, x[0].float().contiguous(), threads).unsqueeze(1))
-    return [e.head(x, rows, threads) for e in experts]
+    fused = _fused(experts, x, rows)
+    if fused is None:
+        return [e.head(x, rows, threads) for e in experts]
+    return list(cpu_kernels.gate_up_2bit_g16(*fused[:2], x[0].float().contiguous(), threads).unsqueeze(1))
 
 
 def start_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int, rows: int | None = None,
@@ -122,14 +128,10 @@ def start_experts(experts: list[CpuExpert], x: torch.Tensor, threads: int, rows:
     """``run_experts`` (or, with ``rows``, ``run_heads``) started on the C kernel's own worker thread where one fused
     call covers them: ``.wait()`` -> (float32 [n, D] or [n, rows], ms). None where it does not (run them on a thread).
     ``signal``, ``on_done``: see ``kernels.cpu.start``."""
-    parts = [e.fused_parts() if rows is None else e.head_parts(rows) for e in experts]
-    if x.shape[0] != 1 or not parts or any(p is None for p in parts):
+    fused = _fused(experts, x, rows)
+    if fused is None:
         return None
-    gates, ups = [p[0] for p in parts], [p[1] for p in parts]
-    downs = [p[2] for p in parts] if rows is None else None
-    if not cpu_kernels.fusable(gates, ups, downs):
-        return None
-    return cpu_kernels.start(gates, ups, downs, x[0].float().contiguous(), threads, signal, on_done)
+    return cpu_kernels.start(*fused, x[0].float().contiguous(), threads, signal, on_done)
 
 
 def can_split(expert: CpuExpert) -> bool:

@@ -31,7 +31,8 @@ from .offload.stats import CacheStats
 from .offload.store import ExpertStore
 from .quant.hqq import QuantSpec
 from .quant.presets import QuantPreset
-from .weights import build_expert, expert_layout, expert_shapes, head_split_ranges, non_expert_bytes
+from .weights import (build_expert, expert_layout, expert_shapes, head_bytes_per_unit, head_split_ranges,
+                      non_expert_bytes)
 
 WORKSPACE_BYTES = 512 << 20  # activations of a prefill chunk, logits, allocator slack
 FREE_MEMORY_MARGIN = 1 << 30
@@ -389,6 +390,5 @@ def split_shape(store: ExpertStore, config: ModelConfig, make) -> SplitShape | N
     if quantum is None or not can_split(make(store.layout.views(store.buffer(store.keys()[0])))):
         return None
     layout = store.layout
-    head_bytes = sum(f.nbytes // f.shape[0] for f in layout.fields if f.name.split(".", 1)[0] in ("gate_proj", "up_proj"))
     ranges = functools.lru_cache(maxsize=None)(functools.partial(head_split_ranges, layout))  # one list per step
-    return SplitShape(units, quantum, ranges, head_bytes, layout.nbytes)
+    return SplitShape(units, quantum, ranges, head_bytes_per_unit(layout), layout.nbytes)

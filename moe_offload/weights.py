@@ -272,6 +272,17 @@ def replay_graph(graphs: dict, key, run: Callable[[], torch.Tensor], device: tor
     graph, out = graphs[key]
     graph.replay()
     return out
+
+
+# The projections with one row per hidden unit: a split expert's head is their first rows.
+HEAD_PROJECTIONS = ("gate_proj", "up_proj")
+
+
+def head_bytes_per_unit(layout: FlatLayout) -> int:
+    """Bytes of an expert's flat buffer per hidden unit in gate and up (what the CPU reads for one unit of a head)."""
+    return sum(f.nbytes // f.shape[0] for f in layout.fields if f.name.split(".", 1)[0] in HEAD_PROJECTIONS)
+
+
 def head_split_ranges(layout: FlatLayout, head: int) -> list[tuple[int, int]]:
     """Byte ranges of an expert's flat buffer that ``forward_with_head`` reads when the first ``head`` hidden units come
     from elsewhere: gate and up without their first ``head`` rows (every stored tensor has one row per hidden unit,
@@ -279,7 +290,7 @@ def head_split_ranges(layout: FlatLayout, head: int) -> list[tuple[int, int]]:
     ranges: list[tuple[int, int]] = []
     for f in layout.fields:
         start = f.offset
-        if f.name.split(".", 1)[0] in ("gate_proj", "up_proj"):
+        if f.name.split(".", 1)[0] in HEAD_PROJECTIONS:
             start += head * (f.nbytes // f.shape[0])
         if start == f.offset + f.nbytes:
             continue  # every row comes from elsewhere
