@@ -1,6 +1,6 @@
 """Batch-1 GEMV with int8 activations against the exact GEMV, on one CUDA GPU (a script, not the package).
 
-    PYTHONPATH=. python benchmarks/gemv_int8.py [--sweep] [--jobs 12] [--json out.json]
+    PYTHONPATH=. python benchmarks/gemv_int8.py [--sweep [--wide]] [--baseline] [--jobs 12] [--json out.json]
 
 Same method as benchmarks/kernels.py: CUDA-graph replays rotating over >= 16 experts and >= 4x the L2, packed
 bytes (codes + scale/zero) per second against a device-to-device copy measured in the same run. The int8
@@ -33,7 +33,12 @@ FORMATS = [(2, 16, True), (2, 32, False), (3, 64, False), (4, 64, False)]  # (bi
 ATTENTION = [(6144, HIDDEN), (HIDDEN, HIDDEN)]  # stacked q/k/v, o (4-bit g64)
 
 
-def variants() -> list[tuple]:
+def variants(wide: bool = False) -> list[tuple]:
+    """Block configs to try. The narrow set spreads a tile's rows over threads; the wide set (--wide) spans the
+    units with every thread of the program, so each thread holds all its rows and reads each x8 word once for
+    them all (fewer L1 requests per packed word)."""
+    if wide:
+        return wide_variants()
     out = []
     for bits, group, _ in FORMATS:
         for prefetch in (False, True):
@@ -46,6 +51,21 @@ def variants() -> list[tuple]:
                     for split in (1, 2, 4):
                         out.append((bits, group, HIDDEN, FFN, False, I8.Int8Config(bn, 64, warps, split, prefetch)))
     return out
+
+
+def wide_variants() -> list[tuple]:
+    out = []
+    for bits, group, _ in FORMATS:
+        per = 32 if bits == 3 else 32 // bits  # elements per unit
+        for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False)):
+            ku = k // per
+            for prefetch in (False, True):
+                for bn in (4, 8, 16):
+                    for bu, warps in ((64, 1), (128, 1), (128, 2), (256, 2), (256, 4)):
+                        if ku % bu == 0 and not (bits == 3 and bu > 128):
+                            out.append((bits, group, n, k, gated, I8.Int8Config(bn, bu, warps, 1, prefetch)))
+            out.append((bits, group, n, k, gated, I8.config(bits, group, n, k, gated)))  # the shipped one
+    return list(dict.fromkeys(out))
 
 
 def _call(x, y, bits, group, n, k, qt, qt2=None, int8=True):
@@ -86,8 +106,8 @@ def rel_err(y, x, qt, qt2=None, int8=True):
     return ((y.float() - ref).norm() / ref.norm()).item(), ((y.float() - exact).norm() / exact.norm()).item()
 
 
-def sweep(l2, d2d, jobs, results):
-    vs = variants()
+def sweep(l2, d2d, jobs, results, wide=False):
+    vs = variants(wide)
     t = time.perf_counter()
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
         status = dict(zip(vs, ex.map(_compile_one, vs)))
@@ -153,6 +173,12 @@ def experts(l2, d2d):
             print(f"expert {bits}b g{group}{' qm' if qmeta else ''} {'int8 ' if int8 else 'exact'}: {t * 1e6:6.1f} us "
                   f"{row['GBps']:6.0f} GB/s {row['pct_d2d']:5.1f}% of D2D, rel err vs exact {err:.1e}", flush=True)
         del pool
+    for k in (HIDDEN, FFN):  # the rounding kernel alone, included in every int8 time above
+        x = torch.randn(1, k, device="cuda").bfloat16()
+        bufs = [I8.quantize_activations(x, 2) for _ in range(16)]
+        t = graph_time([lambda b=b: I8.quantize_activations(x, 2, b) for b in bufs])
+        rows.append({"kind": "quantize", "k": k, "us": t * 1e6})
+        print(f"quantize x[1, {k}] to int8 planes: {t * 1e6:5.2f} us", flush=True)
     for n, k in ATTENTION:
         qts = pool_of(n, k, 4, 64, False, l2)
         x = torch.randn(1, k, device="cuda").bfloat16()
@@ -169,6 +195,8 @@ def experts(l2, d2d):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="sweep the wide configs (rows in each thread)")
+    ap.add_argument("--baseline", action="store_true", help="time the whole experts with the shipped configs first")
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--json", default="gemv_int8.json")
     args = ap.parse_args()
@@ -178,8 +206,10 @@ def main():
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": props.name,
                "torch": torch.__version__, "triton": __import__("triton").__version__, "d2d_GBps": d2d / 1e9}
     print(f"{props.name}: D2D {d2d / 1e9:.0f} GB/s", flush=True)
+    if args.baseline:
+        results["baseline_rows"] = experts(l2, d2d)
     if args.sweep:
-        sweep(l2, d2d, args.jobs, results)
+        sweep(l2, d2d, args.jobs, results, args.wide)
     results["rows"] = experts(l2, d2d)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

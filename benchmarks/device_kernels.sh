@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Session 9, device calls: the int8-activation GEMV with wide tiles (every thread holds all rows of the tile, so one
+# x8 load serves them all) against the shipped configs, and the CUDA tests of the kernels and the offloaded paths.
+# Usage on the GPU machine, from the repo root: OUT=<dir> bash benchmarks/device_kernels.sh [sweep|experts|tests]...
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
+OUT=${OUT:-benchmarks/results}
+for p in ${@:-sweep tests}; do
+case $p in
+sweep)  # baseline experts with the shipped configs, the wide sweep, then the experts with the sweep's best
+  timeout ${SWEEP_TIMEOUT:-360} python3 benchmarks/gemv_int8.py --baseline --sweep --wide --json "$OUT/gemv_wide.json" 2>&1 \
+    | grep -v "^sweep" | tail -40
+  python3 - "$OUT/gemv_wide.json" <<'PY'
+import json, sys, collections
+d = json.load(open(sys.argv[1]))
+best = collections.defaultdict(list)
+for r in d.get("sweep", []):
+    if "us" in r:
+        best[(r["bits"], r["group"], r["n"], r["k"])].append((round(r["us"], 1), r["config"], round(r["pct_d2d"], 1)))
+for k, v in best.items():
+    print(k, sorted(v)[:4])
+PY
+  ;;
+experts)  # the whole experts with the shipped configs only
+  timeout 300 python3 benchmarks/gemv_int8.py --json "$OUT/gemv_experts.json" 2>&1 | tail -20
+  ;;
+tests)
+  timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/kernels/test_gemv_int8.py tests/kernels/test_quant_matmul.py \
+    tests/offload/test_offloading_cuda.py tests/offload/test_hybrid.py tests/offload/test_device_lookup.py \
+    -q -x -p no:cacheprovider -W ignore --junitxml="$OUT/pytest_kernels.xml" 2>&1 | tail -15
+  grep -o '<testsuite [^>]*>' "$OUT/pytest_kernels.xml"
+  ;;
+esac
+done
