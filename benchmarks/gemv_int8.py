@@ -56,14 +56,14 @@ def variants(wide: bool = False) -> list[tuple]:
 def wide_variants() -> list[tuple]:
     out = []
     for bits, group, _ in FORMATS:
-        per = 32 if bits == 3 else 32 // bits  # elements per unit
         for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False)):
-            ku = k // per
+            ku = k // I8.unit(bits)
             for prefetch in (False, True):
-                for bn in (4, 8, 16):
-                    for bu, warps in ((64, 1), (128, 1), (128, 2), (256, 2), (256, 4)):
-                        if ku % bu == 0 and not (bits == 3 and bu > 128):
-                            out.append((bits, group, n, k, gated, I8.Int8Config(bn, bu, warps, 1, prefetch)))
+                for bn in (2, 4, 8):
+                    for bu, warps in ((64, 1), (128, 1), (256, 1), (128, 2), (256, 2), (512, 4)):
+                        for split in (1, 2) if not gated and bn > 2 else (1,):  # split-K: more warps in flight
+                            if ku % (bu * split) == 0:
+                                out.append((bits, group, n, k, gated, I8.Int8Config(bn, bu, warps, split, prefetch)))
             out.append((bits, group, n, k, gated, I8.config(bits, group, n, k, gated)))  # the shipped one
     return list(dict.fromkeys(out))
 

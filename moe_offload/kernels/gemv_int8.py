@@ -35,8 +35,9 @@ BLOCK = 32  # activations per int8 step
 
 
 def unit(bits: int) -> int:
-    """Elements per unit of work: one packed word (2/4/8 bits), or a 3-bit block's 2 low + 1 high words."""
-    return 32 if bits == 3 else 32 // bits
+    """Elements per unit of work: one packed word (2/4/8 bits); 3-bit: one word of the low (2-bit) plane, the
+    high plane's words (32 elements) coming one per two units."""
+    return 16 if bits == 3 else 32 // bits
 
 
 def _planes(bits: int) -> list[tuple[int, int]]:
@@ -47,6 +48,11 @@ def _planes(bits: int) -> list[tuple[int, int]]:
 def x8_words(bits: int, k: int) -> int:
     """int32 words of permuted x8 per row (k bytes, twice for 3-bit: one copy per code plane)."""
     return sum(k // e * p for e, p in _planes(bits))
+
+
+def xw_floats(bits: int, k: int) -> int:
+    """float32 per row beside x8: each unit's step and int8 sum; 3-bit: then each block of 32's step."""
+    return 2 * k // unit(bits) + (k // BLOCK if bits == 3 else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +114,8 @@ def _round_even(v, ASM: tl.constexpr):
 def _quantize_kernel(x_ptr, stride_xm, xq_ptr, xw_ptr, K, XQ_STRIDE, XW_STRIDE,
                      BITS: tl.constexpr, U: tl.constexpr, CH: tl.constexpr, ASM: tl.constexpr):
     """One chunk of CH activations of row m -> int8 byte planes, and per unit of U elements its step and
-    the sum of its int8 values (as float32: exact). Reference: :func:`quantize_reference`."""
+    the sum of its int8 values (as float32: exact); 3-bit: then every block's step again, for the high plane's
+    words (one per block). Reference: :func:`quantize_reference`."""
     m = tl.program_id(0)
     c = tl.program_id(1)
     x = tl.load(x_ptr + m * stride_xm + c * CH + tl.arange(0, CH)).to(tl.float32)
@@ -133,6 +140,8 @@ def _quantize_kernel(x_ptr, stride_xm, xq_ptr, xw_ptr, K, XQ_STRIDE, XW_STRIDE,
     xw_row = xw_ptr + m * XW_STRIDE
     tl.store(xw_row + u, stepu)
     tl.store(xw_row + K // U + u, su)
+    if BITS == 3:
+        tl.store(xw_row + 2 * (K // U) + c * (CH // 32) + tl.arange(0, CH // 32), step)
 
 
 @triton.jit
@@ -161,46 +170,69 @@ def _plane_dot(words, xq_row, u_words, acc, PLANE_OFF, PLANE_WORDS,
 
 
 @triton.jit
-def _fetch(w_ptr, s_ptr, z_ptr, rows, u, K, KW, NG, BITS: tl.constexpr, G: tl.constexpr):
-    """Raw packed words of the tile [BN, BU] (3-bit: low-plane pairs [BN, BU, 2] and high words [BN, BU]) and the
-    raw scale/zero of each unit's group."""
-    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    base = w_ptr + rows[:, None] * KW
-    if BITS == 3:
-        lo_idx = 2 * u[:, None] + tl.arange(0, 2)[None, :]  # [BU, 2]: the unit's two low-plane words
-        lo = tl.load(base[:, :, None] + lo_idx[None, :, :], eviction_policy="evict_first")
-        hi = tl.load(base + K // 16 + u[None, :], eviction_policy="evict_first")
-    else:
-        lo = tl.load(base + u[None, :], eviction_policy="evict_first")
-        hi = lo
-    meta = rows[:, None] * NG + ((u * U) // G)[None, :]
-    return lo, hi, tl.load(s_ptr + meta), tl.load(z_ptr + meta)
+def _meta_tile(s_ptr, z_ptr, rows, g, NG, VEC: tl.constexpr):
+    """Raw scale/zero [BN, T] of the groups g [T]. VEC: elements per thread along T (see the kernel)."""
+    meta = tl.max_contiguous(rows[:, None] * NG + g[None, :], [1, VEC])
+    return tl.load(s_ptr + meta), tl.load(z_ptr + meta)
 
 
 @triton.jit
-def _unit_acc(lo, hi, s_raw, z_raw, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, NB,
-              BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr, META_CHUNK: tl.constexpr,
-              ASM: tl.constexpr):
-    """s sx (sum q x8 - z sum x8) for every (row, unit) of a fetched tile [BN, BU]."""
-    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+def _fetch(w_ptr, s_ptr, z_ptr, rows, c0, KU, KW, NG, BITS: tl.constexpr, G: tl.constexpr, BU: tl.constexpr,
+           VEC: tl.constexpr, VEC_HI: tl.constexpr):
+    """Raw packed words [BN, BU] of units c0.. and their groups' raw scale/zero; 3-bit: those of the low plane
+    (2 bits, 16 elements a word), then the high plane's [BN, BU/2] (1 bit, 32 elements a word). Else the high
+    part repeats the low one (unused)."""
+    U: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    u = c0 + tl.arange(0, BU)
+    base = w_ptr + rows[:, None] * KW
+    lo = tl.load(base + tl.max_contiguous(u, VEC)[None, :], eviction_policy="evict_first")
+    s, z = _meta_tile(s_ptr, z_ptr, rows, u // (G // U), NG, VEC)
     if BITS == 3:
-        lo_idx = 2 * u[:, None] + tl.arange(0, 2)[None, :]
-        dlo = _plane_dot(lo, xq_row, lo_idx[None, :, :], tl.zeros(lo.shape, tl.int32), 0, K // 16, 2, 4, ASM)
-        dhi = _plane_dot(hi, xq_row, u[None, :], tl.zeros(hi.shape, tl.int32), K // 4, K // 32, 1, 8, ASM)
-        dot = tl.sum(dlo, axis=2) + 4 * dhi
+        uh = c0 // 2 + tl.arange(0, BU // 2)
+        hi = tl.load(base + KU + tl.max_contiguous(uh, VEC_HI)[None, :], eviction_policy="evict_first")
+        sh, zh = _meta_tile(s_ptr, z_ptr, rows, uh // (G // 32), NG, VEC_HI)
     else:
-        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, K // U, BITS, U // 4, ASM)
-    s = s_raw.to(tl.float32)
-    z = z_raw.to(tl.float32)
+        hi, sh, zh = lo, s, z
+    return lo, s, z, hi, sh, zh
+
+
+@triton.jit
+def _dequant_meta(raw, q_ptr, off_ptr, rows, g, c0, NB, U: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr,
+                  MBLK: tl.constexpr, META_CHUNK: tl.constexpr):
+    """Scale or zero as float32 from its raw tile (8-bit metadata: times its block's step, plus its offset)."""
+    v = raw.to(tl.float32)
     if QMETA:
-        g = (u * U) // G
-        if META_CHUNK:  # the chunk lies in one metadata block: one step/offset per row, not per unit
-            blk = (rows * NB + tl.min(g) // MBLK)[:, None]
+        if META_CHUNK:  # the chunk (first unit c0) lies in one metadata block: one step/offset per row
+            blk = (rows * NB + (c0 * U) // G // MBLK)[:, None]
         else:
             blk = rows[:, None] * NB + (g // MBLK)[None, :]
-        s = s * tl.load(ss_ptr + blk).to(tl.float32) + tl.load(so_ptr + blk).to(tl.float32)
-        z = z * tl.load(zs_ptr + blk).to(tl.float32) + tl.load(zo_ptr + blk).to(tl.float32)
-    return (s * sx[None, :]) * (dot.to(tl.float32) - z * sq[None, :])
+        v = v * tl.load(q_ptr + blk).to(tl.float32) + tl.load(off_ptr + blk).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _tile_acc(lo, s_raw, z_raw, hi, sh_raw, zh_raw, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, c0, xq_row, sx, sq, sxh,
+              KU, KB, NB, BITS: tl.constexpr, G: tl.constexpr, BU: tl.constexpr, QMETA: tl.constexpr,
+              MBLK: tl.constexpr, META_CHUNK: tl.constexpr, ASM: tl.constexpr):
+    """Per (row, word) of a fetched tile: s sx (sum q x8 - z sum x8), the group affine applied to every word's
+    integer dot; 3-bit: the low plane's so, and the high plane's s sx sum(q_hi x8) (to be weighted by 4)."""
+    U: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    u = c0 + tl.arange(0, BU)
+    if BITS == 3:
+        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, KU, 2, 4, ASM)
+    else:
+        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, KU, BITS, U // 4, ASM)
+    g = u // (G // U)
+    s = _dequant_meta(s_raw, ss_ptr, so_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK)
+    z = _dequant_meta(z_raw, zs_ptr, zo_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK)
+    r = (s * sx[None, :]) * (dot.to(tl.float32) - z * sq[None, :])
+    rh = r
+    if BITS == 3:  # the high bit of every code: its sum over x8, the zero already taken with the low plane
+        uh = c0 // 2 + tl.arange(0, BU // 2)
+        dh = _plane_dot(hi, xq_row, uh[None, :], tl.zeros(hi.shape, tl.int32), 4 * KU, KB, 1, 8, ASM)
+        sh = _dequant_meta(sh_raw, ss_ptr, so_ptr, rows, uh // (G // 32), c0, NB, U, G, QMETA, MBLK, META_CHUNK)
+        rh = (sh * sxh[None, :]) * dh.to(tl.float32)
+    return r, rh
 
 
 @triton.jit
@@ -208,14 +240,21 @@ def _gemv_int8_kernel(
     xq_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, ids_ptr,
     w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr,
     w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr,
-    M, N, K, KW, NG, NB, stride_qm, stride_wm, stride_ym, ES_W, ES_M, ES_H,
+    M, N, KU, KB, KW, NG, NB, stride_qm, stride_wm, stride_ym, ES_W, ES_M, ES_H,
     BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
     BN: tl.constexpr, BU: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr, GROUPED: tl.constexpr,
-    CHUNKS: tl.constexpr, META_CHUNK: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
+    CHUNKS: tl.constexpr, META_CHUNK: tl.constexpr, PREFETCH: tl.constexpr, VEC: tl.constexpr,
+    VEC_HI: tl.constexpr, ASM: tl.constexpr,
 ):
     """y[m, n] = sum_k x8[m, k] w[n, k] for one row m and BN rows of W; GATED, GROUPED and SPLIT as in
-    ``quant_kernels._gemv_kernel``. PREFETCH: the next chunk's weights are loaded before this chunk's arithmetic
-    (more bytes in flight per warp). Reference: ``F.linear(fake_quantize_reference(x), dequantize(W))``."""
+    ``quant_kernels._gemv_kernel``. A chunk is BU packed words (3-bit: of the low plane) of each of the BN rows.
+    Layout: every load of a chunk claims runs of at most VEC (VEC_HI) elements, what a thread's share of the
+    chunk's x8 [BU] is, so all of them share one layout and nothing is shuffled between threads; with BU = 4 x
+    threads each thread holds all BN rows of its 4 words, so the x8 it loads serves every row.
+    PREFETCH: the next chunk's weights are loaded before this chunk's arithmetic (more bytes in flight).
+    KU: packed words (3-bit: of the low plane) per row of W, and units per row of x; KB: blocks of 32 per row.
+    Passed, not derived from K, so that Triton sees their divisibility and vectorizes the loads they offset.
+    Reference: ``F.linear(fake_quantize_reference(x), dequantize(W))``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -223,42 +262,60 @@ def _gemv_int8_kernel(
         (w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr,
          zo2_ptr) = _expert_pointers(ids_ptr, pid_m, ES_W, ES_M, ES_H, w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr,
                                      zo_ptr, w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr)
-    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
     xq_row = xq_ptr + pid_m * stride_qm
     xw_row = xw_ptr + pid_m * stride_wm
     acc = tl.zeros((BN, BU), tl.float32)
     acc2 = tl.zeros((BN, BU), tl.float32)
-    first = pid_k * CHUNKS
-    u = first * BU + tl.arange(0, BU)
+    hacc = tl.zeros((BN, BU // 2), tl.float32)  # 3-bit: the high planes'
+    hacc2 = tl.zeros((BN, BU // 2), tl.float32)
+    first = pid_k * CHUNKS * BU
     # With PREFETCH these hold the next chunk's raw weights (loop-carried); else they only give them a type.
-    lon, hin, sn, zn = _fetch(w_ptr, s_ptr, z_ptr, rows, u, K, KW, NG, BITS, G)
-    lo2n, hi2n, s2n, z2n = lon, hin, sn, zn
+    lon, sn, zn, hin, shn, zhn = _fetch(w_ptr, s_ptr, z_ptr, rows, first, KU, KW, NG, BITS, G, BU, VEC, VEC_HI)
+    lo2n, s2n, z2n, hi2n, sh2n, zh2n = lon, sn, zn, hin, shn, zhn
     if GATED:
-        lo2n, hi2n, s2n, z2n = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, u, K, KW, NG, BITS, G)
+        lo2n, s2n, z2n, hi2n, sh2n, zh2n = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, first, KU, KW, NG, BITS, G, BU, VEC,
+                                                  VEC_HI)
     for i in range(CHUNKS):  # chunks per split: the splits divide K evenly (launch)
-        u = (first + i) * BU + tl.arange(0, BU)
+        c0 = first + i * BU
         if PREFETCH:
-            lo, hi, s, z, lo2, hi2, s2, z2 = lon, hin, sn, zn, lo2n, hi2n, s2n, z2n
-            un = (first + tl.minimum(i + 1, CHUNKS - 1)) * BU + tl.arange(0, BU)  # the last re-reads itself
-            lon, hin, sn, zn = _fetch(w_ptr, s_ptr, z_ptr, rows, un, K, KW, NG, BITS, G)
+            lo, s, z, hi, sh, zh = lon, sn, zn, hin, shn, zhn
+            lo2, s2, z2, hi2, sh2, zh2 = lo2n, s2n, z2n, hi2n, sh2n, zh2n
+            cn = first + tl.minimum(i + 1, CHUNKS - 1) * BU  # the last re-reads itself
+            lon, sn, zn, hin, shn, zhn = _fetch(w_ptr, s_ptr, z_ptr, rows, cn, KU, KW, NG, BITS, G, BU, VEC, VEC_HI)
             if GATED:
-                lo2n, hi2n, s2n, z2n = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, un, K, KW, NG, BITS, G)
+                lo2n, s2n, z2n, hi2n, sh2n, zh2n = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, cn, KU, KW, NG, BITS, G, BU,
+                                                          VEC, VEC_HI)
         else:
-            lo, hi, s, z = _fetch(w_ptr, s_ptr, z_ptr, rows, u, K, KW, NG, BITS, G)
-            lo2, hi2, s2, z2 = lo, hi, s, z
+            lo, s, z, hi, sh, zh = _fetch(w_ptr, s_ptr, z_ptr, rows, c0, KU, KW, NG, BITS, G, BU, VEC, VEC_HI)
+            lo2, s2, z2, hi2, sh2, zh2 = lo, s, z, hi, sh, zh
             if GATED:
-                lo2, hi2, s2, z2 = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, u, K, KW, NG, BITS, G)
+                lo2, s2, z2, hi2, sh2, zh2 = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, c0, KU, KW, NG, BITS, G, BU, VEC,
+                                                    VEC_HI)
+        u = c0 + tl.arange(0, BU)
         sx = tl.load(xw_row + u, eviction_policy="evict_last")
-        sq = tl.load(xw_row + K // U + u, eviction_policy="evict_last")
-        acc += _unit_acc(lo, hi, s, z, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, u, xq_row, sx, sq, K, NB,
-                         BITS, G, QMETA, MBLK, META_CHUNK, ASM)
+        sq = tl.load(xw_row + KU + u, eviction_policy="evict_last")
+        sxh = sx
+        if BITS == 3:
+            sxh = tl.load(xw_row + 2 * KU + c0 // 2 + tl.arange(0, BU // 2), eviction_policy="evict_last")
+        r, rh = _tile_acc(lo, s, z, hi, sh, zh, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, c0, xq_row, sx, sq, sxh, KU, KB, NB,
+                          BITS, G, BU, QMETA, MBLK, META_CHUNK, ASM)
+        acc += r
+        if BITS == 3:
+            hacc += rh
         if GATED:
-            acc2 += _unit_acc(lo2, hi2, s2, z2, ss2_ptr, so2_ptr, zs2_ptr, zo2_ptr, rows, u, xq_row, sx, sq, K, NB,
-                              BITS, G, QMETA, MBLK, META_CHUNK, ASM)
+            r2, rh2 = _tile_acc(lo2, s2, z2, hi2, sh2, zh2, ss2_ptr, so2_ptr, zs2_ptr, zo2_ptr, rows, c0, xq_row, sx, sq,
+                                sxh, KU, KB, NB, BITS, G, BU, QMETA, MBLK, META_CHUNK, ASM)
+            acc2 += r2
+            if BITS == 3:
+                hacc2 += rh2
     out = tl.sum(acc, axis=1)
+    out2 = tl.sum(acc2, axis=1)
+    if BITS == 3:
+        out += 4.0 * tl.sum(hacc, axis=1)
+        out2 += 4.0 * tl.sum(hacc2, axis=1)
     if GATED:
-        out = out / (1.0 + tl.exp(-out)) * tl.sum(acc2, axis=1)
+        out = out / (1.0 + tl.exp(-out)) * out2
 
     _store_rows(out, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, pid_m, M, N, stride_ym, BN, SPLIT)
 
@@ -284,7 +341,7 @@ OVERRIDES: dict[tuple, Int8Config] = {}
 _TUNED = {
     (2, 16, True): (4, 32, 2, False), (2, 16, False): (4, 64, 4, False),
     (2, 32, True): (2, 64, 4, True), (2, 32, False): (4, 64, 4, True),
-    (3, 64, True): (2, 64, 2, False), (3, 64, False): (2, 64, 4, False),
+    (3, 64, True): (2, 128, 2, False), (3, 64, False): (2, 128, 4, False),
     (4, 64, True): (4, 64, 4, True), (4, 64, False): (4, 64, 4, True),
 }
 
@@ -304,24 +361,28 @@ def config(bits: int, group: int, n: int, k: int, gated: bool) -> Int8Config:
     return Int8Config(bn, bu, warps, split, prefetch)
 
 
+def _min_group(bits: int) -> int:
+    return BLOCK if bits == 3 else unit(bits)  # a 3-bit high-plane word (32 elements) lies in one group
+
+
 def supports(bits: int, group: int, k: int) -> bool:
-    return k % BLOCK == 0 and group >= unit(bits)
+    return k % BLOCK == 0 and group >= _min_group(bits)
 
 
 def check(bits: int, group: int, k: int) -> None:
-    u = unit(bits)
+    u = _min_group(bits)
     if not supports(bits, group, k):
         raise MoeOffloadError(f"int8 activations need K % {BLOCK} == 0 and groups of at least {u} elements for "
                               f"{bits}-bit weights, got K={k}, group {group}")
 
 
 def quantize_activations(x2: torch.Tensor, bits: int, out: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-    """x2 [M, K] (unit stride along K) -> (x8 planes int32 [M, x8_words], (step, int8 sum) float32 [M, 2K/unit])."""
+    """x2 [M, K] (unit stride along K) -> (x8 planes int32 [M, x8_words], steps and int8 sums float32 [M, xw_floats])."""
     m, k = x2.shape
     u = unit(bits)
     if out is None:
         out = (torch.empty((m, x8_words(bits, k)), device=x2.device, dtype=torch.int32),
-               torch.empty((m, 2 * k // u), device=x2.device, dtype=torch.float32))
+               torch.empty((m, xw_floats(bits, k)), device=x2.device, dtype=torch.float32))
     xq, xw = out
     ch = 256
     while k % ch:  # K is a multiple of 32 (check), every plane's word holds at most 32 elements
@@ -329,6 +390,12 @@ def quantize_activations(x2: torch.Tensor, bits: int, out: Optional[tuple[torch.
     _quantize_kernel[(m, k // ch)](x2, x2.stride(0), xq, xw, k, xq.stride(0), xw.stride(0), BITS=bits, U=u, CH=ch,
                                    ASM=_ASM, num_warps=2)
     return xq, xw
+
+
+def _per_thread(elements: int, warps: int) -> int:
+    """Elements per thread of a 1-D load of that many 32-bit values, as Triton lays it out (16-byte vectors at
+    most, every thread busy)."""
+    return max(1, min(4, elements // (32 * warps)))
 
 
 def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -> None:
@@ -362,8 +429,9 @@ def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -
     packed2, (s2, ss2, so2), (z2, zs2, zo2), _ = w2 if gated else w1
     _gemv_int8_kernel[grid](
         xq, xw, y2, ws, cnt, ids, packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
-        m, n, k, k * bits // 32, ng, ng // mblk, stride_qm, stride_wm, y2.stride(0), *es,
+        m, n, k // unit(bits), k // BLOCK, k * bits // 32, ng, ng // mblk, stride_qm, stride_wm, y2.stride(0), *es,
         BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BN=bn, BU=bu, SPLIT=split, GATED=gated,
         GROUPED=grouped is not None, CHUNKS=per_split, PREFETCH=prefetch,
-        META_CHUNK=qmeta and (group * mblk) % (bu * unit(bits)) == 0, ASM=_ASM, num_warps=warps, num_stages=1,
+        META_CHUNK=qmeta and (group * mblk) % (bu * unit(bits)) == 0, VEC=_per_thread(bu, warps),
+        VEC_HI=_per_thread(bu // 2, warps), ASM=_ASM, num_warps=warps, num_stages=1,
     )
