@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 9, device calls: the int8-activation GEMV with wide tiles (every thread holds all rows of the tile, so one
 # x8 load serves them all) against the shipped configs, and the CUDA tests of the kernels and the offloaded paths.
-# Usage on the GPU machine, from the repo root: OUT=<dir> bash benchmarks/device_kernels.sh [sweep|experts|tests]...
+# Usage on the GPU machine, from the repo root: OUT=<dir> bash benchmarks/device_kernels.sh [sweep|experts|tests|e2e]...
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
 OUT=${OUT:-benchmarks/results}
@@ -29,6 +29,17 @@ tests)
     tests/offload/test_offloading_cuda.py tests/offload/test_hybrid.py tests/offload/test_device_lookup.py \
     -q -x -p no:cacheprovider -W ignore --junitxml="$OUT/pytest_kernels.xml" 2>&1 | tail -15
   grep -o '<testsuite [^>]*>' "$OUT/pytest_kernels.xml"
+  ;;
+e2e)  # Mixtral end to end with the int8 GEMV: resident 4/2 and 4/3, and 12 GiB 4/2 with the hybrid path on and off
+  bench() {
+    local name=$1; shift
+    timeout ${BENCH_TIMEOUT:-300} python3 -m moe_offload bench --synthetic mixtral-8x7b --max-context 1024 "$@" \
+      --json "$OUT/$name.json" 2>&1 | grep -E "^│|^┃|rror|Traceback"
+  }
+  for preset in ${PRESETS:-4/2 4/3}; do
+    bench "mixtral_${preset/\//-}_resident_int8" --preset $preset --hybrid off --int8-activations
+  done
+  bench mixtral_4-2_12GiB_int8_hybrid --preset 4/2 --gpu-memory 12GiB --hybrid on --new-tokens 64 --int8-activations
   ;;
 esac
 done

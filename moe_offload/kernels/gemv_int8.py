@@ -337,23 +337,25 @@ class Int8Config(NamedTuple):
 OVERRIDES: dict[tuple, Int8Config] = {}
 
 
-# Best configs of the sweep on an H100 at Mixtral's expert shapes, by (bits, group, gated): (bn, bu, warps, prefetch).
+# Best configs of the sweep on an H100 at Mixtral's expert shapes, by (bits, group, gated): (bn, bu, warps, prefetch)
+# (benchmarks/gemv_int8.py --sweep --wide; benchmarks/results/session9/gemv_wide_h100.json). Every winner spans its
+# chunk with 4 words per thread (bu = 128 x warps; 2 for 3-bit's high plane) and keeps 2-4 rows per thread.
 _TUNED = {
-    (2, 16, True): (4, 32, 2, False), (2, 16, False): (4, 64, 4, False),
-    (2, 32, True): (2, 64, 4, True), (2, 32, False): (4, 64, 4, True),
-    (3, 64, True): (2, 128, 2, False), (3, 64, False): (2, 128, 4, False),
-    (4, 64, True): (4, 64, 4, True), (4, 64, False): (4, 64, 4, True),
+    (2, 16, True): (2, 128, 1, False), (2, 16, False): (2, 128, 1, True),
+    (2, 32, True): (4, 128, 1, False), (2, 32, False): (2, 128, 2, True),
+    (3, 64, True): (2, 128, 1, True), (3, 64, False): (4, 128, 2, False),
+    (4, 64, True): (2, 256, 1, False), (4, 64, False): (2, 256, 2, True),
 }
 
 
 def config(bits: int, group: int, n: int, k: int, gated: bool) -> Int8Config:
-    """Block configuration, from ``benchmarks/gemv_int8.py --sweep`` on an H100 (Mixtral's expert shapes); other
-    formats take 4 rows, 64 units and 4 warps. Split-K only where there are fewer programs than SMs."""
+    """Block configuration, from ``benchmarks/gemv_int8.py --sweep --wide`` on an H100 (Mixtral's expert shapes);
+    other formats take 2 rows and 128 units on one warp. Split-K only where there are fewer programs than SMs."""
     key = (bits, group, n, k, gated)
     if key in OVERRIDES:
         return OVERRIDES[key]
     ku = k // unit(bits)
-    bn, bu, warps, prefetch = _TUNED.get((bits, group, gated), (4, 64, 4, False))
+    bn, bu, warps, prefetch = _TUNED.get((bits, group, gated), (2, 128, 1, False))
     bu = min(bu, ku & -ku)  # a power of two dividing the units
     split = 1
     while triton.cdiv(n, bn) * split < _SMS and split * 2 <= 8 and (ku // bu) % (split * 2) == 0:
