@@ -25,7 +25,7 @@ experts)  # the whole experts with the shipped configs only
   timeout 300 python3 benchmarks/gemv_int8.py --json "$OUT/gemv_experts.json" 2>&1 | tail -20
   ;;
 tests)
-  timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/kernels/test_gemv_int8.py tests/kernels/test_quant_matmul.py \
+  timeout ${TESTS_TIMEOUT:-400} python3 -m pytest tests/kernels/test_gemv_int8.py tests/kernels/test_quant_matmul.py tests/test_engine.py \
     tests/offload/test_offloading_cuda.py tests/offload/test_hybrid.py tests/offload/test_device_lookup.py \
     -q -x -p no:cacheprovider -W ignore --junitxml="$OUT/pytest_kernels.xml" 2>&1 | tail -15
   grep -o '<testsuite [^>]*>' "$OUT/pytest_kernels.xml"
