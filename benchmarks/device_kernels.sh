@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 9, device calls: the int8-activation GEMV with wide tiles (every thread holds all rows of the tile, so one
 # x8 load serves them all) against the shipped configs, and the CUDA tests of the kernels and the offloaded paths.
-# Usage on the GPU machine, from the repo root: OUT=<dir> bash benchmarks/device_kernels.sh [sweep|experts|tests|e2e]...
+# Usage on the GPU machine, from the repo root: OUT=<dir> bash benchmarks/device_kernels.sh [sweep|exact|experts|tests|e2e]...
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
 OUT=${OUT:-benchmarks/results}
@@ -20,6 +20,21 @@ for r in d.get("sweep", []):
 for k, v in best.items():
     print(k, sorted(v)[:4])
 PY
+  ;;
+exact)  # the exact path on the planes kernel: its sweep, then whole experts exact (old kernel) / planes / int8
+  timeout ${SWEEP_TIMEOUT:-360} python3 benchmarks/gemv_int8.py --sweep --exact --json "$OUT/gemv_exact.json" 2>&1 \
+    | grep -v "^sweep" | tail -30
+  python3 - "$OUT/gemv_exact.json" <<'PY'
+import json, sys, collections
+d = json.load(open(sys.argv[1]))
+best = collections.defaultdict(list)
+for r in d.get("sweep", []):
+    if "us" in r:
+        best[(r["bits"], r["group"], r["n"], r["k"])].append((round(r["us"], 1), r["config"], round(r["pct_d2d"], 1)))
+for k, v in best.items():
+    print(k, sorted(v)[:3])
+PY
+  timeout 200 python3 -m pytest tests/kernels/test_gemv_int8.py -q -x -p no:cacheprovider -W ignore 2>&1 | tail -3
   ;;
 experts)  # the whole experts with the shipped configs only
   timeout 300 python3 benchmarks/gemv_int8.py --json "$OUT/gemv_experts.json" 2>&1 | tail -20

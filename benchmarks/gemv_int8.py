@@ -53,6 +53,20 @@ def variants(wide: bool = False) -> list[tuple]:
     return out
 
 
+def exact_variants() -> list[tuple]:
+    """The planes kernel with exact activations (key suffix "exact"), wide tiles only."""
+    out = []
+    for bits, group, _ in FORMATS:
+        for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False)):
+            ku = k // I8.unit(bits)
+            for prefetch in (False, True):
+                for bn in (2, 4):
+                    for bu, warps in ((128, 1), (256, 1), (128, 2), (256, 2)):
+                        if ku % bu == 0:
+                            out.append((bits, group, n, k, gated, I8.Int8Config(bn, bu, warps, 1, prefetch), "exact"))
+    return out
+
+
 def wide_variants() -> list[tuple]:
     out = []
     for bits, group, _ in FORMATS:
@@ -68,22 +82,23 @@ def wide_variants() -> list[tuple]:
     return list(dict.fromkeys(out))
 
 
-def _call(x, y, bits, group, n, k, qt, qt2=None, int8=True):
+def _call(x, y, bits, group, n, k, qt, qt2=None, int8=True, planes=False):
     w1 = Q._weight(qt.qweight, qt.scale, qt.zero, bits, group, n, k)
     w2 = None if qt2 is None else Q._weight(qt2.qweight, qt2.scale, qt2.zero, bits, group, n, k)
-    if int8:
-        return lambda: I8.launch(x, y, bits, group, n, k, w1, w2)
+    if int8 or planes:
+        return lambda: I8.launch(x, y, bits, group, n, k, w1, w2, exact=planes)
     return lambda: Q._launch_gemv(x, y, bits, group, n, k, w1, w2)
 
 
 def _compile_one(v: tuple) -> str:
-    bits, group, n, k, gated, cfg = v
+    bits, group, n, k, gated, cfg = v[:6]
+    exact = v[6:] == ("exact",)
     try:
-        I8.OVERRIDES[(bits, group, n, k, gated)] = cfg
+        I8.OVERRIDES[(bits, group, n, k, gated) + v[6:]] = cfg
         qt = rand_qt(n, k, bits, group, group == 16)
         x = torch.randn(1, k, device="cuda").bfloat16()
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        _call(x, y, bits, group, n, k, qt, qt if gated else None)()
+        _call(x, y, bits, group, n, k, qt, qt if gated else None, int8=not exact, planes=exact)()
         torch.cuda.synchronize()
         return "ok"
     except Exception as e:  # noqa: BLE001 - reported
@@ -106,15 +121,16 @@ def rel_err(y, x, qt, qt2=None, int8=True):
     return ((y.float() - ref).norm() / ref.norm()).item(), ((y.float() - exact).norm() / exact.norm()).item()
 
 
-def sweep(l2, d2d, jobs, results, wide=False):
-    vs = variants(wide)
+def sweep(l2, d2d, jobs, results, wide=False, exact=False):
+    vs = exact_variants() if exact else variants(wide)
     t = time.perf_counter()
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
         status = dict(zip(vs, ex.map(_compile_one, vs)))
     print(f"precompiled {len(vs)} variants in {time.perf_counter() - t:.0f} s", flush=True)
     rows, best, pools = [], {}, {}
     for v in vs:
-        bits, group, n, k, gated, cfg = v
+        bits, group, n, k, gated, cfg = v[:6]
+        ex = v[6:] == ("exact",)
         if status[v] != "ok":
             rows.append({"variant": list(map(str, v)), "error": status[v]})
             print("FAILED", v, status[v], flush=True)
@@ -124,27 +140,28 @@ def sweep(l2, d2d, jobs, results, wide=False):
             pools.clear()
             pools[key] = pool_of(n, k, bits, group, group == 16, l2, count=None)
         qts = pools[key]
-        I8.OVERRIDES[(bits, group, n, k, gated)] = cfg
+        okey = (bits, group, n, k, gated) + v[6:]
+        I8.OVERRIDES[okey] = cfg
         x = torch.randn(1, k, device="cuda").bfloat16()
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         if gated:
-            calls = [_call(x, y, bits, group, n, k, qts[i], qts[i + 1]) for i in range(0, len(qts) - 1, 2)]
+            calls = [_call(x, y, bits, group, n, k, qts[i], qts[i + 1], int8=not ex, planes=ex)
+                     for i in range(0, len(qts) - 1, 2)]
             nbytes = 2 * qts[0].nbytes
         else:
-            calls = [_call(x, y, bits, group, n, k, qt) for qt in qts]
+            calls = [_call(x, y, bits, group, n, k, qt, int8=not ex, planes=ex) for qt in qts]
             nbytes = qts[0].nbytes
         tt = graph_time(calls)
         calls[0]()
-        err8, _ = rel_err(y, x, qts[0], qts[1] if gated else None)
-        row = {"bits": bits, "group": group, "n": n, "k": k, "gated": gated, "config": list(cfg), "us": tt * 1e6,
-               "pct_d2d": 100 * nbytes / tt / d2d, "rel_err_vs_int8_ref": err8}
+        err, _ = rel_err(y, x, qts[0], qts[1] if gated else None, int8=not ex)
+        row = {"bits": bits, "group": group, "n": n, "k": k, "gated": gated, "exact": ex, "config": list(cfg),
+               "us": tt * 1e6, "pct_d2d": 100 * nbytes / tt / d2d, "rel_err_vs_ref": err}
         rows.append(row)
-        print(f"sweep {bits}b g{group} {n}x{k} gated={gated} {tuple(cfg)}: {tt * 1e6:6.1f} us {row['pct_d2d']:5.1f}% "
-              f"err {err8:.1e}", flush=True)
-        bkey = (bits, group, n, k, gated)
-        if err8 < 1e-2 and (bkey not in best or tt < best[bkey][1]):
-            best[bkey] = (cfg, tt)
-        del I8.OVERRIDES[(bits, group, n, k, gated)]
+        print(f"sweep {bits}b g{group} {n}x{k} gated={gated}{' exact' if ex else ''} {tuple(cfg)}: {tt * 1e6:6.1f} us "
+              f"{row['pct_d2d']:5.1f}% err {err:.1e}", flush=True)
+        if err < (1e-4 if ex else 1e-2) and (okey not in best or tt < best[okey][1]):
+            best[okey] = (cfg, tt)
+        del I8.OVERRIDES[okey]
     pools.clear()
     for bkey, (cfg, _) in best.items():
         I8.OVERRIDES[bkey] = cfg
@@ -159,18 +176,23 @@ def experts(l2, d2d):
         x = torch.randn(1, HIDDEN, device="cuda").bfloat16()
         h = torch.empty(1, FFN, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-        for int8 in (False, True):
+        for mode in ("exact", "planes", "int8"):
+            int8 = mode == "int8"
+            Q.PLANES_EXACT.clear()
+            if mode == "planes":
+                Q.PLANES_EXACT.add((bits, group))
             calls = [lambda e=e: Q.expert_forward(x, *e, out=y, hidden=h, int8_activations=int8) for e in pool]
             t = graph_time(calls)
             Q.expert_forward(x, *pool[0], out=y, hidden=h, int8_activations=int8)
+            Q.PLANES_EXACT.clear()
             g, u, d = (dequantize(q) for q in pool[0])
             exact = (F.silu(x.float() @ g.T) * (x.float() @ u.T)) @ d.T
             err = ((y.float() - exact).norm() / exact.norm()).item()
-            row = {"kind": "expert", "int8": int8, "bits": bits, "group": group, "quant_meta": qmeta, "us": t * 1e6,
+            row = {"kind": "expert", "mode": mode, "int8": int8, "bits": bits, "group": group, "quant_meta": qmeta, "us": t * 1e6,
                    "bytes": nbytes, "GBps": nbytes / t / 1e9, "pct_d2d": 100 * nbytes / t / d2d,
                    "rel_err_vs_exact_fp32": err}
             rows.append(row)
-            print(f"expert {bits}b g{group}{' qm' if qmeta else ''} {'int8 ' if int8 else 'exact'}: {t * 1e6:6.1f} us "
+            print(f"expert {bits}b g{group}{' qm' if qmeta else ''} {mode:6s}: {t * 1e6:6.1f} us "
                   f"{row['GBps']:6.0f} GB/s {row['pct_d2d']:5.1f}% of D2D, rel err vs exact {err:.1e}", flush=True)
         del pool
     for k in (HIDDEN, FFN):  # the rounding kernel alone, included in every int8 time above
@@ -196,6 +218,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--wide", action="store_true", help="sweep the wide configs (rows in each thread)")
+    ap.add_argument("--exact", action="store_true", help="sweep the exact planes kernel's configs instead")
     ap.add_argument("--baseline", action="store_true", help="time the whole experts with the shipped configs first")
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--json", default="gemv_int8.json")
@@ -209,7 +232,7 @@ def main():
     if args.baseline:
         results["baseline_rows"] = experts(l2, d2d)
     if args.sweep:
-        sweep(l2, d2d, args.jobs, results, args.wide)
+        sweep(l2, d2d, args.jobs, results, args.wide, args.exact)
     results["rows"] = experts(l2, d2d)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -1,6 +1,6 @@
 """Compile the int8 GEMV for sm_90 without a GPU and count the instructions of its main loop (a script).
 
-    PYTHONPATH=. python benchmarks/probe/sass.py BITS GROUP QMETA N K GATED BN BU WARPS [--prefetch] [--dump DIR]
+    PYTHONPATH=. python benchmarks/probe/sass.py BITS GROUP QMETA N K GATED BN BU WARPS [--prefetch] [--exact] [--dump DIR]
 
 Triton ships ptxas and nvdisasm, so this runs on the CPU-only machine. It is how session 9 found the int8 GEMV's
 shared-memory shuffles, per-chunk block reductions and scalar loads (BENCHMARKS.md): look for BAR.SYNC, STS/LDS
@@ -25,11 +25,11 @@ SIZES = ("M", "N", "KU", "KB", "KW", "NG", "NB", "ES_W", "ES_M", "ES_H")
 ALIGNED = ("N", "KU", "KB", "KW", "NG", "stride_qm", "stride_wm")  # as the JIT specializes them for Mixtral
 
 
-def compile_gemv(bits, group, qmeta, n, k, gated, bn, bu, warps, prefetch=False):
+def compile_gemv(bits, group, qmeta, n, k, gated, bn, bu, warps, prefetch=False, exact=False):
     fn = I8._gemv_int8_kernel
     names = fn.arg_names
     meta_t = "*u8" if qmeta else "*fp16"
-    ptrs = {"xq_ptr": "*i32", "xw_ptr": "*fp32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+    ptrs = {"xq_ptr": "*fp32" if exact else "*i32", "xw_ptr": "*fp32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
             "ids_ptr": "*i32", "w_ptr": "*i32", "w2_ptr": "*i32", "s_ptr": meta_t, "z_ptr": meta_t,
             "s2_ptr": meta_t, "z2_ptr": meta_t}
     sig = {a: ptrs.get(a, "*fp16") if a.endswith("_ptr") else
@@ -39,7 +39,7 @@ def compile_gemv(bits, group, qmeta, n, k, gated, bn, bu, warps, prefetch=False)
     mblk = _meta_block(ng) if qmeta else 1
     consts = dict(BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BN=bn, BU=bu, SPLIT=1, GATED=gated, GROUPED=False,
                   CHUNKS=k // u // bu, META_CHUNK=qmeta and (group * mblk) % (bu * u) == 0, PREFETCH=prefetch,
-                  VEC=I8._per_thread(bu, warps), VEC_HI=I8._per_thread(bu // 2, warps), ASM=True)
+                  VEC=I8._per_thread(bu, warps), VEC_HI=I8._per_thread(bu // 2, warps), EXACT=exact, ASM=True)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if sig[a].startswith("*") or a in ALIGNED}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
@@ -64,9 +64,10 @@ def main():
     for name in ("bits", "group", "qmeta", "n", "k", "gated", "bn", "bu", "warps"):
         ap.add_argument(name, type=int)
     ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--exact", action="store_true", help="the exact path (float32 x planes)")
     ap.add_argument("--dump", help="write the SASS, PTX and TTGIR there")
     a = ap.parse_args()
-    c = compile_gemv(a.bits, a.group, bool(a.qmeta), a.n, a.k, bool(a.gated), a.bn, a.bu, a.warps, a.prefetch)
+    c = compile_gemv(a.bits, a.group, bool(a.qmeta), a.n, a.k, bool(a.gated), a.bn, a.bu, a.warps, a.prefetch, a.exact)
     n, ops = loop_ops(c.asm["sass"])
     words = a.bn * max(1, a.bu // (32 * a.warps)) * (2 if a.gated else 1)  # per thread per chunk
     print(f"loop: {n} instructions for {words} (row, word) pairs per thread: {n / words:.1f} a word")

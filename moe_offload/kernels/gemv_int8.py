@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..errors import MoeOffloadError
-from .quant_kernels import _ASM, _SMS, _expert_pointers, _meta_block, _split_scratch, _store_rows
+from .quant_kernels import _ASM, _SMS, _and_or, _expert_pointers, _meta_block, _split_scratch, _store_rows
 
 BLOCK = 32  # activations per int8 step
 
@@ -145,6 +145,32 @@ def _quantize_kernel(x_ptr, stride_xm, xq_ptr, xw_ptr, K, XQ_STRIDE, XW_STRIDE,
 
 
 @triton.jit
+def _store_planes(x, xp_row, c, CH: tl.constexpr, E: tl.constexpr, PLANE_OFF, PLANE_WORDS):
+    """Chunk c of x [CH] as float32 planes: plane e holds the elements E w + e (the code at bits BITS e of word w)."""
+    W: tl.constexpr = CH // E
+    w = c * W + tl.arange(0, W)
+    tl.store(xp_row + PLANE_OFF + tl.arange(0, E)[None, :] * PLANE_WORDS + w[:, None], tl.reshape(x, (W, E)))
+
+
+@triton.jit
+def _planes_kernel(x_ptr, stride_xm, xp_ptr, xw_ptr, K, XP_STRIDE, XW_STRIDE,
+                   BITS: tl.constexpr, U: tl.constexpr, CH: tl.constexpr):
+    """Exact path: one chunk of CH activations of row m -> float32 planes in the order fields come out of the
+    packed words (3-bit: the low plane's 16, then the high plane's 32), and per unit of U elements its sum."""
+    m = tl.program_id(0)
+    c = tl.program_id(1)
+    x = tl.load(x_ptr + m * stride_xm + c * CH + tl.arange(0, CH)).to(tl.float32)
+    xp_row = xp_ptr + m * XP_STRIDE
+    if BITS == 3:
+        _store_planes(x, xp_row, c, CH, 16, 0, K // 16)
+        _store_planes(x, xp_row, c, CH, 32, K, K // 32)
+    else:
+        _store_planes(x, xp_row, c, CH, 32 // BITS, 0, K // (32 // BITS))
+    su = tl.sum(tl.reshape(x, (CH // U, U)), axis=1)
+    tl.store(xw_ptr + m * XW_STRIDE + c * (CH // U) + tl.arange(0, CH // U), su)
+
+
+@triton.jit
 def _dp4a(a, b, acc, ASM: tl.constexpr):
     """acc + sum over the 4 bytes of a (unsigned) times the 4 bytes of b (signed)."""
     if ASM:
@@ -166,6 +192,26 @@ def _plane_dot(words, xq_row, u_words, acc, PLANE_OFF, PLANE_WORDS,
         xj = tl.load(xq_row + PLANE_OFF + j * PLANE_WORDS + u_words, eviction_policy="evict_last")
         codes = (words >> (BITS * j)) & MASK
         acc = _dp4a(codes, xj, acc, ASM)  # xj broadcasts over the rows
+    return acc
+
+
+@triton.jit
+def _plane_fma(words, xp_row, u_words, acc, PLANE_OFF, PLANE_WORDS,
+               BITS: tl.constexpr, E: tl.constexpr, ASM: tl.constexpr):
+    """Exact path: acc + sum over the E codes of every packed word (tile [BN, ...]) times its float32 x.
+    A code becomes a float with one LOP3 and one FADD: masked in place (bits SH.. of a 16-bit half) under the
+    exponent of 2**(23 - SH), the float is 2**(23 - SH) + q exactly."""
+    upper = words >> 16  # fields above bit 15 (the sign bits it shifts in are masked off)
+    for e in tl.static_range(E):
+        expo = tl.full((1, 1), (150 - (BITS * e) % 16) << 23, tl.int32)  # the field's shift within its half
+        mask = tl.full((1, 1), ((1 << BITS) - 1) << ((BITS * e) % 16), tl.int32)
+        if BITS * e < 16:
+            f = _and_or(words, mask, expo, ASM)
+        else:
+            f = _and_or(upper, mask, expo, ASM)
+        q = f.to(tl.float32, bitcast=True) - expo.to(tl.float32, bitcast=True)
+        xe = tl.load(xp_row + PLANE_OFF + e * PLANE_WORDS + u_words, eviction_policy="evict_last")
+        acc += q * xe  # xe broadcasts over the rows
     return acc
 
 
@@ -213,25 +259,35 @@ def _dequant_meta(raw, q_ptr, off_ptr, rows, g, c0, NB, U: tl.constexpr, G: tl.c
 @triton.jit
 def _tile_acc(lo, s_raw, z_raw, hi, sh_raw, zh_raw, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, c0, xq_row, sx, sq, sxh,
               KU, KB, NB, BITS: tl.constexpr, G: tl.constexpr, BU: tl.constexpr, QMETA: tl.constexpr,
-              MBLK: tl.constexpr, META_CHUNK: tl.constexpr, ASM: tl.constexpr):
+              MBLK: tl.constexpr, META_CHUNK: tl.constexpr, EXACT: tl.constexpr, ASM: tl.constexpr):
     """Per (row, word) of a fetched tile: s sx (sum q x8 - z sum x8), the group affine applied to every word's
     integer dot; 3-bit: the low plane's so, and the high plane's s sx sum(q_hi x8) (to be weighted by 4)."""
     U: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     u = c0 + tl.arange(0, BU)
-    if BITS == 3:
-        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, KU, 2, 4, ASM)
+    if EXACT:
+        dot = _plane_fma(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.float32), 0, KU, 2 if BITS == 3 else BITS, U,
+                         ASM)
+    elif BITS == 3:
+        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, KU, 2, 4, ASM).to(tl.float32)
     else:
-        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, KU, BITS, U // 4, ASM)
+        dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, KU, BITS, U // 4, ASM).to(tl.float32)
     g = u // (G // U)
     s = _dequant_meta(s_raw, ss_ptr, so_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK)
     z = _dequant_meta(z_raw, zs_ptr, zo_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK)
-    r = (s * sx[None, :]) * (dot.to(tl.float32) - z * sq[None, :])
+    if EXACT:
+        r = s * (dot - z * sq[None, :])
+    else:
+        r = (s * sx[None, :]) * (dot - z * sq[None, :])
     rh = r
-    if BITS == 3:  # the high bit of every code: its sum over x8, the zero already taken with the low plane
+    if BITS == 3:  # the high bit of every code: its sum over x, the zero already taken with the low plane
         uh = c0 // 2 + tl.arange(0, BU // 2)
-        dh = _plane_dot(hi, xq_row, uh[None, :], tl.zeros(hi.shape, tl.int32), 4 * KU, KB, 1, 8, ASM)
         sh = _dequant_meta(sh_raw, ss_ptr, so_ptr, rows, uh // (G // 32), c0, NB, U, G, QMETA, MBLK, META_CHUNK)
-        rh = (sh * sxh[None, :]) * dh.to(tl.float32)
+        if EXACT:
+            dh = _plane_fma(hi, xq_row, uh[None, :], tl.zeros(hi.shape, tl.float32), 16 * KU, KB, 1, 32, ASM)
+            rh = sh * dh
+        else:
+            dh = _plane_dot(hi, xq_row, uh[None, :], tl.zeros(hi.shape, tl.int32), 4 * KU, KB, 1, 8, ASM)
+            rh = (sh * sxh[None, :]) * dh.to(tl.float32)
     return r, rh
 
 
@@ -244,7 +300,7 @@ def _gemv_int8_kernel(
     BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
     BN: tl.constexpr, BU: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr, GROUPED: tl.constexpr,
     CHUNKS: tl.constexpr, META_CHUNK: tl.constexpr, PREFETCH: tl.constexpr, VEC: tl.constexpr,
-    VEC_HI: tl.constexpr, ASM: tl.constexpr,
+    VEC_HI: tl.constexpr, EXACT: tl.constexpr, ASM: tl.constexpr,
 ):
     """y[m, n] = sum_k x8[m, k] w[n, k] for one row m and BN rows of W; GATED, GROUPED and SPLIT as in
     ``quant_kernels._gemv_kernel``. A chunk is BU packed words (3-bit: of the low plane) of each of the BN rows.
@@ -293,19 +349,23 @@ def _gemv_int8_kernel(
                 lo2, s2, z2, hi2, sh2, zh2 = _fetch(w2_ptr, s2_ptr, z2_ptr, rows, c0, KU, KW, NG, BITS, G, BU, VEC,
                                                     VEC_HI)
         u = c0 + tl.arange(0, BU)
-        sx = tl.load(xw_row + u, eviction_policy="evict_last")
-        sq = tl.load(xw_row + KU + u, eviction_policy="evict_last")
+        if EXACT:  # x itself, no steps: xw holds each unit's sum of x
+            sq = tl.load(xw_row + u, eviction_policy="evict_last")
+            sx = sq
+        else:
+            sx = tl.load(xw_row + u, eviction_policy="evict_last")
+            sq = tl.load(xw_row + KU + u, eviction_policy="evict_last")
         sxh = sx
-        if BITS == 3:
+        if BITS == 3 and (not EXACT):
             sxh = tl.load(xw_row + 2 * KU + c0 // 2 + tl.arange(0, BU // 2), eviction_policy="evict_last")
         r, rh = _tile_acc(lo, s, z, hi, sh, zh, ss_ptr, so_ptr, zs_ptr, zo_ptr, rows, c0, xq_row, sx, sq, sxh, KU, KB, NB,
-                          BITS, G, BU, QMETA, MBLK, META_CHUNK, ASM)
+                          BITS, G, BU, QMETA, MBLK, META_CHUNK, EXACT, ASM)
         acc += r
         if BITS == 3:
             hacc += rh
         if GATED:
             r2, rh2 = _tile_acc(lo2, s2, z2, hi2, sh2, zh2, ss2_ptr, so2_ptr, zs2_ptr, zo2_ptr, rows, c0, xq_row, sx, sq,
-                                sxh, KU, KB, NB, BITS, G, BU, QMETA, MBLK, META_CHUNK, ASM)
+                                sxh, KU, KB, NB, BITS, G, BU, QMETA, MBLK, META_CHUNK, EXACT, ASM)
             acc2 += r2
             if BITS == 3:
                 hacc2 += rh2
@@ -348,14 +408,18 @@ _TUNED = {
 }
 
 
-def config(bits: int, group: int, n: int, k: int, gated: bool) -> Int8Config:
+# The exact path's, by the same sweep (--exact).
+_TUNED_EXACT: dict[tuple, tuple] = {}
+
+
+def config(bits: int, group: int, n: int, k: int, gated: bool, exact: bool = False) -> Int8Config:
     """Block configuration, from ``benchmarks/gemv_int8.py --sweep --wide`` on an H100 (Mixtral's expert shapes);
     other formats take 2 rows and 128 units on one warp. Split-K only where there are fewer programs than SMs."""
-    key = (bits, group, n, k, gated)
+    key = (bits, group, n, k, gated) + (("exact",) if exact else ())
     if key in OVERRIDES:
         return OVERRIDES[key]
     ku = k // unit(bits)
-    bn, bu, warps, prefetch = _TUNED.get((bits, group, gated), (2, 128, 1, False))
+    bn, bu, warps, prefetch = (_TUNED_EXACT if exact else _TUNED).get((bits, group, gated), (2, 128, 1, False))
     bu = min(bu, ku & -ku)  # a power of two dividing the units
     split = 1
     while triton.cdiv(n, bn) * split < _SMS and split * 2 <= 8 and (ku // bu) % (split * 2) == 0:
@@ -394,17 +458,32 @@ def quantize_activations(x2: torch.Tensor, bits: int, out: Optional[tuple[torch.
     return xq, xw
 
 
+def x_planes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact path: x2 [M, K] -> (float32 planes [M, K] (3-bit: [M, 2K]), each unit's sum of x float32 [M, K/unit])."""
+    m, k = x2.shape
+    u = unit(bits)
+    xp = torch.empty((m, 2 * k if bits == 3 else k), device=x2.device, dtype=torch.float32)
+    xw = torch.empty((m, k // u), device=x2.device, dtype=torch.float32)
+    ch = 256
+    while k % ch:
+        ch //= 2
+    _planes_kernel[(m, k // ch)](x2, x2.stride(0), xp, xw, k, xp.stride(0), xw.stride(0), BITS=bits, U=u, CH=ch,
+                                 num_warps=2)
+    return xp, xw
+
+
 def _per_thread(elements: int, warps: int) -> int:
     """Elements per thread of a 1-D load of that many 32-bit values, as Triton lays it out (16-byte vectors at
     most, every thread busy)."""
     return max(1, min(4, elements // (32 * warps)))
 
 
-def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -> None:
-    """As ``quant_kernels._launch_gemv``, with x rounded to int8 first (``scratch``: preallocated x8 buffers)."""
+def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None, exact: bool = False) -> None:
+    """As ``quant_kernels._launch_gemv``, with x rounded to int8 first (``scratch``: preallocated x8 buffers);
+    ``exact``: x stays float (laid out in planes, no rounding), the codes become floats one by one."""
     check(bits, group, k)
     gated = w2 is not None
-    xq, xw = quantize_activations(x2, bits, scratch)
+    xq, xw = x_planes(x2, bits) if exact else quantize_activations(x2, bits, scratch)
     if grouped is None:
         m, ids, es = x2.shape[0], x2, (0, 0, 0)
         stride_qm, stride_wm = xq.stride(0), xw.stride(0)
@@ -414,7 +493,7 @@ def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -
         shared = x2.shape[0] == 1
         stride_qm, stride_wm = (0, 0) if shared else (xq.stride(0), xw.stride(0))
         es = (stride // 4, stride // w1[1][0].element_size(), stride // 2)
-    bn, bu, warps, split, prefetch = config(bits, group, n, k, gated)
+    bn, bu, warps, split, prefetch = config(bits, group, n, k, gated, exact)
     ng = k // group
     qmeta = w1[3]
     mblk = _meta_block(ng) if qmeta else 1
@@ -435,5 +514,5 @@ def launch(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, scratch=None) -
         BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BN=bn, BU=bu, SPLIT=split, GATED=gated,
         GROUPED=grouped is not None, CHUNKS=per_split, PREFETCH=prefetch,
         META_CHUNK=qmeta and (group * mblk) % (bu * unit(bits)) == 0, VEC=_per_thread(bu, warps),
-        VEC_HI=_per_thread(bu // 2, warps), ASM=_ASM, num_warps=warps, num_stages=1,
+        VEC_HI=_per_thread(bu // 2, warps), EXACT=exact, ASM=_ASM, num_warps=warps, num_stages=1,
     )

@@ -580,13 +580,18 @@ def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None) -> None:
     )
 
 
+# (bits, group) formats whose exact GEMV runs on the planes kernel (``gemv_int8.launch(exact=True)``: x as float32
+# planes, rows held per thread) instead of ``_gemv_kernel``: those where it measured faster (BENCHMARKS.md).
+PLANES_EXACT: set[tuple[int, int]] = set()
+
+
 def _gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, int8: bool = False) -> None:
     """The exact GEMV, or with int8 activations where asked for and the shape allows (else exact)."""
-    if int8:
+    if int8 or (bits, group) in PLANES_EXACT:
         from . import gemv_int8
 
         if gemv_int8.supports(bits, group, k):
-            return gemv_int8.launch(x2, y2, bits, group, n, k, w1, w2, grouped)
+            return gemv_int8.launch(x2, y2, bits, group, n, k, w1, w2, grouped, exact=not int8)
     _launch_gemv(x2, y2, bits, group, n, k, w1, w2, grouped)
 
 

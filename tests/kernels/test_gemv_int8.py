@@ -180,3 +180,53 @@ def test_gated_and_grouped(spec):
         check(y, h, wd)  # down: its own x8 of the (rounded) hidden
         exact = F.silu(x.double() @ wg.T) * (x.double() @ wu.T) @ wd.T
         assert (y.double() - exact).norm() / exact.norm() < 0.03
+
+
+# The same kernel with exact activations (``launch(..., exact=True)``): x in float32 planes, no rounding.
+
+
+@on_device
+@pytest.mark.parametrize("bits,group,quant_meta", [(2, 16, True), (2, 32, False), (3, 64, False), (3, 64, True),
+                                                   (4, 64, False), (8, 32, False)])
+@pytest.mark.parametrize("m", [1, 2])
+def test_exact_planes_gemv_matches_the_float64_reference(bits, group, quant_meta, m):
+    from moe_offload.kernels import gemv_int8
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    for n, k in SHAPES:
+        qt, w = weight(n, k, bits, group, quant_meta)
+        x = activations(m, k, dtype)
+        y = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+        gemv_int8.launch(x, y, bits, group, n, k, weights_of(qt), exact=True)
+        ref = x.double() @ w.T
+        yf = y.double()
+        assert torch.isfinite(yf).all()
+        bound = U * ref.abs() + 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6  # output rounding + fp32 sums
+        assert ((yf - ref).abs() <= bound).all(), ((yf - ref).abs() / bound).max()
+
+
+@on_device
+def test_exact_planes_gated_and_split():
+    """gate+up with silu, and split-K, on the exact path."""
+    from moe_offload.kernels import gemv_int8
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    n, k = SHAPES[-1]
+    (g, wg), (u_, wu) = weight(n, k, 2, 16, True, seed=3), weight(n, k, 2, 16, True, seed=4)
+    x = activations(1, k, dtype)
+    h = torch.full((1, n), float("nan"), device=DEVICE, dtype=dtype)
+    gemv_int8.launch(x, h, 2, 16, n, k, weights_of(g), weights_of(u_), exact=True)
+    ref = F.silu(x.double() @ wg.T) * (x.double() @ wu.T)
+    assert torch.allclose(h.double(), ref, rtol=4 * U, atol=1e-4 * ref.abs().max().item())
+    cfg = gemv_int8.config(2, 16, n, k, False, exact=True)
+    split = 2
+    key = (2, 16, n, k, False, "exact")
+    gemv_int8.OVERRIDES[key] = gemv_int8.Int8Config(cfg.bn, min(cfg.bu, k // 16 // split), cfg.warps, split, True)
+    try:
+        y = torch.full((1, n), float("nan"), device=DEVICE, dtype=dtype)
+        gemv_int8.launch(x, y, 2, 16, n, k, weights_of(g), exact=True)
+    finally:
+        del gemv_int8.OVERRIDES[key]
+    ref = x.double() @ wg.T
+    bound = U * ref.abs() + 1e-5 * (x.double().abs() @ wg.abs().T) + 1e-6
+    assert ((y.double() - ref).abs() <= bound).all()
