@@ -54,7 +54,12 @@ e2e)  # Mixtral end to end with the int8 GEMV: resident 4/2 and 4/3, and 12 GiB 
   for preset in ${PRESETS:-4/2 4/3}; do
     bench "mixtral_${preset/\//-}_resident_int8" --preset $preset --hybrid off --int8-activations
   done
-  bench mixtral_4-2_12GiB_int8_hybrid --preset 4/2 --gpu-memory 12GiB --hybrid on --new-tokens 64 --int8-activations
+  if [ -n "${EXACT:-}" ]; then  # the default (exact) decode path
+    for preset in ${PRESETS:-4/2 4/3}; do
+      bench "mixtral_${preset/\//-}_resident_exact" --preset $preset --hybrid off
+    done
+  fi
+  [ -n "${NO_OFFLOAD:-}" ] || bench mixtral_4-2_12GiB_int8_hybrid --preset 4/2 --gpu-memory 12GiB --hybrid on --new-tokens 64 --int8-activations
   ;;
 esac
 done

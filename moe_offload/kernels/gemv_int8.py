@@ -408,8 +408,13 @@ _TUNED = {
 }
 
 
-# The exact path's, by the same sweep (--exact).
-_TUNED_EXACT: dict[tuple, tuple] = {}
+# The exact path's, by the same sweep (--exact; benchmarks/results/session9/gemv_exact_h100.json).
+_TUNED_EXACT = {
+    (2, 16, True): (2, 128, 1, False), (2, 16, False): (2, 128, 1, False),
+    (2, 32, True): (2, 128, 1, False), (2, 32, False): (2, 128, 1, True),
+    (3, 64, True): (4, 256, 2, True), (3, 64, False): (4, 128, 1, False),
+    (4, 64, True): (4, 256, 2, False), (4, 64, False): (4, 256, 2, True),
+}
 
 
 def config(bits: int, group: int, n: int, k: int, gated: bool, exact: bool = False) -> Int8Config:

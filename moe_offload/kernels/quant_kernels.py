@@ -581,8 +581,10 @@ def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None) -> None:
 
 
 # (bits, group) formats whose exact GEMV runs on the planes kernel (``gemv_int8.launch(exact=True)``: x as float32
-# planes, rows held per thread) instead of ``_gemv_kernel``: those where it measured faster (BENCHMARKS.md).
-PLANES_EXACT: set[tuple[int, int]] = set()
+# planes, rows held per thread) instead of ``_gemv_kernel``: those where it measured faster on an H100 (BENCHMARKS.md,
+# session 9: a whole 4/2 expert 46.3 against 62.7 µs, 4-bit g64 54.7 against 64.3). 3-bit measured slower (91 against
+# 71 µs: its high plane costs a float per bit), so it keeps the other kernel.
+PLANES_EXACT: set[tuple[int, int]] = {(2, 16), (2, 32), (4, 64)}
 
 
 def _gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None, int8: bool = False) -> None:
