@@ -18,6 +18,11 @@ kernels, so they stay bit-identical to each other.
   reads, plus each packed word's step and int8 sum) and :func:`fake_quantize_reference`;
 * :func:`launch` (the GEMV: gated, grouped and split-K like the exact one), driven by
   ``quant_kernels`` when ``int8_activations`` is asked for.
+
+The same kernel also runs exact (``launch(..., exact=True)``, :func:`x_planes`): x stays float32, laid out in
+planes in the order codes come out of a word, and each code becomes a float in place (one LOP3, one FADD) before
+its FMA. ``quant_kernels.PLANES_EXACT`` sends the 2- and 4-bit formats' exact GEMVs here, where it measured faster
+than ``quant_kernels._gemv_kernel`` (its layout keeps every thread's rows in registers; BENCHMARKS.md, session 9).
 """
 
 from __future__ import annotations
