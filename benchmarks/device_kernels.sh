@@ -5,12 +5,8 @@
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
 OUT=${OUT:-benchmarks/results}
-for p in ${@:-sweep tests}; do
-case $p in
-sweep)  # baseline experts with the shipped configs, the wide sweep, then the experts with the sweep's best
-  timeout ${SWEEP_TIMEOUT:-360} python3 benchmarks/gemv_int8.py --baseline --sweep --wide --json "$OUT/gemv_wide.json" 2>&1 \
-    | grep -v "^sweep" | tail -40
-  python3 - "$OUT/gemv_wide.json" <<'PY'
+best_configs() {  # the fastest configs per matrix of a sweep's JSON
+  python3 - "$1" <<'PY'
 import json, sys, collections
 d = json.load(open(sys.argv[1]))
 best = collections.defaultdict(list)
@@ -20,20 +16,18 @@ for r in d.get("sweep", []):
 for k, v in best.items():
     print(k, sorted(v)[:4])
 PY
+}
+for p in ${@:-sweep tests}; do
+case $p in
+sweep)  # baseline experts with the shipped configs, the wide sweep, then the experts with the sweep's best
+  timeout ${SWEEP_TIMEOUT:-360} python3 benchmarks/gemv_int8.py --baseline --sweep --wide --json "$OUT/gemv_wide.json" 2>&1 \
+    | grep -v "^sweep" | tail -40
+  best_configs "$OUT/gemv_wide.json"
   ;;
 exact)  # the exact path on the planes kernel: its sweep, then whole experts exact (old kernel) / planes / int8
   timeout ${SWEEP_TIMEOUT:-360} python3 benchmarks/gemv_int8.py --sweep --exact --json "$OUT/gemv_exact.json" 2>&1 \
     | grep -v "^sweep" | tail -30
-  python3 - "$OUT/gemv_exact.json" <<'PY'
-import json, sys, collections
-d = json.load(open(sys.argv[1]))
-best = collections.defaultdict(list)
-for r in d.get("sweep", []):
-    if "us" in r:
-        best[(r["bits"], r["group"], r["n"], r["k"])].append((round(r["us"], 1), r["config"], round(r["pct_d2d"], 1)))
-for k, v in best.items():
-    print(k, sorted(v)[:3])
-PY
+  best_configs "$OUT/gemv_exact.json"
   timeout 200 python3 -m pytest tests/kernels/test_gemv_int8.py -q -x -p no:cacheprovider -W ignore 2>&1 | tail -3
   ;;
 experts)  # the whole experts with the shipped configs only
