@@ -55,30 +55,27 @@ def variants(wide: bool = False) -> list[tuple]:
 
 def exact_variants() -> list[tuple]:
     """The planes kernel with exact activations (key suffix "exact"), wide tiles only."""
+    return wide_variants(exact=True)
+
+
+def wide_variants(exact: bool = False) -> list[tuple]:
+    """Wide tiles (4 words a thread); int8 also tries 8 rows, 64 and 512 units and split-K, and its shipped config."""
+    tiles = ((128, 1), (256, 1), (128, 2), (256, 2)) if exact else ((64, 1), (128, 1), (256, 1), (128, 2), (256, 2),
+                                                                     (512, 4))
+    suffix = ("exact",) if exact else ()
     out = []
     for bits, group, _ in FORMATS:
         for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False)):
             ku = k // I8.unit(bits)
             for prefetch in (False, True):
-                for bn in (2, 4):
-                    for bu, warps in ((128, 1), (256, 1), (128, 2), (256, 2)):
-                        if ku % bu == 0:
-                            out.append((bits, group, n, k, gated, I8.Int8Config(bn, bu, warps, 1, prefetch), "exact"))
-    return out
-
-
-def wide_variants() -> list[tuple]:
-    out = []
-    for bits, group, _ in FORMATS:
-        for n, k, gated in ((FFN, HIDDEN, True), (HIDDEN, FFN, False)):
-            ku = k // I8.unit(bits)
-            for prefetch in (False, True):
-                for bn in (2, 4, 8):
-                    for bu, warps in ((64, 1), (128, 1), (256, 1), (128, 2), (256, 2), (512, 4)):
-                        for split in (1, 2) if not gated and bn > 2 else (1,):  # split-K: more warps in flight
+                for bn in (2, 4) if exact else (2, 4, 8):
+                    for bu, warps in tiles:
+                        for split in (1, 2) if not (gated or exact) and bn > 2 else (1,):  # split-K: more warps in flight
                             if ku % (bu * split) == 0:
-                                out.append((bits, group, n, k, gated, I8.Int8Config(bn, bu, warps, split, prefetch)))
-            out.append((bits, group, n, k, gated, I8.config(bits, group, n, k, gated)))  # the shipped one
+                                out.append((bits, group, n, k, gated, I8.Int8Config(bn, bu, warps, split, prefetch))
+                                           + suffix)
+            if not exact:
+                out.append((bits, group, n, k, gated, I8.config(bits, group, n, k, gated)))  # the shipped one
     return list(dict.fromkeys(out))
 
 
