@@ -301,6 +301,8 @@ def bench(
     ablations: bool = typer.Option(False, "--ablations", help="Also run with prefetch toggled (off by "
                                    "default, so 'prefetch 1'), without cache, and everything resident (when it "
                                    "fits), with the same prompt and seed."),
+    runs_wanted: Optional[str] = typer.Option(None, "--runs", help="Comma-separated labels of the runs to make, of "
+                                              "those this command would (e.g. 'full,no hybrid'); default: all."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the numbers to this JSON file."),
     device: str = Device, dtype: str = Dtype, max_context: int = MaxContext,
     trace: Optional[Path] = typer.Option(None, "--trace", help="No model: replay this routing trace through the "
@@ -349,6 +351,8 @@ def bench(
         runs.insert(runs.index(("full", base)) + 1, ("no hybrid", copies_only))
     if hybrid == "on" and not base.cpu_layers:  # splitting misses within experts against whole experts only
         runs.insert(runs.index(("full", base)) + 1, ("split experts", dataclasses.replace(base, split=True)))
+    if base.cpu_layers and dev.type == "cuda":  # CPU layers sharing experts with the copy link, against the CPU alone
+        runs.insert(runs.index(("full", base)) + 1, ("CPU layers alone", dataclasses.replace(base, cpu_layer_copies=False)))
     if (hybrid == "on" or base.cpu_layers) and dev.type == "cuda":  # the GPU waits for the CPU, against the host
         runs.insert(runs.index(("full", base)) + 1, ("host waits", dataclasses.replace(base, gpu_waits=False)))
     if base.cpu_layers and (device_lookup == "on" or (ablations and device_lookup == "auto" and dev.type == "cuda")):
@@ -356,6 +360,14 @@ def bench(
     if ablations and int8_activations:  # the same run with exact activations beside it
         runs.insert(runs.index(("full", base)) + 1, ("exact activations", base))
         int8_of["exact activations"] = False
+    if runs_wanted is not None:
+        wanted = [w.strip() for w in runs_wanted.split(",") if w.strip()]
+        offered = [label for label, _ in runs]
+        unknown = [w for w in wanted if w not in offered]
+        if unknown or not wanted:
+            raise MoeOffloadError(f"--runs {runs_wanted!r}: {', '.join(map(repr, unknown)) or 'no label'} is not among "
+                                  f"this command's runs; choose from {', '.join(offered)}")
+        runs = [(label, options) for label, options in runs if label in wanted]
     h2d = measure_h2d(dev, pinned=not no_pin)
     name = f"synthetic:{synthetic}" if synthetic else model
     results, resident_ms = [], None
@@ -391,6 +403,8 @@ def bench(
             resident_ms = result.decode_ms_per_token
         results.append(result)
         release(engine)
+    if not results:
+        raise MoeOffloadError(f"none of the runs {', '.join(label for label, _ in runs)} fits this budget")
     table = Table(title=f"moe-offload bench: {name}, preset {results[0].preset}, {results[0].device}")
     for column in ("run", "decode tok/s", "limit tok/s", "% of limit", "prefill tok/s", "hit rate",
                    "prefetch recall", "MiB copied/tok", "CPU experts/tok", "H2D GB/s", "peak GPU GiB"):
@@ -412,7 +426,7 @@ def bench(
                   "(real Mixtral routing is close to uniform too); the hit rate is reported beside every speed.[/]",
                   soft_wrap=True)
     if json_file is not None:
-        full = next(r for r in results if r.label == "full").to_json()
+        full = next((r for r in results if r.label == "full"), results[0]).to_json()
         payload = {**full, "date": datetime.date.today().isoformat(), "command": "moe-offload " + " ".join(sys.argv[1:]),
                    "runs": [r.to_json() for r in results]}
         _write_json_atomic(json_file, payload)

@@ -89,6 +89,10 @@ class OffloadOptions:
     split: bool = False
     # CUDA: the GPU stream waits for CPU results (cuStreamWaitValue32 on a pinned flag) instead of the host thread.
     gpu_waits: bool = True
+    # CPU layers copy some of their experts into a scratch slot for the GPU, where the copy link finishes them earlier
+    # than the CPU would (HybridExecutor.cpu_layer_share). None: on a CUDA device (elsewhere a "copy" and the CPU's
+    # work share the same cores); False: the CPU computes all of a CPU layer's experts.
+    cpu_layer_copies: bool | None = None
 
     @property
     def requested(self) -> bool:
@@ -371,7 +375,8 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
     # On CUDA the GPU waits for the CPU's results (a pinned flag), so the host never does: it enqueues the rest meanwhile.
     wait_geq = host_signal.wait_geq if device.type == "cuda" and options.gpu_waits and host_signal.available() else None
     return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic, run_many=run_experts,
-                          split=split, run_heads=run_heads if split else None, start=start_experts, wait_geq=wait_geq)
+                          split=split, run_heads=run_heads if split else None, start=start_experts, wait_geq=wait_geq,
+                          copy_share=device.type == "cuda" if options.cpu_layer_copies is None else options.cpu_layer_copies)
 
 
 # Split experts cut the hidden units in multiples of the largest of these that leaves at least SPLIT_MIN_STEPS steps

@@ -84,3 +84,17 @@ def test_release_frees_the_hybrid_path_too():
     release(engine)
     gc.collect()
     assert slots() is None  # nothing (the CPU path included) keeps the cache's memory alive
+
+
+def test_runs_keeps_only_the_runs_asked_for(tmp_path):
+    data = bench(tmp_path, "--cpu-layers", "1", "--runs", "no hybrid")
+    assert [r["label"] for r in data["runs"]] == ["no hybrid"]
+    assert data["label"] == "no hybrid" and data["cpu_layers"] == 0  # the top level is the first run made
+
+
+def test_runs_names_the_labels_it_offers(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--synthetic", "tiny", "--device", "cpu", "--cpu-layers", "1",
+                                      "--runs", "full,bogus", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 1
+    assert "--runs 'full,bogus': 'bogus' is not among this command's runs; choose from full, no hybrid" in result.output
+    assert not (tmp_path / "b.json").exists()

@@ -382,9 +382,10 @@ class ExpertCache:
         return slot
 
     def stage(self, layer: int, experts: list[int]) -> None:
-        """Prefill: start copying these experts of a later layer (those without a cache slot, in the order they
-        will be used) into the scratch slots now, up to one per scratch slot, so that the copy link works while
-        this layer computes; their use then finds them there (``_acquire``). Each copy waits, on the copy
+        """Start copying these experts (those without a cache slot, in the order they will be used) into the scratch
+        slots now, up to one per scratch slot, so that the copy link works meanwhile: prefill stages a later layer's
+        while this layer computes, a CPU layer the experts it leaves to the GPU while the CPU computes the others.
+        Their use then finds them there (``_acquire``). Each copy waits, on the copy
         stream, for the enqueued work still reading its scratch slot."""
         todo = [e for e in experts if self.policy.slot_of((layer, e)) is None]
         # The layer's own load() gives its empty slots to the first of them (in this order): those need no staging.

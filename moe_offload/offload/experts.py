@@ -48,8 +48,8 @@ class OffloadedExperts:
                  cpu_only: bool = False, num_experts: int = 0, last_layer: bool = True, device_lookup: bool = False,
                  catch_up: Sequence[int] = ()):
         self.layer, self.cache, self.combine, self.hybrid, self.grouped = layer, cache, combine, hybrid, grouped
-        # A CPU layer: at decode the CPU computes every expert (it has no slots; prefill streams its experts
-        # through the scratch slots like any miss).
+        # A CPU layer: at decode the CPU computes its experts (it has no slots; prefill streams its experts through
+        # the scratch slots like any miss, and decode may copy some of them there: HybridExecutor.cpu_layer_share).
         self.cpu_only = cpu_only
         # Prefill: when a chunk is long enough to use every expert, the next layer's experts without a slot are
         # staged into the scratch slots while this layer computes (ExpertCache.stage).
@@ -99,7 +99,8 @@ class OffloadedExperts:
         head = 0
         if self.hybrid is not None and x.shape[0] == 1:  # decode only: CPU cost grows with tokens, a copy's does not
             if self.cpu_only:
-                on_cpu = used
+                on_cpu = self.hybrid.cpu_layer_share(used, cache.scratch_slots)
+                cache.stage(self.layer, [e for e in used if e not in on_cpu])  # copied now, beside the CPU's work
             else:
                 misses = [e for e in used if cache.policy.slot_of((self.layer, e)) is None]
                 on_cpu, head = self.hybrid.choose(misses)

@@ -18,10 +18,12 @@ units of gate and up from host memory while the rest of the expert (gate and up 
 copied into a scratch slot, so a lone miss keeps both paths busy. Measured slower than whole experts on the H100
 (BENCHMARKS.md, session 8): the partial copies and the extra launches cost the host more than the balance gains.
 
-CPU layers (``--cpu-layers``) use the same executor without a split: every expert of such a layer runs on the
-CPU at decode, on the calling thread (``submit(inline=True)``: the GPU has nothing of that layer to do meanwhile),
-after the layer's guesses for the following layers have started copying. ``run_many`` computes a layer's CPU
-experts together (one parallel C call where the kernel allows).
+CPU layers (``--cpu-layers``) use the same executor without a split: their experts run on the CPU at decode, on the
+calling thread (``submit(inline=True)``), after the layer's guesses for the following layers have started copying.
+Such a layer always misses all of its experts (top-2: two), the case where two paths beat one: with ``copy_share``
+the same greedy choice as for misses (``split_misses``) sends some of them through a scratch slot to the GPU, so the
+copy link works beside the CPU instead of idling through the layer (``cpu_layer_share``). ``run_many`` computes a
+layer's CPU experts together (one parallel C call where the kernel allows).
 
 This module knows experts only as (layer, expert) keys, host buffers and callables.
 """
@@ -237,7 +239,7 @@ class HybridExecutor:
     def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
                  threads: int, dynamic: bool = True, run_many: RunMany = run_one_by_one,
                  split: SplitShape | None = None, run_heads: RunHeads | None = None, start: Start | None = None,
-                 wait_geq: WaitGeq | None = None):
+                 wait_geq: WaitGeq | None = None, copy_share: bool = True):
         self.store, self.cache, self.make_cpu_expert, self.run_many = store, cache, make_cpu_expert, run_many
         self.start = start  # CPU work that can run outside Python starts there (no interpreter lock hand-offs)
         self.wait_geq = wait_geq  # given (CUDA): the GPU, not the host, waits for such work
@@ -247,6 +249,7 @@ class HybridExecutor:
         self.max_split = cache.scratch_slots  # each split expert is copied into a scratch slot of its own
         self.cost, self.threads = cost, threads
         self.dynamic = dynamic  # split cached layers' misses (False: only CPU layers use the CPU)
+        self.copy_share = copy_share  # CPU layers copy some of their experts where the link finishes them earlier
         self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
         # torch's own CPU ops on the worker (int4 kernel, SiLU) get the same thread count
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload-cpu",
@@ -268,7 +271,7 @@ class HybridExecutor:
         now = _now_ms()
         new = self.cache.copy_units - self._copies_seen
         self._copies_seen = self.cache.copy_units
-        if new:
+        if new and self.cache.cuda:  # elsewhere copies are synchronous: done when enqueued
             self._copy_free_at = max(self._copy_free_at, now) + new * self.cost.copy_ms
         for ms in self.cache.take_copy_samples():
             self.cost.observe_copy(ms)
@@ -291,6 +294,14 @@ class HybridExecutor:
             if head and finish < whole_finish(misses, to_cpu, self.cost, backlog):
                 return [], head
         return to_cpu, 0
+
+    def cpu_layer_share(self, experts: Sequence[int], room: int) -> list[int]:
+        """Which of a CPU layer's experts the CPU computes: all, or with ``copy_share`` those that ``split_misses``
+        gives the CPU over the copy queue's backlog; the others (at most ``room``, the scratch slots) are copied."""
+        if not self.copy_share or room <= 0:
+            return list(experts)
+        to_copy = split_misses(experts, self.cost, self.copy_backlog_ms())[0][:room]
+        return [e for e in experts if e not in to_copy]
 
     def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats, inline: bool = False):
         """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB); ``expert(e)`` of the result

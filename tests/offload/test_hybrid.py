@@ -272,8 +272,11 @@ def test_cpu_layers_match_resident_within_tolerance(tiny_dir, resident, n):
     assert err < 2e-2, f"relative logit error {err:.2e}"
 
 
-def test_cpu_layers_compute_every_decode_expert_there_and_copy_nothing(tiny_dir):
-    engine = load_cpu_layers(tiny_dir, 1, hybrid="on", hybrid_cost=CostModel(copy_ms=0.1, cpu_ms=10.0, smoothing=0.0))
+@pytest.mark.parametrize("cost", [CostModel(copy_ms=0.1, cpu_ms=10.0, smoothing=0.0),  # copies would be faster
+                                  CostModel(copy_ms=10.0, cpu_ms=0.1, smoothing=0.0)])
+def test_cpu_layers_compute_every_decode_expert_there_and_copy_nothing(tiny_dir, cost):
+    """Without copy sharing (or where the CPU is faster anyway) a CPU layer computes all of its decode experts."""
+    engine = load_cpu_layers(tiny_dir, 1, hybrid="on", hybrid_cost=cost, cpu_layer_copies=cost.cpu_ms < cost.copy_ms)
     cpu_layer = engine.plan.cpu_layer_ids[0]
     assert engine.plan.layer_slots[cpu_layer] == 0
     session = engine.new_session()
@@ -290,6 +293,29 @@ def test_cpu_layers_compute_every_decode_expert_there_and_copy_nothing(tiny_dir)
     others = [s for l, s in enumerate(layers) if l != cpu_layer]
     assert all(s.cpu_experts == 0 and s.misses == 0 and s.hits == steps * top_k for s in others)
     assert sum(s.bytes_copied for s in layers) == 0
+
+
+@pytest.mark.parametrize("copy_ms, cpu_ms, on_cpu", [(1.0, 0.9, 1), (1.0, 0.4, 2), (0.3, 1.0, 0)])
+def test_cpu_layers_share_their_experts_with_the_copy_link(tiny_dir, resident, copy_ms, cpu_ms, on_cpu):
+    """Each decode step a CPU layer gives the CPU what split_misses gives it and copies the rest into a scratch slot for the GPU; outputs stay within the hybrid path's tolerance."""
+    cost = CostModel(copy_ms=copy_ms, cpu_ms=cpu_ms, smoothing=0.0)
+    engine = load_cpu_layers(tiny_dir, 1, hybrid_cost=cost, cpu_layer_copies=True)  # (a CUDA device's default)
+    cpu_layer, top_k = engine.plan.cpu_layer_ids[0], engine.config.top_k
+    assert engine.expert_cache.scratch_slots >= top_k - on_cpu
+    session = engine.new_session()
+    token = int(session.prefill(engine.encode(PROMPT))[0].argmax())
+    engine.cache_stats.reset()
+    steps = 6
+    for _ in range(steps):
+        token = int(session.step(token).argmax())
+    s = engine.cache_stats.layers[cpu_layer]
+    assert s.cpu_experts == steps * on_cpu and s.misses == steps * top_k
+    assert s.bytes_copied == steps * (top_k - on_cpu) * engine.expert_cache.store.layout.nbytes
+    assert s.bypass == steps * (top_k - on_cpu)  # through the scratch slots: no cache slot, nothing evicted
+    tokens, logits = decode_logits(load_cpu_layers(tiny_dir, 1, hybrid_cost=cost, cpu_layer_copies=True))
+    assert tokens == resident[0]
+    err = (logits - resident[1]).norm() / resident[1].norm()
+    assert err < 2e-2, f"relative logit error {err:.2e}"
 
 
 def test_cpu_layers_refuse_hybrid_off(tiny_dir):
