@@ -93,6 +93,8 @@ class OffloadOptions:
     # than the CPU would (HybridExecutor.cpu_layer_share). None: on a CUDA device (elsewhere a "copy" and the CPU's
     # work share the same cores); False: the CPU computes all of a CPU layer's experts.
     cpu_layer_copies: bool | None = None
+    # With those copies, a CPU layer copies its guess of the next CPU layer's first expert ahead (False: ablation).
+    stage_cpu_guess: bool = True
 
     @property
     def requested(self) -> bool:
@@ -232,10 +234,14 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     depth = prefetch_depth(options.prefetch, store.pinned, device)
     for i, block in enumerate(blocks):
         ahead_depth = depth
+        following = next((j for j in range(i + 1, len(blocks)) if j in cpu_layers), len(blocks))
+        # A CPU layer sharing its experts with the copy link stages a guess for the next CPU layer (OffloadedExperts).
+        stage_ahead = ((following, blocks[following].router)
+                       if i in cpu_layers and following < len(blocks) and hybrid is not None and hybrid.copy_share
+                       and options.stage_cpu_guess else None)
         if i in cpu_layers and (store.pinned or lookup):
             # A CPU layer's time is the CPU's, and the copy link would idle through it: it guesses for the layers
             # up to the next CPU layer (at most CPU_LAYER_LOOKAHEAD), and their copies run while the CPU works.
-            following = next((j for j in range(i + 1, len(blocks)) if j in cpu_layers), len(blocks))
             gap = following - i - 1
             ahead_depth = max(depth, gap if lookup else min(gap, CPU_LAYER_LOOKAHEAD))
         extra = LOOKUP_GUESS_EXTRA if lookup and i in cpu_layers else 0
@@ -249,7 +255,7 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
                                            counts_tokens=i == (ordered[0] if lookup else 0),
                                            hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers,
                                            num_experts=c.num_experts, last_layer=i == len(blocks) - 1,
-                                           device_lookup=lookup, catch_up=catch_up))
+                                           device_lookup=lookup, catch_up=catch_up, stage_ahead=stage_ahead))
     return cache, hybrid
 
 

@@ -397,6 +397,10 @@ class ExpertCache:
             self._staged[(layer, e)] = slot
             s.bytes_copied += self.store.layout.nbytes
 
+    def is_staged(self, key: Key) -> bool:
+        """Whether ``stage`` put this expert into a scratch slot that still holds it (or is receiving it)."""
+        return key in self._staged
+
     def _acquire(self, layer: int, expert: int) -> int:
         key = (layer, expert)
         slot = self.policy.slot_of(key)

@@ -46,7 +46,7 @@ class OffloadedExperts:
                  lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
                  counts_tokens: bool = False, hybrid: HybridExecutor | None = None, grouped: SlotKernel | None = None,
                  cpu_only: bool = False, num_experts: int = 0, last_layer: bool = True, device_lookup: bool = False,
-                 catch_up: Sequence[int] = ()):
+                 catch_up: Sequence[int] = (), stage_ahead: tuple[int, Router] | None = None):
         self.layer, self.cache, self.combine, self.hybrid, self.grouped = layer, cache, combine, hybrid, grouped
         # A CPU layer: at decode the CPU computes its experts (it has no slots; prefill streams its experts through
         # the scratch slots like any miss, and decode may copy some of them there: HybridExecutor.cpu_layer_share).
@@ -61,6 +61,11 @@ class OffloadedExperts:
         # Device lookup: this layer's decode looks its experts up on the device (a CPU layer never does).
         self.device_lookup = device_lookup and not cpu_only
         self.catch_up = list(catch_up)  # a CPU layer: the device-lookup layers since the previous CPU layer
+        # A CPU layer sharing its experts with the copy link: (next CPU layer, its router). Once this layer's work is
+        # enqueued, the expert that router ranks first on this layer's hidden state is copied into a scratch slot, so
+        # that the next CPU layer finds the GPU's share of its experts there, or on its way, when its routing is known.
+        self.stage_ahead = stage_ahead if cpu_only else None
+        self._staging: tuple[int, int] | None = None
 
     def decode_on_device(self, x: torch.Tensor) -> bool:
         """True when this layer's decode needs no host (graphs.py may capture it with its neighbours)."""
@@ -72,6 +77,14 @@ class OffloadedExperts:
             self.cache.reset_log()
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        y = self._experts(x, indices, weights)
+        if self._staging is not None:  # a CPU layer's guess for the next one (stage_ahead)
+            layer, expert = self._staging
+            self._staging = None
+            self.cache.stage(layer, [expert])
+        return y
+
+    def _experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, stats = self.cache, self.cache.stats
         if self.counts_tokens:
             stats.tokens += x.shape[0]
@@ -84,6 +97,9 @@ class OffloadedExperts:
         # copies for the next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s).
         lookahead = self.lookahead if x.shape[0] == 1 else []
         ahead = [router(x)[1] for _, router in lookahead]  # each [T, K], or wider (placement.widened)
+        stage_ahead = self.stage_ahead if x.shape[0] == 1 else None
+        if stage_ahead is not None:
+            ahead.append(stage_ahead[1](x)[1][:, :1])  # its first choice, last in the sync below
         routed = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]) if ahead else indices.flatten()
         flat = routed.tolist()
         stats.host_syncs += 1
@@ -98,9 +114,11 @@ class OffloadedExperts:
         split: list[int] = []  # misses whose first hidden units the CPU computes while the rest is copied
         head = 0
         if self.hybrid is not None and x.shape[0] == 1:  # decode only: CPU cost grows with tokens, a copy's does not
-            if self.cpu_only:
-                on_cpu = self.hybrid.cpu_layer_share(used, cache.scratch_slots)
-                cache.stage(self.layer, [e for e in used if e not in on_cpu])  # copied now, beside the CPU's work
+            if self.cpu_only:  # experts staged by the previous CPU layer's guess are the GPU's; the rest is split
+                staged = [e for e in used if cache.is_staged((self.layer, e))]
+                rest = [e for e in used if e not in staged]
+                on_cpu = self.hybrid.cpu_layer_share(rest, cache.scratch_slots - len(staged))
+                cache.stage(self.layer, [e for e in rest if e not in on_cpu])  # copied now, beside the CPU's work
             else:
                 misses = [e for e in used if cache.policy.slot_of((self.layer, e)) is None]
                 on_cpu, head = self.hybrid.choose(misses)
@@ -131,6 +149,10 @@ class OffloadedExperts:
             if speculate:
                 cache.prefetch(layer, guess, protected)
             protected = protected + [(layer, e) for e in guess]
+        if stage_ahead is not None:  # staged by __call__ once this layer's reads of the scratch slots are enqueued
+            layer, guess = stage_ahead[0], flat[-1]
+            self._staging = (layer, guess)
+            self.guesses[layer] = self.guesses.get(layer, set()) | {guess}
         if inline:
             results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True)
         if split:

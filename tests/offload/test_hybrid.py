@@ -318,6 +318,34 @@ def test_cpu_layers_share_their_experts_with_the_copy_link(tiny_dir, resident, c
     assert err < 2e-2, f"relative logit error {err:.2e}"
 
 
+def test_a_cpu_layer_stages_its_guess_for_the_next_one(tiny_dir, resident):
+    """Layer 0 copies its guess of CPU layer 1's first expert ahead; layer 1 gives a staged expert to the GPU and splits
+    the rest (here: the CPU's, a copy would finish later), and copies again only where the guess was wrong."""
+    cost = CostModel(copy_ms=1.0, cpu_ms=0.9, smoothing=0.0)
+    engine = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True)
+    assert engine.plan.cpu_layer_ids == [0, 1]
+    session = engine.new_session()
+    token = int(session.prefill(engine.encode(PROMPT))[0].argmax())
+    engine.cache_stats.reset()
+    steps = 8
+    for _ in range(steps):
+        token = int(session.step(token).argmax())
+    first, second = engine.cache_stats.layers
+    nbytes = engine.expert_cache.store.layout.nbytes
+    assert first.guessed == 0 and first.cpu_experts == steps  # no CPU layer before it in a step: nothing staged
+    assert second.guessed == steps and second.cpu_experts == steps
+    right = second.needed_guessed
+    assert 0 < right <= steps  # a tiny random model's routing still follows its hidden state
+    assert second.bytes_copied == (steps + steps - right) * nbytes
+    assert first.bytes_copied == steps * nbytes
+    tokens, logits = decode_logits(load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True))
+    assert tokens == resident[0]
+    err = (logits - resident[1]).norm() / resident[1].norm()
+    assert err < 2e-2, f"relative logit error {err:.2e}"
+    ablation = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True, stage_cpu_guess=False)
+    assert all(b.experts.stage_ahead is None for b in ablation.model.moe_blocks())
+
+
 def test_cpu_layers_refuse_hybrid_off(tiny_dir):
     with pytest.raises(MoeOffloadError, match="--cpu-layers 1 computes experts on the CPU; it cannot go with --hybrid off"):
         load_cpu_layers(tiny_dir, 1, hybrid="off")
