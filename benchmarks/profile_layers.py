@@ -2,6 +2,7 @@
 
 cProfile distorts Python-heavy paths; this wraps a few methods with perf_counter instead. Usage (GPU machine):
     python3 benchmarks/profile_layers.py --gpu-memory 12GiB [--hybrid on] [--split] [--int8] [--steps 64]
+        [--cpu-layers N [--cpu-alone] [--no-stage]]
 """
 
 import argparse
@@ -41,11 +42,27 @@ def main() -> None:
     ap.add_argument("--split", action="store_true")
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--cpu-layers", type=int, default=0)
+    ap.add_argument("--cpu-alone", action="store_true", help="CPU layers compute all their experts (no copies)")
+    ap.add_argument("--no-stage", action="store_true", help="CPU layers stage no guess for the next one")
     args = ap.parse_args()
+    hybrid = "auto" if args.cpu_layers and args.hybrid == "off" else args.hybrid
     engine = load_synthetic("mixtral-8x7b", preset="4/2", device="cuda", max_context=1024, int8_activations=args.int8,
-                            offload=OffloadOptions(gpu_memory=args.gpu_memory, hybrid=args.hybrid,
-                                                   split=args.split))
+                            offload=OffloadOptions(gpu_memory=args.gpu_memory, hybrid=hybrid, split=args.split,
+                                                   cpu_layers=args.cpu_layers,
+                                                   cpu_layer_copies=False if args.cpu_alone else None,
+                                                   stage_cpu_guess=not args.no_stage))
+    for block in engine.model.moe_blocks():  # the combine each layer was given (a function, not a method)
+        experts = block.experts
+        if hasattr(experts, "combine"):
+            original = experts.combine
+            holder = type("Combine", (), {"combine": staticmethod(original), "__name__": "combine_experts"})
+            timed(holder, "combine")
+            experts.combine = holder.combine
+    timed(torch.Tensor, "tolist", "Tensor.tolist (host syncs)")
     for owner, name in ((experts_mod.OffloadedExperts, "__call__"), (cache_mod.ExpertCache, "load"),
+                        (cache_mod.ExpertCache, "stage"), (cache_mod.ExpertCache, "read_log"),
+                        (hybrid_mod.HybridExecutor, "cpu_layer_share"), (hybrid_mod.HybridExecutor, "_run"),
                         (cache_mod.ExpertCache, "load_split"), (cache_mod.ExpertCache, "module"),
                         (cache_mod.ExpertCache, "split_module"), (cache_mod.ExpertCache, "prefetch"),
                         (hybrid_mod.HybridExecutor, "choose"), (hybrid_mod.HybridExecutor, "submit"),
@@ -67,7 +84,8 @@ def main() -> None:
     torch.cuda.synchronize()
     total = (time.perf_counter() - start) / args.steps * 1e3
     s = engine.cache_stats.summary()
-    print(f"hybrid {args.hybrid}{' split' if args.split else ''}: {total:.1f} ms/token; hit rate "
+    print(f"hybrid {hybrid}{' split' if args.split else ''}, {args.cpu_layers} CPU layers"
+          f"{' alone' if args.cpu_alone else ''}{' no stage' if args.no_stage else ''}: {total:.1f} ms/token; hit rate "
           f"{s['hit_rate']:.2f}, CPU experts {s['cpu_experts_per_token']:.1f} + split {s['split_experts_per_token']:.1f} "
           f"per token, CPU {s['cpu_ms_per_token']:.1f} ms, CPU wait {s['cpu_wait_ms_per_token']:.1f} ms, "
           f"{s['bytes_copied_per_token'] / 2**20:.0f} MiB copied")
