@@ -61,8 +61,9 @@ def main() -> None:
             experts.combine = holder.combine
     timed(torch.Tensor, "tolist", "Tensor.tolist (host syncs)")
     for owner, name in ((experts_mod.OffloadedExperts, "__call__"), (cache_mod.ExpertCache, "load"),
-                        (cache_mod.ExpertCache, "stage"), (cache_mod.ExpertCache, "read_log"),
+                        (cache_mod.ExpertCache, "stage"), (cache_mod.ExpertCache, "account_log"),
                         (hybrid_mod.HybridExecutor, "cpu_layer_share"), (hybrid_mod.HybridExecutor, "_run"),
+                        (hybrid_mod.HybridExecutor, "host_input"),
                         (cache_mod.ExpertCache, "load_split"), (cache_mod.ExpertCache, "module"),
                         (cache_mod.ExpertCache, "split_module"), (cache_mod.ExpertCache, "prefetch"),
                         (hybrid_mod.HybridExecutor, "choose"), (hybrid_mod.HybridExecutor, "submit"),

@@ -95,6 +95,9 @@ class OffloadOptions:
     cpu_layer_copies: bool | None = None
     # With those copies, a CPU layer copies its guess of the next CPU layer's first expert ahead (False: ablation).
     stage_cpu_guess: bool = True
+    # CPU layers compute on the calling thread; False: on the C library's thread like other CPU work (with gpu_waits
+    # the host then enqueues the rest of the step while the CPU works).
+    cpu_layers_inline: bool = True
 
     @property
     def requested(self) -> bool:
@@ -382,7 +385,8 @@ def make_hybrid(store: ExpertStore, cache: ExpertCache, config: ModelConfig, spe
     wait_geq = host_signal.wait_geq if device.type == "cuda" and options.gpu_waits and host_signal.available() else None
     return HybridExecutor(store, cache, make, cost, threads, dynamic=dynamic, run_many=run_experts,
                           split=split, run_heads=run_heads if split else None, start=start_experts, wait_geq=wait_geq,
-                          copy_share=device.type == "cuda" if options.cpu_layer_copies is None else options.cpu_layer_copies)
+                          copy_share=device.type == "cuda" if options.cpu_layer_copies is None else options.cpu_layer_copies,
+                          inline_cpu_layers=options.cpu_layers_inline)
 
 
 # Split experts cut the hidden units in multiples of the largest of these that leaves at least SPLIT_MIN_STEPS steps

@@ -82,6 +82,7 @@ class ExpertCache:
         self._host_index: dict[Key, int] = {}
         self._in_flight: dict[Key, torch.cuda.Event] = {}  # copied into a slot, copy maybe not landed
         self._host_modules: dict[int, nn.Module] = {}  # CPU stand-in for in-place reads (module_at)
+        self._log_indices: dict[tuple[int, ...], torch.Tensor] = {}  # device index tensors of log rows
 
     # -- copies -------------------------------------------------------------------------------
     def _copy(self, pairs: list[tuple[Key, int]], together: bool = True, evicted: Collection[Key] = (),
@@ -288,15 +289,27 @@ class ExpertCache:
         torch.index_select(self.table[layer], 0, flat, out=ids)
         return ids
 
-    def read_log(self, layers: list[int]) -> list[tuple[int, list[int], list[int]]]:
-        """(layer, experts, stack indices) of the lookups logged for these layers since they were last read; the
-        rows are cleared (host sync)."""
-        rows = self.log.tolist()
-        k = self.log.shape[1] // 2
-        out = [(l, rows[l][:k], rows[l][k:]) for l in layers if rows[l][0] >= 0]
-        for l, *_ in out:
-            self.log[l, 0].fill_(-1)
+    def log_rows(self, layers: list[int]) -> torch.Tensor:
+        """The logged lookups of these layers, flat on the device, for the caller's host sync (``account_log``)."""
+        return self.log[self._log_index(layers)].flatten()
+
+    def account_log(self, layers: list[int], rows: list[int]) -> list[tuple[int, list[int], list[int]]]:
+        """(layer, experts, stack indices) of the lookups in ``rows`` (``log_rows(layers)`` on the host) that ran since
+        the rows were last read; the rows are cleared (in stream order: lookups enqueued later log again)."""
+        w = self.log.shape[1]
+        k = w // 2
+        out = [(l, rows[i * w : i * w + k], rows[i * w + k : (i + 1) * w]) for i, l in enumerate(layers)
+               if rows[i * w] >= 0]
+        if out:
+            self.log.index_fill_(0, self._log_index(layers), -1)
         return out
+
+    def _log_index(self, layers: list[int]) -> torch.Tensor:
+        key = tuple(layers)
+        index = self._log_indices.get(key)
+        if index is None:
+            index = self._log_indices[key] = torch.tensor(layers, dtype=torch.long, device=self.device)
+        return index
 
     def account(self, layer: int, experts: list[int], ids: list[int]) -> None:
         """Fold one logged lookup into the statistics and the LRU order: a slot is a hit, host memory a miss read in

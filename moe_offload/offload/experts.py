@@ -100,13 +100,20 @@ class OffloadedExperts:
         stage_ahead = self.stage_ahead if x.shape[0] == 1 else None
         if stage_ahead is not None:
             ahead.append(stage_ahead[1](x)[1][:, :1])  # its first choice, last in the sync below
-        routed = torch.cat([indices.flatten()] + [a.flatten() for a in ahead]) if ahead else indices.flatten()
+        logged = [cache.log_rows(self.catch_up)] if self.catch_up else []  # lookups since the previous CPU layer
+        x_host = None
+        if self.hybrid is not None and x.shape[0] == 1 and (self.cpu_only or self.hybrid.dynamic):
+            x_host = self.hybrid.host_input(x)  # the CPU path's input rides on the same sync
+        routed = torch.cat([indices.flatten()] + [a.flatten() for a in ahead] + logged) if ahead or logged \
+            else indices.flatten()
         flat = routed.tolist()
         stats.host_syncs += 1
         n = indices.numel()
         used = sorted(set(flat[:n]))
         if self.catch_up:  # after the sync: every lookup before this layer has run
-            for layer, experts, ids in cache.read_log(self.catch_up):
+            rows = flat[len(flat) - logged[0].numel():]
+            flat = flat[: len(flat) - len(rows)]
+            for layer, experts, ids in cache.account_log(self.catch_up, rows):
                 self._score_guess(layer, sorted(set(experts)))
                 cache.account(layer, experts, ids)
         self._score_guess(self.layer, used)
@@ -123,11 +130,13 @@ class OffloadedExperts:
                 misses = [e for e in used if cache.policy.slot_of((self.layer, e)) is None]
                 on_cpu, head = self.hybrid.choose(misses)
                 split = misses if head else []
-        inline = self.cpu_only and bool(on_cpu)  # a CPU layer computes on this thread, after its guesses' copies start
+        # A CPU layer computes on this thread, after its guesses' copies start (or, with inline_cpu_layers off, like
+        # any CPU work: the host enqueues the rest of the step meanwhile).
+        inline = self.cpu_only and bool(on_cpu) and self.hybrid.inline_cpu_layers
         if on_cpu and not inline:  # started first, so the CPU works while the GPU computes hits and copied misses
-            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer])
+            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], x_host=x_host)
         if split:
-            results = self.hybrid.submit_heads(self.layer, split, head, x, stats.layers[self.layer])
+            results = self.hybrid.submit_heads(self.layer, split, head, x, stats.layers[self.layer], x_host=x_host)
             split_slots = cache.load_split(self.layer, split, self.hybrid.split.ranges(head))
         if on_cpu:
             cache.cpu_recent = cache.cpu_recent | {(self.layer, e) for e in on_cpu}  # new set: readers copy-free
@@ -154,7 +163,7 @@ class OffloadedExperts:
             self._staging = (layer, guess)
             self.guesses[layer] = self.guesses.get(layer, set()) | {guess}
         if inline:
-            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True)
+            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True, x_host=x_host)
         if split:
             def expert(e: int):
                 if e not in split:

@@ -193,8 +193,10 @@ class CpuResults:
             outputs = self.future.result()
             self.stats.cpu_wait_ms += _now_ms() - start
             keys = list(outputs)  # one host-to-device copy for the layer's CPU experts
-            ys = torch.stack([outputs[e] for e in keys]).to(self.device, self.dtype)
-            self._outputs = dict(zip(keys, ys))
+            ys = torch.stack([outputs[e] for e in keys])
+            if self.device.type == "cuda":  # pinned: the copy waits in stream order, the host does not wait for it
+                ys = torch.empty(ys.shape, dtype=ys.dtype, pin_memory=True).copy_(ys)
+            self._outputs = dict(zip(keys, ys.to(self.device, non_blocking=True).to(self.dtype)))
         return self._outputs
 
     def expert(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -239,7 +241,7 @@ class HybridExecutor:
     def __init__(self, store: ExpertStore, cache: ExpertCache, make_cpu_expert: MakeCpuExpert, cost: CostModel,
                  threads: int, dynamic: bool = True, run_many: RunMany = run_one_by_one,
                  split: SplitShape | None = None, run_heads: RunHeads | None = None, start: Start | None = None,
-                 wait_geq: WaitGeq | None = None, copy_share: bool = True):
+                 wait_geq: WaitGeq | None = None, copy_share: bool = True, inline_cpu_layers: bool = True):
         self.store, self.cache, self.make_cpu_expert, self.run_many = store, cache, make_cpu_expert, run_many
         self.start = start  # CPU work that can run outside Python starts there (no interpreter lock hand-offs)
         self.wait_geq = wait_geq  # given (CUDA): the GPU, not the host, waits for such work
@@ -250,6 +252,7 @@ class HybridExecutor:
         self.cost, self.threads = cost, threads
         self.dynamic = dynamic  # split cached layers' misses (False: only CPU layers use the CPU)
         self.copy_share = copy_share  # CPU layers copy some of their experts where the link finishes them earlier
+        self.inline_cpu_layers = inline_cpu_layers  # CPU layers compute on the calling thread (else: as any CPU work)
         self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
         # torch's own CPU ops on the worker (int4 kernel, SiLU) get the same thread count
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload-cpu",
@@ -303,25 +306,36 @@ class HybridExecutor:
         to_copy = split_misses(experts, self.cost, self.copy_backlog_ms())[0][:room]
         return [e for e in experts if e not in to_copy]
 
-    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats, inline: bool = False):
+    def host_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, D] as the CPU path's float32 input on the host, copied in stream order (pinned, without waiting where
+        x is on a GPU): read it only after a later host sync, such as the layer's routing."""
+        if x.device.type != "cuda":
+            return x.detach().to(torch.float32)
+        out = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+        return out.copy_(x.detach().float(), non_blocking=True)
+
+    def submit(self, layer: int, experts: Sequence[int], x: torch.Tensor, stats: LayerStats, inline: bool = False,
+               x_host: torch.Tensor | None = None):
         """Start this layer's CPU experts on x [1, D] (copied to the host here: a few KB); ``expert(e)`` of the result
         then gives [1, D]. ``inline``: a CPU layer, where the GPU has nothing of the layer's to do meanwhile: computed
         on this thread now. (Started for the GPU to wait on instead, CPU layers with device lookup measured slower: 21.7
         against 24.9 tok/s, Mixtral 4/2 at 12 GiB with 14 CPU layers.)"""
         stats.cpu_experts += len(experts)
         stats.misses += len(experts)
-        return self._run(layer, list(experts), None, x, stats, inline)
+        return self._run(layer, list(experts), None, x, stats, inline, x_host)
 
-    def submit_heads(self, layer: int, experts: Sequence[int], head: int, x: torch.Tensor, stats: LayerStats):
+    def submit_heads(self, layer: int, experts: Sequence[int], head: int, x: torch.Tensor, stats: LayerStats,
+                     x_host: torch.Tensor | None = None):
         """Start the first ``head`` hidden units of these split experts on x [1, D]; ``expert(e)`` then gives [1, head]."""
-        return self._run(layer, list(experts), head, x, stats)
+        return self._run(layer, list(experts), head, x, stats, x_host=x_host)
 
     def _run(self, layer: int, experts: list[int], head: int | None, x: torch.Tensor, stats: LayerStats,
-             inline: bool = False):
+             inline: bool = False, x_host: torch.Tensor | None = None):
         """Start CPU work (whole experts, or with ``head`` their first hidden units): outside Python where ``start``
         can, and for the GPU to wait on where ``wait_geq`` is given; else on the Python worker thread, or with
-        ``inline`` on this one."""
-        x_host = x.detach().to("cpu", torch.float32)
+        ``inline`` on this one. ``x_host``: x already on the host (``host_input``, landed)."""
+        if x_host is None:
+            x_host = x.detach().to("cpu", torch.float32)
         fns = [self.cpu_expert((layer, e)) for e in experts]
         units = len(fns) * (1.0 if head is None else self.split.cpu_share(head))  # experts' worth of bytes read
 

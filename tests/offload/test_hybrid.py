@@ -262,9 +262,10 @@ def resident(tiny_dir):
     return decode_logits(moe_offload.load(tiny_dir, device="cpu", dtype="float32", quantize="4/2"))
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_cpu_layers_match_resident_within_tolerance(tiny_dir, resident, n):
-    engine = load_cpu_layers(tiny_dir, n)
+@pytest.mark.parametrize("n, inline", [(1, True), (2, True), (2, False)])
+def test_cpu_layers_match_resident_within_tolerance(tiny_dir, resident, n, inline):
+    engine = load_cpu_layers(tiny_dir, n, cpu_layers_inline=inline)
+    assert engine.hybrid.inline_cpu_layers == inline
     assert engine.plan.cpu_layers == n and engine.hybrid is not None
     tokens, logits = decode_logits(engine)
     assert tokens == resident[0]

@@ -96,7 +96,7 @@ def test_cuda_top8_batched_copies_bit_identical(prefetch, offloaded_per_layer):
 
 
 @pytest.mark.parametrize("gpu_waits", [True, False])
-@pytest.mark.parametrize("how", ["whole", "split", "cpu layer", "cpu layer alone"])
+@pytest.mark.parametrize("how", ["whole", "split", "cpu layer", "cpu layer alone", "cpu layer threaded"])
 def test_cuda_cpu_work_on_the_kernels_thread(tmp_path, how, gpu_waits):
     """Dims the CPU kernel's integer path takes (multiples of 256): CPU experts run on the C library's own thread, and
     the GPU stream (or, without gpu_waits, the host) waits for their pinned outputs. Logits stay within the CPU path's
@@ -110,9 +110,10 @@ def test_cuda_cpu_work_on_the_kernels_thread(tmp_path, how, gpu_waits):
     directory = make_checkpoint(tmp_path / "m", hidden_size=256, intermediate_size=512)
     cost = {"whole": CostModel(10.0, 0.1, smoothing=0.0), "split": CostModel(1.0, 0.5, smoothing=0.0),
             # a copy of 10 us: the copy backlog of a tiny model's step stays under it, and each step splits 1:1
-            "cpu layer": CostModel(0.01, 0.015, smoothing=0.0), "cpu layer alone": CostModel(1.0, 1.0, smoothing=0.0)}[how]
-    extra = ({"cpu_layers": 1} if how == "cpu layer" else {"cpu_layers": 1, "cpu_layer_copies": False}
-             if how == "cpu layer alone" else {"offload_per_layer": 2})
+            "cpu layer": CostModel(0.01, 0.015, smoothing=0.0), "cpu layer alone": CostModel(1.0, 1.0, smoothing=0.0),
+            "cpu layer threaded": CostModel(0.01, 0.015, smoothing=0.0)}[how]
+    extra = {"cpu layer": {"cpu_layers": 1}, "cpu layer alone": {"cpu_layers": 1, "cpu_layer_copies": False},
+             "cpu layer threaded": {"cpu_layers": 1, "cpu_layers_inline": False}}.get(how, {"offload_per_layer": 2})
 
     def load(**options):
         return moe_offload.load(directory, device="cuda", dtype="float32", quantize="4/2",
@@ -133,7 +134,7 @@ def test_cuda_cpu_work_on_the_kernels_thread(tmp_path, how, gpu_waits):
     assert max(errors) < 3e-2, errors
     s = engine.cache_stats.summary()
     assert s["cpu_experts"] + s["split_experts_per_token"] > 0
-    if how == "cpu layer":  # on CUDA a CPU layer shares its experts with the copy link
+    if how in ("cpu layer", "cpu layer threaded"):  # on CUDA a CPU layer shares its experts with the copy link
         assert 0 < s["cpu_experts"] < len(tokens) * engine.config.top_k
-    if gpu_waits and not how.startswith("cpu layer"):  # CPU layers compute on the host thread either way
+    if gpu_waits and how in ("whole", "split", "cpu layer threaded"):  # inline CPU layers compute on the host thread
         assert s["cpu_wait_ms_per_token"] == 0.0  # the host never waited for the CPU
