@@ -52,6 +52,8 @@ class GraphedDecode:
         self.segments: list[tuple[int, int | None]] = list(zip(firsts, [*self.host_layers, None]))
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.outputs: list[Pending | torch.Tensor] = []
+        # An offloaded host layer's ``decode_prologue`` (offload/experts.py), computed at the end of its segment.
+        self.prologues: dict[int, torch.Tensor] = {}
         if self.use_graphs:
             self._capture()
 
@@ -73,7 +75,12 @@ class GraphedDecode:
         for i in range(first, len(model.layers) if host is None else host):
             model.layers[i].finish(self._dense(i), out=self.x[i + 1])
         if host is not None:
-            return self._dense(host)
+            pending = self._dense(host)
+            moe = model.layers[host].moe
+            prologue = getattr(moe.experts, "decode_prologue", None)  # what the host layer's sync brings over
+            if prologue is not None and moe.routing_hook is None:  # (a hook may replace the routing: eager then)
+                self.prologues[j] = prologue(pending.x, pending.indices)
+            return pending
         return model.lm_head(model.norm(self.x[-1])).float()[0, 0]
 
     @torch.inference_mode()
@@ -113,6 +120,9 @@ class GraphedDecode:
                 else:
                     out = self._segment(j)
                 if host is not None:
+                    moe = model.layers[host].moe
+                    if j in self.prologues and moe.routing_hook is None:
+                        moe.experts.use_prologue(self.prologues[j])
                     model.layers[host].finish(out, out=self.x[host + 1])  # the routed experts, eager
         finally:
             EXPERT_GRAPHS.reset(graphed_experts)

@@ -93,8 +93,10 @@ class OffloadOptions:
     # than the CPU would (HybridExecutor.cpu_layer_share). None: on a CUDA device (elsewhere a "copy" and the CPU's
     # work share the same cores); False: the CPU computes all of a CPU layer's experts.
     cpu_layer_copies: bool | None = None
-    # With those copies, a CPU layer copies its guess of the next CPU layer's first expert ahead (False: ablation).
-    stage_cpu_guess: bool = True
+    # With those copies, a CPU layer copies its guess of the next CPU layer's first expert ahead. Off by default: on the
+    # H100 it gained 3% at 12 GiB with 15 CPU layers and lost 10% at 9.6 GB with 20 (many CPU layers next to each other:
+    # a wrong guess holds the link when the next layer's own copy is due; BENCHMARKS.md, session 10).
+    stage_cpu_guess: bool = False
     # CPU layers compute on the calling thread; False: on the C library's thread like other CPU work (with gpu_waits
     # the host then enqueues the rest of the step while the CPU works).
     cpu_layers_inline: bool = True

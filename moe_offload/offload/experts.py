@@ -66,6 +66,8 @@ class OffloadedExperts:
         # that the next CPU layer finds the GPU's share of its experts there, or on its way, when its routing is known.
         self.stage_ahead = stage_ahead if cpu_only else None
         self._staging: tuple[int, int] | None = None
+        self._prologue: torch.Tensor | None = None  # use_prologue
+        self._ahead_sizes: list[int] = []  # entries of each look-ahead guess in the prologue
 
     def decode_on_device(self, x: torch.Tensor) -> bool:
         """True when this layer's decode needs no host (graphs.py may capture it with its neighbours)."""
@@ -75,6 +77,28 @@ class OffloadedExperts:
         """Graph capture ran this layer's lookups for show: forget them."""
         if self.device_lookup:
             self.cache.reset_log()
+
+    def decode_prologue(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """What this layer brings to the host in its one sync, flat int64 on the device, computed from the router's
+        output alone: the routing, at decode the look-ahead guesses (the staged guess last among them), and the lookups
+        logged since the previous CPU layer. A graphed decode step (graphs.py) computes it inside its graph and hands it
+        over (``use_prologue``): no eager launches between the router and the sync.
+
+        Look ahead at decode only: a prefill chunk needs nearly every expert of every layer, and guessed copies for the
+        next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s)."""
+        parts = [indices.flatten()]
+        if x.shape[0] == 1:
+            parts += [router(x)[1].flatten() for _, router in self.lookahead]  # [K], or wider (placement.widened)
+            self._ahead_sizes = [p.numel() for p in parts[1:]]
+            if self.stage_ahead is not None:
+                parts.append(self.stage_ahead[1](x)[1][:, :1].flatten())  # the next CPU layer's first choice
+        if self.catch_up:
+            parts.append(self.cache.log_rows(self.catch_up))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def use_prologue(self, prologue: torch.Tensor) -> None:
+        """The next decode call's ``decode_prologue``, already computed (in a replayed graph)."""
+        self._prologue = prologue
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         y = self._experts(x, indices, weights)
@@ -92,27 +116,17 @@ class OffloadedExperts:
                 cache.cpu_recent = set()  # a new step: the live expert view shows this step's CPU experts
         if self.device_lookup and x.shape[0] == 1:
             return self._looked_up(x, indices, weights)
-        # One host sync per layer brings this layer's routing and every look-ahead guess together.
-        # Look ahead at decode only: a prefill chunk needs nearly every expert of every layer, and guessed
-        # copies for the next layer would queue ahead of this layer's own (BENCHMARKS.md: 891 -> 1517 tok/s).
-        lookahead = self.lookahead if x.shape[0] == 1 else []
-        ahead = [router(x)[1] for _, router in lookahead]  # each [T, K], or wider (placement.widened)
-        stage_ahead = self.stage_ahead if x.shape[0] == 1 else None
-        if stage_ahead is not None:
-            ahead.append(stage_ahead[1](x)[1][:, :1])  # its first choice, last in the sync below
-        logged = [cache.log_rows(self.catch_up)] if self.catch_up else []  # lookups since the previous CPU layer
-        x_host = None
-        if self.hybrid is not None and x.shape[0] == 1 and (self.cpu_only or self.hybrid.dynamic):
-            x_host = self.hybrid.host_input(x)  # the CPU path's input rides on the same sync
-        routed = torch.cat([indices.flatten()] + [a.flatten() for a in ahead] + logged) if ahead or logged \
-            else indices.flatten()
-        flat = routed.tolist()
+        decode = x.shape[0] == 1
+        lookahead = self.lookahead if decode else []
+        stage_ahead = self.stage_ahead if decode else None
+        prologue, self._prologue = self._prologue, None
+        flat = (prologue if prologue is not None and decode else self.decode_prologue(x, indices)).tolist()
         stats.host_syncs += 1
         n = indices.numel()
         used = sorted(set(flat[:n]))
         if self.catch_up:  # after the sync: every lookup before this layer has run
-            rows = flat[len(flat) - logged[0].numel():]
-            flat = flat[: len(flat) - len(rows)]
+            width = len(self.catch_up) * cache.log.shape[1]
+            rows, flat = flat[len(flat) - width:], flat[: len(flat) - width]
             for layer, experts, ids in cache.account_log(self.catch_up, rows):
                 self._score_guess(layer, sorted(set(experts)))
                 cache.account(layer, experts, ids)
@@ -134,9 +148,9 @@ class OffloadedExperts:
         # any CPU work: the host enqueues the rest of the step meanwhile).
         inline = self.cpu_only and bool(on_cpu) and self.hybrid.inline_cpu_layers
         if on_cpu and not inline:  # started first, so the CPU works while the GPU computes hits and copied misses
-            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], x_host=x_host)
+            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer])
         if split:
-            results = self.hybrid.submit_heads(self.layer, split, head, x, stats.layers[self.layer], x_host=x_host)
+            results = self.hybrid.submit_heads(self.layer, split, head, x, stats.layers[self.layer])
             split_slots = cache.load_split(self.layer, split, self.hybrid.split.ranges(head))
         if on_cpu:
             cache.cpu_recent = cache.cpu_recent | {(self.layer, e) for e in on_cpu}  # new set: readers copy-free
@@ -151,9 +165,9 @@ class OffloadedExperts:
         # (Letting split layers speculate behind their own copies measured slower: 11.8 against 22.3 tok/s, 12 GiB.)
         speculate = bool(lookahead) and (self.cpu_only or cache.copies_idle())  # no event query when prefetch is off
         start = n
-        for (layer, _), a in zip(lookahead, ahead):
-            guess = sorted(set(flat[start : start + a.numel()]))
-            start += a.numel()
+        for (layer, _), size in zip(lookahead, self._ahead_sizes):
+            guess = sorted(set(flat[start : start + size]))
+            start += size
             self.guesses[layer] = self.guesses.get(layer, set()) | set(guess)
             if speculate:
                 cache.prefetch(layer, guess, protected)
@@ -163,7 +177,7 @@ class OffloadedExperts:
             self._staging = (layer, guess)
             self.guesses[layer] = self.guesses.get(layer, set()) | {guess}
         if inline:
-            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True, x_host=x_host)
+            results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True)
         if split:
             def expert(e: int):
                 if e not in split:

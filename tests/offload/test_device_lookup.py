@@ -230,10 +230,17 @@ def test_decode_segments_end_at_host_layers(deep_dir, monkeypatch):
     static.prefill(prompt)
     decoder = GraphedDecode(engine.model, static.kv, use_graphs=False)
     assert decoder.host_layers == [0, 2] and decoder.segments == [(0, 0), (1, 2), (3, None)]
+    calls = []
+    cpu_layer = engine.model.moe_blocks()[0].experts
+    original = cpu_layer.decode_prologue
+    monkeypatch.setattr(cpu_layer, "decode_prologue", lambda *a: calls.append(1) or original(*a))
     token = int(logits.argmax())
-    for _ in range(8):
+    for step in range(8):
         a = dynamic.step(token)
+        before = len(calls)
         b = decoder.step(token, len(static.tokens))
+        assert len(calls) == before + 1  # the segment's, handed over: not computed again by the layer
+        assert set(decoder.prologues) == {0, 1}  # each CPU layer's sync is prepared at the end of its segment
         static.tokens.append(token)
         static.kv.length = len(static.tokens)
         assert (a - b).abs().max().item() < 1e-4

@@ -323,7 +323,7 @@ def test_a_cpu_layer_stages_its_guess_for_the_next_one(tiny_dir, resident):
     """Layer 0 copies its guess of CPU layer 1's first expert ahead; layer 1 gives a staged expert to the GPU and splits
     the rest (here: the CPU's, a copy would finish later), and copies again only where the guess was wrong."""
     cost = CostModel(copy_ms=1.0, cpu_ms=0.9, smoothing=0.0)
-    engine = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True)
+    engine = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True, stage_cpu_guess=True)
     assert engine.plan.cpu_layer_ids == [0, 1]
     session = engine.new_session()
     token = int(session.prefill(engine.encode(PROMPT))[0].argmax())
@@ -339,12 +339,13 @@ def test_a_cpu_layer_stages_its_guess_for_the_next_one(tiny_dir, resident):
     assert 0 < right <= steps  # a tiny random model's routing still follows its hidden state
     assert second.bytes_copied == (steps + steps - right) * nbytes
     assert first.bytes_copied == steps * nbytes
-    tokens, logits = decode_logits(load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True))
+    tokens, logits = decode_logits(load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True,
+                                                   stage_cpu_guess=True))
     assert tokens == resident[0]
     err = (logits - resident[1]).norm() / resident[1].norm()
     assert err < 2e-2, f"relative logit error {err:.2e}"
-    ablation = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True, stage_cpu_guess=False)
-    assert all(b.experts.stage_ahead is None for b in ablation.model.moe_blocks())
+    default = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True)  # staging is opt-in
+    assert all(b.experts.stage_ahead is None for b in default.model.moe_blocks())
 
 
 def test_cpu_layers_refuse_hybrid_off(tiny_dir):
