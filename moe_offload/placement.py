@@ -25,7 +25,8 @@ from .model import MoeTransformer, Router, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
 from .offload.hybrid import CostModel, HybridExecutor, SplitShape, calibrate
-from .offload.planner import Plan, auto_cpu_layers, parse_size, plan
+from .offload.planner import (AUTO_CACHED_SHARE, AUTO_CACHED_SHARE_WITH_COPIES, Plan, auto_cpu_layers, parse_size,
+                              plan)
 from .offload.policy import PER_LAYER_POLICIES, NoCache, make_policy
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
@@ -146,7 +147,9 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
     if cpu_layers == "auto":
         pays = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
                 and options.policy in PER_LAYER_POLICIES and cpu_layers_pay(config, preset))
-        cpu_layers = auto_cpu_layers(budget, **sizes) if pays else 0
+        copies = options.cpu_layer_copies is not False  # on a CUDA device, where auto places CPU layers at all
+        share = AUTO_CACHED_SHARE_WITH_COPIES if copies else AUTO_CACHED_SHARE
+        cpu_layers = auto_cpu_layers(budget, cached_share=share, **sizes) if pays else 0
     p = plan(budget, top_k=config.top_k, offload_per_layer=options.offload_per_layer, policy=options.policy,
              cpu_layers=cpu_layers, **sizes)
     return None if p.all_resident and options.offload_per_layer is None and not options.force else p

@@ -165,20 +165,27 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
 
 
 # --cpu-layers auto: the layers keeping a cache should get about this share of their experts' slots. Measured on the
-# H100 (Mixtral 4/2, BENCHMARKS.md, session 6): 8 CPU layers at 12 GiB (139 slots: 5.8 per cached layer) gained
-# 10%, 16 at 9.6 GB (90 slots: 5.6) 13%; 20 at 9.6 GB (7.5 per cached layer) lost 14%.
+# H100 (Mixtral 4/2, BENCHMARKS.md, session 6), CPU layers computing all their experts: 8 CPU layers at 12 GiB (139
+# slots: 5.8 per cached layer) gained 10%, 16 at 9.6 GB (90 slots: 5.6) 13%; 20 at 9.6 GB (7.5 per cached layer) lost
+# 14%.
 AUTO_CACHED_SHARE = 0.75
+# Where CPU layers share their experts with the copy link (a CUDA device: HybridExecutor.cpu_layer_share), a CPU layer
+# costs about one expert's time instead of two, and every other layer is best kept whole. Measured on the H100
+# (Mixtral 4/2, int8 activations, 12 GiB, one process; BENCHMARKS.md, session 10): 15 CPU layers (the rest whole)
+# 32.3 tok/s against 24.6 with 9 (the 3/4 share); in another call 15 gave 32.9 against 25.3 with 12.
+AUTO_CACHED_SHARE_WITH_COPIES = 1.0
 
 
 def auto_cpu_layers(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int,
-                    non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, runtime_bytes: int = 0) -> int:
+                    non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, runtime_bytes: int = 0,
+                    cached_share: float = AUTO_CACHED_SHARE) -> int:
     """How many layers to compute on the CPU (``--cpu-layers auto``): as few as leave the other layers about
-    ``AUTO_CACHED_SHARE`` of their experts cached, and at least as many as the budget's slots cannot give one each."""
+    ``cached_share`` of their experts cached, and at least as many as the budget's slots cannot give one each."""
     if budget_bytes is None:
         return 0
     fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes
     slots = _slots(budget_bytes, fixed, expert_bytes, num_layers * num_experts)
-    wanted = math.ceil(num_layers - slots / (AUTO_CACHED_SHARE * num_experts))
+    wanted = math.ceil(num_layers - slots / (cached_share * num_experts))
     return min(num_layers, max(0, wanted, num_layers - slots))
 
 

@@ -183,3 +183,16 @@ def test_auto_cpu_layers_leave_the_cached_layers_three_quarters_of_their_experts
     assert auto_cpu_layers(None, **sizes) == 0
     p = plan(12 * GiB, **MODEL, cpu_layers=auto_cpu_layers(12 * GiB, **sizes))
     assert min(p.layer_slots[l] for l in range(32) if l not in p.cpu_layer_ids) >= 6
+
+
+def test_auto_cpu_layers_with_copies_keep_every_other_layer_whole():
+    from moe_offload.offload.planner import AUTO_CACHED_SHARE_WITH_COPIES, auto_cpu_layers
+
+    sizes = {k: v for k, v in MODEL.items() if k != "top_k"}
+    share = AUTO_CACHED_SHARE_WITH_COPIES
+    assert auto_cpu_layers(FIXED + 139 * 66 * MiB, cached_share=share, **sizes) == 15  # Mixtral 4/2 at 12 GiB: 17 x 8
+    assert auto_cpu_layers(FIXED + 90 * 66 * MiB, cached_share=share, **sizes) == 21  # 9.6 GB: 11 x 8
+    assert auto_cpu_layers(FIXED + 256 * 66 * MiB, cached_share=share, **sizes) == 0  # everything fits
+    budget = FIXED + 139 * 66 * MiB
+    p = plan(budget, **MODEL, cpu_layers=auto_cpu_layers(budget, cached_share=share, **sizes))
+    assert all(p.layer_slots[l] == 8 for l in range(32) if l not in p.cpu_layer_ids)
