@@ -257,6 +257,15 @@ def load_cpu_layers(directory, n, **offload):
                             offload=OffloadOptions(cpu_layers=n, **offload))
 
 
+def decode_after_prefill(engine, steps):
+    """Prefill PROMPT, reset the statistics, then ``steps`` greedy decode steps: the statistics are decode's."""
+    session = engine.new_session()
+    token = int(session.prefill(engine.encode(PROMPT))[0].argmax())
+    engine.cache_stats.reset()
+    for _ in range(steps):
+        token = int(session.step(token).argmax())
+
+
 @pytest.fixture(scope="module")
 def resident(tiny_dir):
     return decode_logits(moe_offload.load(tiny_dir, device="cpu", dtype="float32", quantize="4/2"))
@@ -280,12 +289,8 @@ def test_cpu_layers_compute_every_decode_expert_there_and_copy_nothing(tiny_dir,
     engine = load_cpu_layers(tiny_dir, 1, hybrid="on", hybrid_cost=cost, cpu_layer_copies=cost.cpu_ms < cost.copy_ms)
     cpu_layer = engine.plan.cpu_layer_ids[0]
     assert engine.plan.layer_slots[cpu_layer] == 0
-    session = engine.new_session()
-    token = int(session.prefill(engine.encode(PROMPT))[0].argmax())  # prefill streams through the scratch slots
-    engine.cache_stats.reset()
     steps = 6
-    for _ in range(steps):
-        token = int(session.step(token).argmax())
+    decode_after_prefill(engine, steps)  # (prefill streams the CPU layer's experts through the scratch slots)
     layers = engine.cache_stats.layers
     top_k = engine.config.top_k
     assert layers[cpu_layer].cpu_experts == steps * top_k == layers[cpu_layer].misses
@@ -303,12 +308,8 @@ def test_cpu_layers_share_their_experts_with_the_copy_link(tiny_dir, resident, c
     engine = load_cpu_layers(tiny_dir, 1, hybrid_cost=cost, cpu_layer_copies=True)  # (a CUDA device's default)
     cpu_layer, top_k = engine.plan.cpu_layer_ids[0], engine.config.top_k
     assert engine.expert_cache.scratch_slots >= top_k - on_cpu
-    session = engine.new_session()
-    token = int(session.prefill(engine.encode(PROMPT))[0].argmax())
-    engine.cache_stats.reset()
     steps = 6
-    for _ in range(steps):
-        token = int(session.step(token).argmax())
+    decode_after_prefill(engine, steps)
     s = engine.cache_stats.layers[cpu_layer]
     assert s.cpu_experts == steps * on_cpu and s.misses == steps * top_k
     assert s.bytes_copied == steps * (top_k - on_cpu) * engine.expert_cache.store.layout.nbytes
@@ -325,12 +326,8 @@ def test_a_cpu_layer_stages_its_guess_for_the_next_one(tiny_dir, resident):
     cost = CostModel(copy_ms=1.0, cpu_ms=0.9, smoothing=0.0)
     engine = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True, stage_cpu_guess=True)
     assert engine.plan.cpu_layer_ids == [0, 1]
-    session = engine.new_session()
-    token = int(session.prefill(engine.encode(PROMPT))[0].argmax())
-    engine.cache_stats.reset()
     steps = 8
-    for _ in range(steps):
-        token = int(session.step(token).argmax())
+    decode_after_prefill(engine, steps)
     first, second = engine.cache_stats.layers
     nbytes = engine.expert_cache.store.layout.nbytes
     assert first.guessed == 0 and first.cpu_experts == steps  # no CPU layer before it in a step: nothing staged
