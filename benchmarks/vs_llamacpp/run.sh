@@ -4,7 +4,8 @@
 # PART: build   llama-bench for sm_90 (CUDA + CPU backends) into .llamacpp/build (kept while the machine is warm)
 #       gguf    the Mixtral-8x7B-shaped GGUFs (Q2_K and Q3_K experts, Q8_0 elsewhere) under $GGUF_DIR
 #       llama   llama-bench at the budgets below, GPU memory sampled with nvidia-smi
-#       ours    moe-offload bench at the same budgets, presets 4/2 and 4/3, GPU memory sampled the same way
+#       ours    moe-offload bench at the same budgets, presets 4/2 (offloaded: --cpu-layers auto) and 4/3, int8
+#               activations (OURS_EXTRA), GPU memory sampled the same way
 #       table   the markdown table from the JSON files in $OUT
 # Budgets: llama.cpp keeps the experts of N layers on the CPU (-ncmoe N); N per budget is the for Q2_K
 # (0/10/16/32 -> 16.6/12.3/9.6/2.5 GB), and for Q3_K the N whose memory lands at the same budgets.
@@ -64,10 +65,15 @@ ours)
     # 4.5GB: our smallest fit once the CUDA runtime (~1.6 GiB) is counted; 2.5GB is expected not to fit.
     for budget in ${OURS_BUDGETS:-resident 12GiB 9.6GB 2.5GB 4.5GB}; do
       name="ours_${preset/\//-}_$budget"
-      args=(--synthetic mixtral-8x7b --preset "$preset" --max-context 1024 --json "$OUT/$name.json")
+      args=(--synthetic mixtral-8x7b --preset "$preset" --max-context 1024 --json "$OUT/$name.json" ${OURS_EXTRA:---int8-activations})
       [ "$budget" = resident ] || args+=(--gpu-memory "$budget")
-      # 2.5 GB leaves ~8 expert slots: fewer than one per layer, so one LRU shared by all layers
-      [ "$budget" = 2.5GB ] || [ "$budget" = 4.5GB ] && args+=(--policy global-lru)
+      if [ "$preset" = 4/2 ] && [ "$budget" != resident ]; then
+        # our fastest placement where the CPU kernel's integer path runs (BENCHMARKS.md, session 10): CPU layers
+        # sharing their experts with the copy link, every other layer whole; copies only beside it in one process
+        args+=(--cpu-layers auto --runs "full,no hybrid")
+      elif [ "$budget" = 2.5GB ] || [ "$budget" = 4.5GB ]; then
+        args+=(--policy global-lru)  # ~8 expert slots: fewer than one per layer, so one LRU shared by all layers
+      fi
       pid=$(sample_gpu "$OUT/$name.mem")
       timeout "${OURS_TIMEOUT:-200}" python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1
       status=$?
