@@ -3,8 +3,9 @@
 Eager decode issues ~60 small kernels per layer from Python; at batch 1 the host, not the GPU, sets the pace. Here
 everything runs as captured graphs over static buffers (the position lives in a device tensor, attention spans the
 whole KV cache under a mask). A layer whose routed experts are picked on the host (offloaded experts copied on a
-miss, a CPU layer, a routing hook) ends a segment: the graph runs up to its router, its experts run eagerly, and
-the next graph starts from their output. Quantized experts that run eagerly replay graphs of their own (see
+miss, a CPU layer, a routing hook) ends a segment: the graph runs up to its router (and, for an offloaded layer,
+computes what the layer's host sync will read: ``decode_prologue``), its experts run eagerly, and the next graph
+starts from their output. Quantized experts that run eagerly replay graphs of their own (see
 weights.QuantExpert, grouped.SlotKernel), keyed by their static input buffer.
 
 Layers whose experts are picked on the device (resident quantized stacks, grouped.py; offloaded layers with device
