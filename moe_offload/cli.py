@@ -353,8 +353,10 @@ def bench(
         runs.insert(runs.index(("full", base)) + 1, ("split experts", dataclasses.replace(base, split=True)))
     if base.cpu_layers and dev.type == "cuda":  # CPU layers sharing experts with the copy link, against the CPU alone
         runs.insert(runs.index(("full", base)) + 1, ("CPU layers alone", dataclasses.replace(base, cpu_layer_copies=False)))
-        runs.insert(runs.index(("full", base)) + 1, ("staged guess", dataclasses.replace(base, stage_cpu_guess=True)))
-        runs.insert(runs.index(("full", base)) + 1, ("CPU layers threaded", dataclasses.replace(base, cpu_layers_inline=False)))
+        if ablations:  # the opt-in variants (placement.OffloadOptions)
+            runs.insert(runs.index(("full", base)) + 1, ("staged guess", dataclasses.replace(base, stage_cpu_guess=True)))
+            runs.insert(runs.index(("full", base)) + 1,
+                        ("CPU layers threaded", dataclasses.replace(base, cpu_layers_inline=False)))
     if hybrid == "on" and not base.cpu_layers and dev.type == "cuda":  # the GPU waits for the CPU, against the host
         runs.insert(runs.index(("full", base)) + 1, ("host waits", dataclasses.replace(base, gpu_waits=False)))
     if base.cpu_layers and (device_lookup == "on" or (ablations and device_lookup == "auto" and dev.type == "cuda")):

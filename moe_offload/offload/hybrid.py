@@ -30,6 +30,7 @@ This module knows experts only as (layer, expert) keys, host buffers and callabl
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -373,20 +374,22 @@ class HybridExecutor:
             return dict(zip(experts, outs))
 
         self._sync_copy_clock()
+        results = functools.partial(CpuResults, device=x.device, dtype=x.dtype, stats=stats,
+                                    pinned=self._pinned if x.is_cuda else None)
         if inline:
             start = _now_ms()
             future: Future = Future()
             future.set_result(run())
             stats.cpu_wait_ms += _now_ms() - start
-            return CpuResults(future, x.device, x.dtype, stats, self._pinned if x.is_cuda else None)
+            return results(future)
         signal = self.wait_geq is not None
         started = self.start(fns, x_host, self.threads, head, signal, record) if self.start is not None else None
         self._last = started or self._last
         if started is None:
-            return CpuResults(self._pool.submit(run), x.device, x.dtype, stats, self._pinned if x.is_cuda else None)
+            return results(self._pool.submit(run))
         if started.signal is not None:
             return SignaledResults(started, experts, self.wait_geq, x.device, x.dtype)
-        return CpuResults(_Waited(started, experts), x.device, x.dtype, stats, self._pinned if x.is_cuda else None)
+        return results(_Waited(started, experts))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

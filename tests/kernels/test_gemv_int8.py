@@ -116,6 +116,12 @@ def test_quantize_activations_match_the_reference(bits, m):
                                                    (4, 64, False), (4, 16, False), (8, 32, False)])
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_matches_the_int8_reference(bits, group, quant_meta, m):
+    for y, x, w in gemv_outputs(bits, group, quant_meta, m):
+        check(y, x, w)
+
+
+def gemv_outputs(bits, group, quant_meta, m, exact=False):
+    """(y, x, w) of one launch per shape in SHAPES: w the dequantized weight, y filled with NaN before the launch."""
     from moe_offload.kernels import gemv_int8
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
@@ -123,8 +129,8 @@ def test_gemv_matches_the_int8_reference(bits, group, quant_meta, m):
         qt, w = weight(n, k, bits, group, quant_meta)
         x = activations(m, k, dtype)
         y = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-        gemv_int8.launch(x, y, bits, group, n, k, weights_of(qt))
-        check(y, x, w)
+        gemv_int8.launch(x, y, bits, group, n, k, weights_of(qt), exact=exact)
+        yield y, x, w
 
 
 @on_device
@@ -190,14 +196,7 @@ def test_gated_and_grouped(spec):
                                                    (4, 64, False), (8, 32, False)])
 @pytest.mark.parametrize("m", [1, 2])
 def test_exact_planes_gemv_matches_the_float64_reference(bits, group, quant_meta, m):
-    from moe_offload.kernels import gemv_int8
-
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-    for n, k in SHAPES:
-        qt, w = weight(n, k, bits, group, quant_meta)
-        x = activations(m, k, dtype)
-        y = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-        gemv_int8.launch(x, y, bits, group, n, k, weights_of(qt), exact=True)
+    for y, x, w in gemv_outputs(bits, group, quant_meta, m, exact=True):
         ref = x.double() @ w.T
         yf = y.double()
         assert torch.isfinite(yf).all()
