@@ -2,7 +2,7 @@
 
 cProfile distorts Python-heavy paths; this wraps a few methods with perf_counter instead. Usage (GPU machine):
     python3 benchmarks/profile_layers.py --gpu-memory 12GiB [--hybrid on] [--split] [--int8] [--steps 64]
-        [--cpu-layers N [--cpu-alone] [--no-stage]]
+        [--cpu-layers N [--cpu-alone] [--stage]]
 """
 
 import argparse
@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from moe_offload import weights
+from moe_offload import grouped, weights
 from moe_offload.engine import load_synthetic
 from moe_offload.offload import cache as cache_mod, experts as experts_mod, hybrid as hybrid_mod
 from moe_offload.placement import OffloadOptions
@@ -44,14 +44,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--cpu-layers", type=int, default=0)
     ap.add_argument("--cpu-alone", action="store_true", help="CPU layers compute all their experts (no copies)")
-    ap.add_argument("--no-stage", action="store_true", help="CPU layers stage no guess for the next one")
+    ap.add_argument("--stage", action="store_true", help="CPU layers stage a guess for the next one (opt-in)")
     args = ap.parse_args()
     hybrid = "auto" if args.cpu_layers and args.hybrid == "off" else args.hybrid
     engine = load_synthetic("mixtral-8x7b", preset="4/2", device="cuda", max_context=1024, int8_activations=args.int8,
                             offload=OffloadOptions(gpu_memory=args.gpu_memory, hybrid=hybrid, split=args.split,
                                                    cpu_layers=args.cpu_layers,
                                                    cpu_layer_copies=False if args.cpu_alone else None,
-                                                   stage_cpu_guess=not args.no_stage))
+                                                   stage_cpu_guess=args.stage))
     for block in engine.model.moe_blocks():  # the combine each layer was given (a function, not a method)
         experts = block.experts
         if hasattr(experts, "combine"):
@@ -68,7 +68,9 @@ def main() -> None:
                         (cache_mod.ExpertCache, "split_module"), (cache_mod.ExpertCache, "prefetch"),
                         (hybrid_mod.HybridExecutor, "choose"), (hybrid_mod.HybridExecutor, "submit"),
                         (hybrid_mod.HybridExecutor, "submit_heads"), (hybrid_mod.CpuResults, "_get"),
-                        (weights.QuantExpert, "forward_with_head"), (torch.cuda.CUDAGraph, "replay")):
+                        (weights.QuantExpert, "forward_with_head"), (torch.cuda.CUDAGraph, "replay"),
+                        (grouped.SlotKernel, "mixed"), (grouped.SlotKernel, "__call__"),
+                        (experts_mod.OffloadedExperts, "decode_prologue")):
         timed(owner, name)
     session = engine.new_session()
     logits, _ = session.prefill(list(range(3, 67)))
@@ -86,7 +88,7 @@ def main() -> None:
     total = (time.perf_counter() - start) / args.steps * 1e3
     s = engine.cache_stats.summary()
     print(f"hybrid {hybrid}{' split' if args.split else ''}, {args.cpu_layers} CPU layers"
-          f"{' alone' if args.cpu_alone else ''}{' no stage' if args.no_stage else ''}: {total:.1f} ms/token; hit rate "
+          f"{' alone' if args.cpu_alone else ''}{' staged guess' if args.stage else ''}: {total:.1f} ms/token; hit rate "
           f"{s['hit_rate']:.2f}, CPU experts {s['cpu_experts_per_token']:.1f} + split {s['split_experts_per_token']:.1f} "
           f"per token, CPU {s['cpu_ms_per_token']:.1f} ms, CPU wait {s['cpu_wait_ms_per_token']:.1f} ms, "
           f"{s['bytes_copied_per_token'] / 2**20:.0f} MiB copied")

@@ -40,6 +40,9 @@ class SlotKernel(Protocol):
 
     def from_ids(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
 
+    def mixed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, slots: list[int], ranks: list[int],
+              given: dict[int, torch.Tensor]) -> torch.Tensor: ...
+
 
 class OffloadedExperts:
     def __init__(self, layer: int, cache: ExpertCache, combine: Combine,
@@ -178,6 +181,10 @@ class OffloadedExperts:
             self.guesses[layer] = self.guesses.get(layer, set()) | {guess}
         if inline:
             results = self.hybrid.submit(self.layer, on_cpu, x, stats.layers[self.layer], inline=True)
+            if self.grouped is not None and self.grouped.ok(x):
+                y = self._mixed(x, weights, flat[:n], on_cpu, results)
+                if y is not None:
+                    return y
         if split:
             def expert(e: int):
                 if e not in split:
@@ -198,6 +205,18 @@ class OffloadedExperts:
         return self.combine(x, indices, weights,
                             lambda e: results.expert(e) if e in on_cpu else cache.module(self.layer, e),
                             flat[:n], last=on_cpu)
+
+    def _mixed(self, x: torch.Tensor, weights: torch.Tensor, routed: list[int], on_cpu: list[int],
+               results) -> torch.Tensor | None:
+        """A CPU layer's finish once its CPU experts are done: their outputs and the GPU's share (in scratch slots)
+        summed by one grouped call (SlotKernel.mixed). None: the GPU's share does not fit the scratch slots."""
+        ranks = [k for k, e in enumerate(routed) if e not in on_cpu]
+        slots = self.cache.slots_for(self.layer, [routed[k] for k in ranks]) if ranks else []
+        if slots is None:
+            return None
+        outputs = results.on_host()
+        given = {k: outputs[e] for k, e in enumerate(routed) if e in on_cpu}
+        return self.grouped.mixed(self.layer, x, weights, slots, ranks, given)
 
     def _looked_up(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode with device lookup: no host sync (the statistics catch up at the next CPU layer)."""

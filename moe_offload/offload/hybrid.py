@@ -229,6 +229,13 @@ class CpuResults:
     def expert(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda _x: self._get()[e]
 
+    def on_host(self) -> dict[int, torch.Tensor]:
+        """The outputs where the CPU wrote them (float32 [1, D] each), for a caller that uploads them itself."""
+        start = _now_ms()
+        outputs = self.future.result()
+        self.stats.cpu_wait_ms += _now_ms() - start
+        return outputs
+
 
 class _Waited:
     """``.result()`` over Started work: the host waits for the C call, then maps experts to output rows."""

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import moe_offload
 from moe_offload.cli import app
 from moe_offload.errors import MoeOffloadError
+from moe_offload.grouped import SlotKernel
 from moe_offload.kernels import cpu as cpu_kernels
 from moe_offload.offload.hybrid import CostModel, SplitShape, plan_split, split_misses
 from moe_offload.offload.snapshot import snapshot
@@ -343,6 +344,46 @@ def test_a_cpu_layer_stages_its_guess_for_the_next_one(tiny_dir, resident):
     assert err < 2e-2, f"relative logit error {err:.2e}"
     default = load_cpu_layers(tiny_dir, 2, hybrid_cost=cost, cpu_layer_copies=True)  # staging is opt-in
     assert all(b.experts.stage_ahead is None for b in default.model.moe_blocks())
+
+
+class HostSlotKernel(SlotKernel):
+    """The grouped kernels' contract on a CPU device: each id's expert computed by the cache's module over it."""
+
+    def __init__(self, cache):
+        super().__init__(cache.modules[0], cache.store.layout.nbytes, 1, cache.device)
+        self.cache, self.mixed_calls = cache, []
+
+    def ok(self, x):
+        return x.shape[0] == 1
+
+    def rows(self, x, ids):
+        return torch.cat([self.cache.module_at(i)(x) for i in ids.tolist()])
+
+    def mixed(self, layer, x, weights, slots, ranks, given):
+        self.mixed_calls.append((layer, len(slots)))
+        return super().mixed(layer, x, weights, slots, ranks, given)
+
+
+@pytest.mark.parametrize("copy_ms, cpu_ms, on_cpu", [(1.0, 0.9, 1), (1.0, 0.4, 2)])
+def test_a_cpu_layer_finishes_with_one_grouped_call(tiny_dir, resident, copy_ms, cpu_ms, on_cpu):
+    """Where grouped kernels run, a CPU layer's CPU outputs and the GPU's share are summed by one SlotKernel.mixed call
+    per step (a graph replay on CUDA); the result stays within the hybrid tolerance of the resident model and of the
+    expert-by-expert combination."""
+    cost = CostModel(copy_ms=copy_ms, cpu_ms=cpu_ms, smoothing=0.0)
+    plain = decode_logits(load_cpu_layers(tiny_dir, 1, hybrid_cost=cost, cpu_layer_copies=True))
+    engine = load_cpu_layers(tiny_dir, 1, hybrid_cost=cost, cpu_layer_copies=True)
+    cpu_layer = engine.plan.cpu_layer_ids[0]
+    kernel = HostSlotKernel(engine.expert_cache)
+    engine.model.moe_blocks()[cpu_layer].experts.grouped = kernel
+    tokens, logits = decode_logits(engine, n=6)
+    steps = 5 + 5  # generate and decode_logits: 6 tokens each, the first from prefill
+    top_k = engine.config.top_k
+    assert kernel.mixed_calls == [(cpu_layer, top_k - on_cpu)] * steps
+    assert tokens == resident[0][:6] == plain[0][:6]
+    for reference in (resident[1], plain[1]):
+        err = (logits - reference[: len(logits)]).norm() / reference[: len(logits)].norm()
+        assert err < 2e-2, f"relative logit error {err:.2e}"
+    assert (logits - plain[1][: len(logits)]).abs().max() < 1e-3  # float32: only the summation order differs
 
 
 def test_cpu_layers_refuse_hybrid_off(tiny_dir):
