@@ -2,12 +2,14 @@
 host-to-device copy of the same expert: the numbers the hybrid path's choice of CPU kernel rests on.
 
     PYTHONPATH=. python benchmarks/cpu_experts.py [--threads 15 16] [--presets 4/2] [--prefetch 0 512]
-        [--under-load] [--json out.json]
+        [--under-load] [--gap-ms 0.6] [--json out.json]
 
 Rotates over several experts (more data than the CPU caches) so the numbers are memory, not cache.
 ``--under-load`` also times each kernel while a second thread keeps host-to-device copies of other experts
 going on a CUDA stream (the hybrid path's situation: both read host memory at once), and reports the copies'
-rate meanwhile. ``--prefetch`` sweeps the 512-bit kernel's software prefetch distance (bytes).
+rate meanwhile. ``--gap-ms`` spins the calling thread that long between calls, as the host does while it waits for
+the GPU between two CPU layers: what idle OpenMP workers cost to wake (OMP_WAIT_POLICY, GOMP_SPINCOUNT) shows then.
+``--prefetch`` sweeps the 512-bit kernel's software prefetch distance (bytes).
 """
 
 from __future__ import annotations
@@ -45,10 +47,17 @@ def random_expert_buffers(config: ModelConfig, spec, count: int, layout: FlatLay
     return out
 
 
+GAP_MS = 0.0  # --gap-ms
+
+
 def time_ms(fn, repeats: int) -> float:
     fn(0)
     samples = []
     for i in range(repeats):
+        if GAP_MS:
+            until = time.perf_counter() + GAP_MS / 1e3
+            while time.perf_counter() < until:
+                pass
         start = time.perf_counter()
         fn(i)
         samples.append((time.perf_counter() - start) * 1e3)
@@ -95,8 +104,11 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", default=["hqq", "hqq-avx2", "hqq-f32", "int4"])
     ap.add_argument("--prefetch", type=int, nargs="+", default=[0], help="software prefetch distances (bytes)")
     ap.add_argument("--under-load", action="store_true")
+    ap.add_argument("--gap-ms", type=float, default=0.0, help="spin this long between calls (the host's GPU waits)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    global GAP_MS
+    GAP_MS = args.gap_ms
     load = args.under_load and torch.cuda.is_available()
     config = synthetic_config("mixtral-8x7b")
     rows = []

@@ -14,7 +14,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
 OUT=${OUT:-benchmarks/results/vs_llamacpp}
 GGUF_DIR=${GGUF_DIR:-/tmp/gguf}
 PART=${1:?PART: build, gguf, llama, ours or table}
-BUILD=.llamacpp/build
+BUILD=${LLAMA_BUILD:-.llamacpp/build}  # outside .llamacpp (LLAMA_BUILD=/tmp/...) it survives a later carry
 BENCH=$BUILD/bin/llama-bench
 mkdir -p "$OUT"
 
@@ -48,8 +48,9 @@ gguf)
   ls -la "$GGUF_DIR"
   ;;
 llama)
-  for spec in "q2_k 0 resident" "q2_k 10 12GiB" "q2_k 16 9.6GB" "q2_k 32 2.5GB" \
-              "q3_k 0 resident" "q3_k 15 12GiB" "q3_k 21 9.6GB" "q3_k 32 2.5GB"; do
+  # LLAMA_SPECS: "quant ncmoe budget" entries separated by ';' (default: all eight)
+  IFS=';' read -ra specs <<< "${LLAMA_SPECS:-q2_k 0 resident;q2_k 10 12GiB;q2_k 16 9.6GB;q2_k 32 2.5GB;q3_k 0 resident;q3_k 15 12GiB;q3_k 21 9.6GB;q3_k 32 2.5GB}"
+  for spec in "${specs[@]}"; do
     set -- $spec
     name="llama_$1_$3"
     pid=$(sample_gpu "$OUT/$name.mem")
@@ -70,7 +71,7 @@ ours)
       if [ "$preset" = 4/2 ] && [ "$budget" != resident ]; then
         # our fastest placement where the CPU kernel's integer path runs (BENCHMARKS.md, session 10): CPU layers
         # sharing their experts with the copy link, every other layer whole; copies only beside it in one process
-        args+=(--cpu-layers auto --runs "full,no hybrid")
+        args+=(--cpu-layers "${OURS_CPU_LAYERS:-auto}" --runs "${OURS_RUNS:-full,no hybrid}")
       elif [ "$budget" = 2.5GB ] || [ "$budget" = 4.5GB ]; then
         args+=(--policy global-lru)  # ~8 expert slots: fewer than one per layer, so one LRU shared by all layers
       fi
