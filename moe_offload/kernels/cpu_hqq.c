@@ -398,11 +398,12 @@ void hqq_matvec_2bit_g16(const hqq_matrix *w, const int8_t *xp, const float *dx,
 }
 
 /* One layer's CPU experts in one parallel region: y[e] = down_e(silu(gate_e x) * up_e x) for e < n, every matrix
-   2-bit group 16 with the shapes of expert 0 (gate/up [I, D], down [D, I]). One fork and three barriers per layer
-   instead of a fork per matrix; the row blocks of all experts' gate and up (then down) projections are shared
-   out together, so n experts keep every thread busy as one expert would. x is rounded to int8 once, and h per
-   group of 16 as soon as it exists. Work buffers: xq int8 [D], xd/xsum float [D/16], g/u float [n*I],
-   hq int8 [n*I], hd/hsum float [n*I/16]; y float [n*D].
+   2-bit group 16 with the shapes of expert 0 (gate/up [I, D], down [D, I]). One fork and one barrier per layer: x is
+   rounded to int8 before the fork (on the calling thread: D values), and whoever computes a block of 16 rows of gate
+   also computes those of up, then those 16 hidden units and their int8 group, so down waits only for the barrier
+   between the two loops. (Idle workers sleep, OMP_WAIT_POLICY=PASSIVE: every barrier costs wake-ups.) The blocks of
+   all experts are shared out together, so n experts keep every thread busy as one expert would. Work buffers: xq int8
+   [D], xd/xsum float [D/16], g/u float [n*I], hq int8 [n*I], hd/hsum float [n*I/16]; y float [n*D].
    down == NULL: stop at the hidden units, y float [n*I] = silu(gate_e x) * up_e x (the first I hidden units of a
    split expert, whose gate/up structs then cover only those rows; hq, hd and hsum are unused). */
 void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hqq_matrix *down, int n, const float *x,
@@ -410,24 +411,20 @@ void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hq
                           int8_t *hq, float *hd, float *hsum, float *y, int threads) {
     const int D = gate[0].k, I = gate[0].n, rows = 16;
     const int up_blocks = I / rows, down_blocks = D / rows;
+    hqq_quantize_x16(x, D, chunk, xq, xd, xsum);
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        hqq_quantize_x16(x, D, chunk, xq, xd, xsum);
 #pragma omp for schedule(static)
-        for (int b = 0; b < 2 * n * up_blocks; b++) { /* expert-major: a thread's blocks are contiguous rows */
-            const int e = b / (2 * up_blocks), r = b % (2 * up_blocks), which = r / up_blocks, rb = r % up_blocks;
-            rows_any(which ? &up[e] : &gate[e], rb * rows, rb * rows + rows, xq, xd, xsum, (which ? u : g) + (size_t)e * I,
-                     chunk, prefetch);
-        }
-#pragma omp for schedule(static)
-        for (int q = 0; q < n * (I / 16); q++) {
-            const int e = q / (I / 16), grp = q % (I / 16);
+        for (int b = 0; b < n * up_blocks; b++) { /* expert-major: a thread's blocks are contiguous rows */
+            const int e = b / up_blocks, rb = b % up_blocks;
+            float *ge = g + (size_t)e * I, *ue = u + (size_t)e * I;
+            rows_any(&gate[e], rb * rows, rb * rows + rows, xq, xd, xsum, ge, chunk, prefetch);
+            rows_any(&up[e], rb * rows, rb * rows + rows, xq, xd, xsum, ue, chunk, prefetch);
             float h[16];
-            const float *ge = g + (size_t)e * I + 16 * grp, *ue = u + (size_t)e * I + 16 * grp;
-            float *he = down ? h : y + (size_t)e * I + 16 * grp;
-            for (int j = 0; j < 16; j++) he[j] = ge[j] / (1.0f + expf(-ge[j])) * ue[j];
-            if (down) quantize_group(h, grp, chunk, hq + (size_t)e * I, hd + (size_t)e * (I / 16), hsum + (size_t)e * (I / 16));
+            const float *gb = ge + rows * rb, *ub = ue + rows * rb;
+            float *he = down ? h : y + (size_t)e * I + rows * rb;
+            for (int j = 0; j < 16; j++) he[j] = gb[j] / (1.0f + expf(-gb[j])) * ub[j];
+            if (down) quantize_group(h, rb, chunk, hq + (size_t)e * I, hd + (size_t)e * (I / 16), hsum + (size_t)e * (I / 16));
         }
 #pragma omp for schedule(static)
         for (int b = 0; b < (down ? n * down_blocks : 0); b++) {
