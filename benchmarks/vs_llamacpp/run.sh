@@ -9,6 +9,9 @@
 #       table   the markdown table from the JSON files in $OUT
 # Budgets: llama.cpp keeps the experts of N layers on the CPU (-ncmoe N); N per budget is the for Q2_K
 # (0/10/16/32 -> 16.6/12.3/9.6/2.5 GB), and for Q3_K the N whose memory lands at the same budgets.
+# Subsets (one device call holds a build plus a few runs): LLAMA_SPECS="q2_k 10 12GiB;q2_k 16 9.6GB", REPS,
+# OURS_PRESETS, OURS_BUDGETS, OURS_RUNS (bench --runs), OURS_CPU_LAYERS; LLAMA_BUILD=/tmp/... builds outside the
+# carried .llamacpp/, so a later call that carries it again keeps the build.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
 OUT=${OUT:-benchmarks/results/vs_llamacpp}
