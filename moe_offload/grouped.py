@@ -135,8 +135,8 @@ class SlotKernel:
         """A token's K experts of which some were computed elsewhere (a CPU layer's, on the CPU): ranks ``ranks`` run
         from ``slots``, every other rank k's output is ``given[k]`` (host, [D] or [1, D]); their weighted sum [1, D],
         float32 in rank order like ``from_ids``. The given outputs and the slot numbers go up as one pinned row (one
-        copy), then the rest is one graph replay in a graphed decode step: after the CPU's work the host launches
-        twice, where an eager combine measured 0.4 ms of host time per layer (H100 box, session 10)."""
+        copy), then the rest is one graph replay in a graphed decode step. Host time per CPU layer on the H100 box:
+        0.13 ms with the upload (BENCHMARKS.md, session 11), where the eager combine it replaced took 0.42 ms."""
         K, D, n = weights.numel(), x.shape[-1], len(slots)
         assert len(ranks) == n and len(given) == K - n, (ranks, slots, list(given))
         key = (layer, K, n, x.dtype)
