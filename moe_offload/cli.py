@@ -17,6 +17,14 @@ from .errors import MoeOffloadError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixture-of-Experts language models fast on GPUs that cannot hold them.")
 err = Console(stderr=True)
+# Wide enough for bench's table on one line per run. Rich sizes a console that is not a terminal (a log, a pipe) at
+# 80 columns, which wrapped every label over several lines; a terminal keeps its own width.
+TABLE_WIDTH = 200
+
+
+def _table_console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=TABLE_WIDTH)
 
 
 def user_errors(fn):
@@ -422,7 +430,7 @@ def bench(
                       + (f" + {r.split_experts_per_token:.1f} split" if r.split_experts_per_token else ""),
                       f"{r.h2d_gb_s:.1f}",
                       f"{r.peak_gpu_bytes / 2**30:.2f}")
-    Console().print(table)
+    _table_console().print(table)
     if replay_trace is not None:
         err.print(f"[dim]Routing: {results[0].routing}[/]", soft_wrap=True, highlight=False)
     elif synthetic:
@@ -486,7 +494,7 @@ def _bench_trace(path: Path, cache_sizes: str | None, json_file: Path | None) ->
         table.add_column(names.get(name, name), justify="right")
     for n in report["cache_sizes"]:
         table.add_row(str(n), *(f"{by_size[str(n)]:.3f}" for by_size in report["hit_rate"].values()))
-    Console().print(table)
+    _table_console().print(table)
     recall = report["prefetch_recall"]
     if recall:
         err.print("prefetch recall (router of layer l + d on layer l's input, top-k): "

@@ -44,6 +44,16 @@ def test_offloaded_with_ablations(tmp_path):
     assert runs["no cache"]["bytes_copied_per_token"] > full["bytes_copied_per_token"]
 
 
+def test_table_keeps_each_run_on_one_line_in_a_log(tmp_path):
+    """Printed to a pipe or a log (not a terminal), the table is not squeezed into 80 columns: one line per run."""
+    result = CliRunner().invoke(app, ["bench", "--synthetic", "tiny", "--device", "cpu", "--prompt-tokens", "24",
+                                      "--new-tokens", "8", "--cpu-layers", "1"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == ["full (1 CPU layers)", "no hybrid"]
+    assert all(len(row.split("│")) == 13 for row in rows)  # 11 columns, none wrapped
+
+
 def test_needs_model_or_synthetic(monkeypatch, tmp_path):
     monkeypatch.setattr("moe_offload.demo.DEMO_MODEL", tmp_path / "absent")  # no MODEL: the demo model, if shipped
     result = CliRunner().invoke(app, ["bench"])
