@@ -4,7 +4,7 @@ Usage (GPU machine): python3 benchmarks/profile_decode.py --synthetic mixtral-8x
     [--cpu-layers N] [--hybrid on] [--split] [--int8] [--host]
 
 ``--host``: Python's cProfile instead, for the host's share of an offloaded step (per-layer routing syncs, cache
-bookkeeping, the CPU path's hand-offs), sorted by own time.
+bookkeeping, the CPU path's hand-offs), sorted by own time; with ``--prefill N``, of one prefill.
 """
 
 import argparse
@@ -48,6 +48,14 @@ def main() -> None:
         engine.new_session().prefill(prompt)
         torch.cuda.synchronize()
         print(f"prefill {args.prefill}: {args.prefill / (time.perf_counter() - t0):.0f} tok/s unprofiled")
+        if args.host:  # the host's share: prefill launches each expert's kernels eagerly, after each layer's sync
+            prof = cProfile.Profile()
+            prof.enable()
+            engine.new_session().prefill(prompt)
+            torch.cuda.synchronize()
+            prof.disable()
+            pstats.Stats(prof).sort_stats(args.sort).print_stats(30)
+            return
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             engine.new_session().prefill(prompt)
             torch.cuda.synchronize()
