@@ -22,7 +22,7 @@ from . import kernels
 from .config import ModelConfig
 from .errors import MoeOffloadError
 from .flat import FlatLayout
-from .model import combine_experts
+from .model import combine_experts, sum_ranks
 from .quant.hqq import QuantSpec
 from .weights import EXPERT_GRAPHS, QuantExpert, build_expert, replay_graph
 
@@ -37,6 +37,13 @@ def grouped_ok(x: torch.Tensor, expert: nn.Module) -> bool:
     return spec.group_size >= (16 if spec.bits == 3 else 32 // spec.bits)  # the GEMV's word-in-group rule
 
 
+def stack_prefill_ok(x: torch.Tensor, expert: nn.Module) -> bool:
+    """Whether a prefill (x [T, D], T > 1) of a stack laid out like ``expert`` runs as one launch per projection."""
+    if x.shape[0] < 2 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return isinstance(expert, QuantExpert) and kernels.available() and expert.prefill_kernel_fits()
+
+
 def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, base: QuantExpert,
                     stride: int) -> torch.Tensor:
     """sum_k weights[0, k] * expert_{ids[k]}(x) -> [1, D] for one token, experts at ``stride`` bytes from ``base``.
@@ -49,17 +56,15 @@ def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, b
 
 def sum_rows(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[0, k] * y[k] -> [1, D] in y's dtype, float32 in rank order (one launch where the kernel runs)."""
-    from .kernels.fused import weighted_sum, weighted_sum_reference
-
-    out = weighted_sum(y, weights.reshape(-1))
-    return out if out is not None else weighted_sum_reference(y, weights.reshape(-1))
+    return sum_ranks(y, weights.reshape(-1))
 
 
 class StackedExperts(nn.Module):
     """A layer's resident quantized experts in one [E, B] device buffer (filled expert by expert at load).
 
-    Decode on CUDA runs the grouped kernels over the router's own device indices; everything else (CPU,
-    prefill, fp32) computes expert by expert through ``combine_experts`` like ``ResidentExperts``.
+    Decode on CUDA runs the grouped kernels over the router's own device indices, prefill the prefill kernels over all
+    experts at once (kernels/moe_gemm.py); everything else (CPU, fp32) computes expert by expert through
+    ``combine_experts`` like ``ResidentExperts``.
     """
 
     def __init__(self, layout: FlatLayout, config: ModelConfig, spec: QuantSpec, device: torch.device):
@@ -86,7 +91,20 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if grouped_ok(x, self.experts[0]):
             return grouped_combine(x, indices.reshape(-1), weights, self.experts[0], self.layout.nbytes)
+        if stack_prefill_ok(x, self.experts[0]):
+            return self._prefill(x, indices, weights)
         return combine_experts(x, indices, weights, self.experts.__getitem__)
+
+    def _prefill(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert of a prefill in two launches, the routing sorted on the device: no host sync, so the host
+        runs ahead of the GPU. Rows equal combine_experts' expert by expert (same kernels, same sum)."""
+        base = self.experts[0]
+        order, blocks = kernels.route_blocks(indices, len(self.experts))
+        pairs = order.numel()
+        y = kernels.expert_rows(x, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt,
+                                out=x.new_empty((pairs, x.shape[1])), blocks=blocks, src=order // indices.shape[1],
+                                dst=order, pairs=pairs, stack_stride=self.layout.nbytes)
+        return sum_ranks(y, weights)
 
 
 class SlotKernel:

@@ -197,21 +197,55 @@ def combine_experts(
         for k, e in sorted(enumerate(routed), key=lambda ke: (ke[1] in last, ke[1])):
             out.addcmul_(expert(e)(x), weights[:, k : k + 1])
         return out
-    # Prefill: each expert's (token, rank) pairs, in ascending order as torch.where(indices == e) would list them,
-    # sorted on the host from ``routed``: one small copy to the device per layer, no host sync per expert.
+    # Prefill: each expert's rows at their (token, rank) pairs' positions, then one float32 sum per token in rank
+    # order. Pairs are grouped by expert on the host from ``routed``: one small copy to the device per layer, no host
+    # sync per expert.
     k = indices.shape[1]
     flat = np.asarray(routed, dtype=np.int64)
     order = np.argsort(flat, kind="stable")
     counts = np.bincount(flat)
     pairs = torch.from_numpy(order).to(x.device)  # positions t * K + k, grouped by expert
-    tokens, ranks = pairs // k, pairs % k
+    tokens = pairs // k
+    y = x.new_empty((flat.size, x.shape[1]))
     start = 0
     for e in sorted(set(routed)):
-        token_idx, slot = tokens[start : start + counts[e]], ranks[start : start + counts[e]]
-        start += int(counts[e])
-        y = expert(e)(x[token_idx]) * weights[token_idx, slot, None]
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out
+        rows = slice(start, start + int(counts[e]))
+        start = rows.stop
+        y.index_copy_(0, pairs[rows], prefill_rows(expert(e), x[tokens[rows]]).to(y.dtype))
+    return sum_ranks(y, weights)
+
+
+def prefill_rows(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An expert over a prefill's rows: its ``prefill`` method where it has one (the quantized expert's kernel,
+    whose rows do not depend on how many there are), else its forward."""
+    run = getattr(expert, "prefill", None)
+    return run(x) if run is not None else expert(x)
+
+
+def sum_ranks(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y [T*K, D] (row t*K + k: token t's k-th expert's output), weights [T, K] (or [K]: T = 1) -> [T, D] in y's
+    dtype: sum_k weights[t, k] * y[t*K + k] in float32, k = 0, 1, ... One kernel on a GPU (kernels/fused.py)."""
+    if y.is_cuda:
+        from .kernels import available
+
+        if available():
+            from .kernels.fused import weighted_sum
+
+            out = weighted_sum(y, weights)
+            if out is not None:
+                return out
+    return sum_ranks_reference(y, weights)
+
+
+def sum_ranks_reference(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`sum_ranks` in PyTorch operations."""
+    w = weights.reshape(-1, weights.shape[-1])
+    t, k = w.shape
+    yk = y.reshape(t, k, -1)
+    acc = torch.zeros((t, y.shape[1]), dtype=torch.float32, device=y.device)
+    for j in range(k):
+        acc = acc + yk[:, j].float() * w[:, j : j + 1].float()
+    return acc.to(y.dtype)
 
 
 class ResidentExperts(nn.Module):

@@ -193,6 +193,19 @@ class QuantExpert(Expert):
             return self.down_proj(_rounded(h))
         return super().forward(x)
 
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """A prefill's rows of this expert (``model.prefill_rows``): on CUDA the prefill kernels (kernels/moe_gemm.py),
+        whose rows do not depend on how many there are or which experts share the launch, so that a resident stack's
+        one launch per layer (StackedExperts) and offloaded experts one by one give the same bits."""
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available() and self.prefill_kernel_fits():
+            return kernels.expert_rows(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt)
+        return self(x)
+
+    def prefill_kernel_fits(self) -> bool:
+        from .kernels.moe_gemm import fits
+
+        return fits(self.gate_proj.qt) and fits(self.up_proj.qt) and fits(self.down_proj.qt)
+
     def forward_with_head(self, x: torch.Tensor, units: int, head: Callable[[], torch.Tensor]) -> torch.Tensor:
         gate, up, down = self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt
         n = gate.shape[0]

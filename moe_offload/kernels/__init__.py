@@ -8,6 +8,8 @@ function) are loaded on first use and raise ``MoeOffloadError`` where they canno
 * ``quant_linear(x, qt, bias=None)``: the same for a ``QuantizedTensor``; plugs into ``QuantLinear(matmul=...)``
 * ``gate_up_silu(x, gate, up, out=None)``, ``expert_forward(x, gate, up, down, out=None, hidden=None)``
 * ``grouped_expert_forward(x, ids, gate, up, down, expert_stride)``: K experts of a stack, chosen on the device
+* ``expert_rows(x, gate, up, down, ...)``, ``route_blocks(indices, num_experts)``: prefill experts, two launches for
+  any number of experts and rows, no dequantized weight in memory (:mod:`.moe_gemm`)
 * ``dequantize_cuda(qt, dtype=torch.bfloat16, out=None)``
 * ``decode_attention(q, keys, values, pos, window=None)``: one query token over a KV cache, keys up to pos
 """
@@ -20,9 +22,10 @@ from typing import Any
 
 from ..errors import MoeOffloadError
 
-__all__ = ["available", "decode_attention", "dequantize_cuda", "expert_forward", "gate_up_silu",
-           "grouped_expert_forward", "quant_linear", "quant_matmul"]
+__all__ = ["available", "decode_attention", "dequantize_cuda", "expert_forward", "expert_rows", "gate_up_silu",
+           "grouped_expert_forward", "quant_linear", "quant_matmul", "route_blocks"]
 _ATTENTION = ("decode_attention",)
+_MOE_GEMM = ("expert_rows", "route_blocks")
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,6 +42,8 @@ def _module(name: str = ""):
     try:
         if name in _ATTENTION:
             from . import attention as module
+        elif name in _MOE_GEMM:
+            from . import moe_gemm as module
         else:
             from . import quant_kernels as module
     except ImportError as e:  # no triton (CPU-only installs, CI)

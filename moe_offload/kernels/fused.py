@@ -9,7 +9,7 @@ its PyTorch code, which is also the reference):
 * :func:`rms_norm` - :func:`rms_norm_reference` (``model.RMSNorm``'s formula);
 * :func:`rope` - :func:`rope_reference` (``model.apply_rope`` on q and k of one token);
 * :func:`route` - :func:`route_reference` (``model.Router``: float32 softmax, top-k, optional renormalization);
-* :func:`weighted_sum` - :func:`weighted_sum_reference` (a token's expert outputs summed in rank order, float32).
+* :func:`weighted_sum` - :func:`weighted_sum_reference` (each token's expert outputs summed in rank order, float32).
 
 Rounding: RoPE rounds after every multiply and the add like eager code; it matches it but for a rare unit in
 the last place (bfloat16 on an H100). The reductions (the norm's mean of squares, the softmax) add in another order than PyTorch, so they
@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ..model import sum_ranks_reference
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs the kernels on CPU tensors (tests)
@@ -187,29 +189,28 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tens
 
 @triton.jit
 def _weighted_sum_kernel(y_ptr, w_ptr, out_ptr, D, K: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(1).to(tl.int64)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = d < D
     acc = tl.zeros((BLOCK,), tl.float32)
     for k in tl.static_range(K):  # rank order
-        acc += tl.load(y_ptr + k * D + d, mask=inside, other=0.0).to(tl.float32) * tl.load(w_ptr + k).to(tl.float32)
-    tl.store(out_ptr + d, acc.to(out_ptr.dtype.element_ty), mask=inside)
+        acc += (tl.load(y_ptr + (t * K + k) * D + d, mask=inside, other=0.0).to(tl.float32)
+                * tl.load(w_ptr + t * K + k).to(tl.float32))
+    tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def weighted_sum_reference(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """y [K, D], weights [K] -> [1, D] in y's dtype: sum_k weights[k] * y[k] in float32, k = 0, 1, ..."""
-    acc = torch.zeros(y.shape[1], dtype=torch.float32, device=y.device)
-    for k in range(y.shape[0]):
-        acc = acc + y[k].float() * weights[k].float()
-    return acc.to(y.dtype)[None]
+# The reference (float32, rank order) is the model's own CPU code.
+weighted_sum_reference = sum_ranks_reference
 
 
 def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
     """One launch for :func:`weighted_sum_reference` (None where unsupported)."""
-    if (y.dim() != 2 or not _on_device(y) or y.dtype not in _FLOATS or not y.is_contiguous()
-            or weights.numel() != y.shape[0] or not weights.is_contiguous() or weights.device != y.device):
+    w = weights.reshape(-1, weights.shape[-1]) if weights.dim() else weights
+    if (y.dim() != 2 or not _on_device(y) or y.dtype not in _FLOATS or not y.is_contiguous() or w.dim() != 2
+            or w.numel() != y.shape[0] or not w.is_contiguous() or w.device != y.device):
         return None
-    K, D = y.shape
-    out = torch.empty((1, D), dtype=y.dtype, device=y.device)
+    (t, k), d = w.shape, y.shape[1]
+    out = torch.empty((t, d), dtype=y.dtype, device=y.device)
     block = 1024
-    _weighted_sum_kernel[(triton.cdiv(D, block),)](y, weights, out, D, K=K, BLOCK=block, num_warps=4)
+    _weighted_sum_kernel[(triton.cdiv(d, block), t)](y, w, out, d, K=k, BLOCK=block, num_warps=4)
     return out

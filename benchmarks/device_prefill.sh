@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Session 12: where a 512-token prefill's time goes (resident and 12 GiB with CPU layers) and where the GPU memory
+# goes at 12 GiB. Usage on the GPU machine, from the repo root: OUT=<dir> bash benchmarks/device_prefill.sh [parts]
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
+OUT=${OUT:-benchmarks/results}
+for p in ${@:-gpu host memory}; do
+case $p in
+gpu)  # the GPU's kernels in a resident prefill
+  timeout 300 python3 benchmarks/profile_decode.py --prefill 512 2>&1 | tail -30 | tee "$OUT/prefill_resident_gpu.txt" ;;
+host)  # the host's share, resident and at 12 GiB with 15 CPU layers
+  timeout 300 python3 benchmarks/profile_decode.py --prefill 512 --host 2>&1 | head -50 | tee "$OUT/prefill_resident_host.txt"
+  timeout 300 python3 benchmarks/profile_decode.py --prefill 512 --host --gpu-memory 12GiB --cpu-layers 15 --int8 2>&1 \
+    | head -50 | tee "$OUT/prefill_12GiB_host.txt" ;;
+memory)
+  timeout 300 python3 benchmarks/gpu_memory.py --gpu-memory 12GiB 2>&1 | tail -8 | tee "$OUT/memory_12GiB.txt" ;;
+esac
+done
