@@ -12,6 +12,15 @@ host)  # the host's share, resident and at 12 GiB with 15 CPU layers
   timeout 300 python3 benchmarks/profile_decode.py --prefill 512 --host 2>&1 | head -50 | tee "$OUT/prefill_resident_host.txt"
   timeout 300 python3 benchmarks/profile_decode.py --prefill 512 --host --gpu-memory 12GiB --cpu-layers 15 --int8 2>&1 \
     | head -50 | tee "$OUT/prefill_12GiB_host.txt" ;;
+tests)  # the prefill kernels and every path that must stay bit-identical to resident
+  timeout 400 python3 -m pytest tests/kernels/test_moe_gemm.py tests/kernels/test_fused.py tests/test_grouped.py \
+    tests/offload/test_offloading_cuda.py -q -x -p no:cacheprovider -W ignore 2>&1 | tail -15 | tee "$OUT/pytest_prefill.txt" ;;
+kernel)
+  timeout 500 python3 benchmarks/moe_gemm.py ${SWEEP:+--sweep} --json "$OUT/moe_gemm.json" 2>&1 | tail -70 ;;
+prefill)  # unprofiled prefill rates only
+  timeout 200 python3 benchmarks/profile_decode.py --prefill 512 --host 2>&1 | grep "^prefill"
+  timeout 200 python3 benchmarks/profile_decode.py --prefill 512 --host --gpu-memory 12GiB --cpu-layers 15 --int8 2>&1 \
+    | grep "^prefill" ;;
 memory)
   timeout 300 python3 benchmarks/gpu_memory.py --gpu-memory 12GiB 2>&1 | tail -8 | tee "$OUT/memory_12GiB.txt" ;;
 esac
