@@ -21,6 +21,10 @@ prefill)  # unprofiled prefill rates only
   timeout 200 python3 benchmarks/profile_decode.py --prefill 512 --host 2>&1 | grep "^prefill"
   timeout 200 python3 benchmarks/profile_decode.py --prefill 512 --host --gpu-memory 12GiB --cpu-layers 15 --int8 2>&1 \
     | grep "^prefill" ;;
+ab)  # prefill kernels against dequantize-then-cuBLAS, alternating in one process
+  timeout 200 python3 benchmarks/prefill_ab.py 2>&1 | tail -1 | tee "$OUT/prefill_ab.jsonl"
+  timeout 200 python3 benchmarks/prefill_ab.py --gpu-memory 12GiB --cpu-layers 15 2>&1 | tail -1 | tee -a "$OUT/prefill_ab.jsonl"
+  timeout 200 python3 benchmarks/prefill_ab.py --gpu-memory 12GiB 2>&1 | tail -1 | tee -a "$OUT/prefill_ab.jsonl" ;;
 memory)
   timeout 300 python3 benchmarks/gpu_memory.py --gpu-memory 12GiB 2>&1 | tail -8 | tee "$OUT/memory_12GiB.txt" ;;
 esac

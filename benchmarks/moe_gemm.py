@@ -69,24 +69,27 @@ def main() -> None:
     res["old_layer_us"] = do_bench(layer_old) * 1e3
     res["new_layer_us"] = do_bench(layer_new) * 1e3
     print(json.dumps(res), flush=True)
-    if args.sweep:
+    if args.sweep:  # gate+up first (down at its default), then down with the best gate+up; then the block size
         best = {}
         for gated, (n, k) in ((True, (I, D)), (False, (D, I))):
-            for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
-                if gated and bn == 128 and bk == 128:
+            for bm, swap, bn, bk, warps, stages in itertools.product((64, 128), (True, False), (64, 128), (64, 128),
+                                                                     (4, 8), (3,)):
+                if (gated and bn == 128 and bk == 128) or (not swap and bm == 128 and warps == 4):
                     continue
-                moe_gemm.MOE_GEMM_OVERRIDES[(spec.bits, spec.group_size, n, k, gated)] = moe_gemm.MoeGemmConfig(
-                    bn, bk, warps, stages)
+                moe_gemm.BLOCK_PAIRS = bm
+                cfg = moe_gemm.MoeGemmConfig(bn, bk, warps, stages, swap)
+                moe_gemm.MOE_GEMM_OVERRIDES[(spec.bits, spec.group_size, n, k, gated)] = cfg
                 try:
                     t = do_bench(layer_new) * 1e3
                 except Exception as e:  # noqa: BLE001 (out of shared memory and the like)
-                    print(f"gated={gated} bn={bn} bk={bk} w={warps} s={stages}: {type(e).__name__}", flush=True)
+                    print(f"gated={gated} bm={bm} {cfg}: {type(e).__name__}", flush=True)
                     continue
-                print(f"gated={gated} bn={bn} bk={bk} w={warps} s={stages}: layer {t:.0f} us", flush=True)
+                print(f"gated={gated} bm={bm} {cfg}: layer {t:.0f} us", flush=True)
                 if t < best.get(gated, (1e9,))[0]:
-                    best[gated] = (t, bn, bk, warps, stages)
-            cfg = best[gated][1:]
-            moe_gemm.MOE_GEMM_OVERRIDES[(spec.bits, spec.group_size, n, k, gated)] = moe_gemm.MoeGemmConfig(*cfg)
+                    best[gated] = (t, bm, *cfg)
+            moe_gemm.BLOCK_PAIRS = best[gated][1]
+            moe_gemm.MOE_GEMM_OVERRIDES[(spec.bits, spec.group_size, n, k, gated)] = moe_gemm.MoeGemmConfig(
+                *best[gated][2:])
         res["best"] = {str(k): v for k, v in best.items()}
         print(json.dumps(res), flush=True)
     if args.json:

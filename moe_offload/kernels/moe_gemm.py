@@ -17,6 +17,7 @@ Reference: :func:`moe_gemm_reference` (dequantize, then matmul in float32, exper
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -50,13 +51,15 @@ def _moe_gemm_kernel(
     M, N, KW, K16, NG, NB, n_chunks, stride_xm, stride_ym, ES_W, ES_M, ES_H,
     BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GATED: tl.constexpr, TABLE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+    GATED: tl.constexpr, TABLE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, SWAP: tl.constexpr,
 ):
     """Rows [start, start + count) of the pair list, all of expert e, times one BN tile of that expert's weight.
 
     TABLE: block b is (e, start, count) at blocks_ptr + 3b (e: index in the stack whose expert 0 the weight pointers
     are; its tensors lie e strides further); else block b is rows [b BM, min((b+1) BM, M)) of expert 0.
     GATHER: pair row r reads x row src[r] (else row r); SCATTER: it writes y row dst[r] (else row r).
+    SWAP: compute the transposed tile, W x^T: the dequantized weight (in registers) is then the product's first operand,
+    which Hopper's wgmma reads from registers, and the tokens its (smem) second.
     """
     pid_n = tl.program_id(0)  # fastest: programs running together share the block's x rows in L2
     blk = tl.program_id(1)
@@ -88,27 +91,45 @@ def _moe_gemm_kernel(
             zs2_ptr += e * ES_H
             zo2_ptr += e * ES_H
         rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
-        acc = tl.zeros((BM, BN), tl.float32)
-        acc2 = tl.zeros((BM, BN), tl.float32)
+        if SWAP:
+            acc = tl.zeros((BN, BM), tl.float32)
+            acc2 = tl.zeros((BN, BM), tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), tl.float32)
+            acc2 = tl.zeros((BM, BN), tl.float32)
         for c in range(n_chunks):
             x = tl.load(x_ptr + src[:, None] * stride_xm + c * BK + tl.arange(0, BK)[None, :])
             w = _dequant_tile(w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, rows, c, KW, K16, NG, NB,
                               x.dtype, BITS, G, QMETA, MBLK, BK)
-            acc = tl.dot(x, tl.trans(w), acc)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
             if GATED:
                 w2 = _dequant_tile(w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr, rows, c, KW, K16, NG,
                                    NB, x.dtype, BITS, G, QMETA, MBLK, BK)
-                acc2 = tl.dot(x, tl.trans(w2), acc2)
+                if SWAP:
+                    acc2 = tl.dot(w2, tl.trans(x), acc2)
+                else:
+                    acc2 = tl.dot(x, tl.trans(w2), acc2)
         if GATED:
             acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up in float32, rounded once
         dst = tl.load(dst_ptr + pair).to(tl.int64) if SCATTER else pair.to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        mask = (r[:, None] < count) & (offs_n[None, :] < N)
-        tl.store(y_ptr + dst[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out = acc.to(y_ptr.dtype.element_ty)
+        if SWAP:
+            mask = (r[None, :] < count) & (offs_n[:, None] < N)
+            tl.store(y_ptr + dst[None, :] * stride_ym + offs_n[:, None], out, mask=mask)
+        else:
+            mask = (r[:, None] < count) & (offs_n[None, :] < N)
+            tl.store(y_ptr + dst[:, None] * stride_ym + offs_n[None, :], out, mask=mask)
 
 
 # Pairs per block: shared by both launches of a layer (they read one block table).
 BLOCK_PAIRS = 64
+# MOE_OFFLOAD_PREFILL_KERNELS=0: prefill experts the older way (dequantize to scratch, then cuBLAS, expert by expert;
+# benchmarks' A/B). Read once: a process computes every prefill one way.
+ENABLED = os.environ.get("MOE_OFFLOAD_PREFILL_KERNELS", "1") != "0"
 
 
 class MoeGemmConfig(NamedTuple):
@@ -116,6 +137,7 @@ class MoeGemmConfig(NamedTuple):
     bk: int
     warps: int
     stages: int
+    swap: bool = False
 
 
 # (bits, group, n, k, gated) -> config; benchmarks/moe_gemm.py fills it to try others. One configuration per weight
@@ -127,14 +149,17 @@ def moe_gemm_config(bits: int, group: int, n: int, k: int, gated: bool) -> MoeGe
     override = MOE_GEMM_OVERRIDES.get((bits, group, n, k, gated))
     if override is not None:
         return override
-    bk = max(64, group)
-    return MoeGemmConfig(bn=64 if gated else 128, bk=bk, warps=4, stages=3)
+    # The fastest of benchmarks/moe_gemm.py --sweep on an H100 (Mixtral 4/2, 512 tokens; session 12).
+    return MoeGemmConfig(bn=64, bk=max(128, group), warps=4, stages=3) if gated else \
+        MoeGemmConfig(bn=128, bk=max(64, group), warps=4, stages=3)
 
 
 def fits(qt: QuantizedTensor) -> bool:
     """Whether the prefill kernels take this weight (any bit width the GEMM takes, K a whole number of tiles)."""
     bits, group = qt.spec.bits, qt.spec.group_size
     n, k = qt.shape
+    if not ENABLED:
+        return False
     tiles = (moe_gemm_config(bits, group, n, k, gated).bk for gated in (False, True))
     return bits in (2, 3, 4, 8) and k % 32 == 0 and all(k % bk == 0 and bk % group == 0 for bk in tiles)
 
@@ -164,7 +189,7 @@ def _launch(x2, y2, w1, w2, bits, group, n, k, m, blocks, src, dst, stack_stride
         packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
         m, n, k * bits // 32, k // 16, ng, ng // mblk, k // cfg.bk, x2.stride(0), y2.stride(0), *es,
         BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BM=BLOCK_PAIRS, BN=cfg.bn, BK=cfg.bk,
-        GATED=w2 is not None, TABLE=blocks is not None, GATHER=src is not None, SCATTER=dst is not None,
+        GATED=w2 is not None, TABLE=blocks is not None, GATHER=src is not None, SCATTER=dst is not None, SWAP=cfg.swap,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
@@ -234,7 +259,7 @@ def route_blocks(indices: torch.Tensor, num_experts: int, bm: int = BLOCK_PAIRS)
     flat = indices.reshape(-1)
     p = flat.numel()
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     nblk = (counts + bm - 1) // bm
     ends = torch.cumsum(nblk, 0)
     b = torch.arange(p // bm + num_experts, device=flat.device)
