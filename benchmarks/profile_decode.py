@@ -60,6 +60,7 @@ def main() -> None:
             engine.new_session().prefill(prompt)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
         return
     session = engine.new_session()
     logits, _ = session.prefill(list(range(3, 67)))
