@@ -28,7 +28,7 @@ ab)  # prefill kernels against dequantize-then-cuBLAS, alternating in one proces
 profile)  # both prefill paths: the GPU's kernels and the host's operations
   for k in 1 0; do
     MOE_OFFLOAD_PREFILL_KERNELS=$k timeout 300 python3 benchmarks/profile_decode.py --prefill 512 --int8 2>&1 \
-      | grep -v "^-" | cut -c1-60,100-200 | tail -52 | tee "$OUT/prefill_profile_k$k.txt"
+      > "$OUT/prefill_profile_k$k.txt"; grep -E "^prefill|total" "$OUT/prefill_profile_k$k.txt"
   done ;;
 memory)
   timeout 300 python3 benchmarks/gpu_memory.py --gpu-memory 12GiB 2>&1 | tail -8 | tee "$OUT/memory_12GiB.txt" ;;
