@@ -73,6 +73,14 @@ class Plan:
         return self.total_slots * self.expert_bytes
 
     @property
+    def spare_slots(self) -> int:
+        """Whole experts' room the budget leaves once every layer with slots holds all its experts (CPU layers):
+        more scratch slots (placement.scratch_slots), so that a prefill streams a CPU layer's experts further ahead."""
+        if self.budget_bytes is None or self.slots_per_layer != self.num_experts:
+            return 0
+        return max(self.budget_bytes - self.used_bytes, 0) // self.expert_bytes
+
+    @property
     def used_bytes(self) -> int:
         return (self.experts_total_bytes + self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes
                 + self.runtime_bytes)
