@@ -35,10 +35,7 @@ from .quant.presets import QuantPreset
 from .weights import (build_expert, expert_layout, expert_shapes, head_bytes_per_unit, head_split_ranges,
                       non_expert_bytes)
 
-# Activations of a 512-token prefill chunk, logits, allocator slack. A prefill allocated at most 150 MiB beyond the
-# steady state (Mixtral 4/2 at 12 GiB, H100, before the prefill kernels dropped the 117 MiB dequantized matrix;
-# benchmarks/gpu_memory.py, session 12); it was 512 MiB, which cost 3 expert slots.
-WORKSPACE_BYTES = 320 << 20
+WORKSPACE_BYTES = 512 << 20  # activations of a prefill chunk, logits, allocator slack
 FREE_MEMORY_MARGIN = 1 << 30
 # Device memory a CUDA run holds beyond its tensors and the CUDA context measured at planning: kernels loaded
 # on first use, cuBLAS/Triton workspaces, CUDA graphs, blocks the caching allocator keeps. Measured on the H100
@@ -174,13 +171,17 @@ LOOKUP_MODES = ("off", "auto", "on")
 LOOKUP_MIN_CACHED_SHARE = 0.85
 
 
-def scratch_slots(config: ModelConfig, p: Plan | None = None) -> int:
+def scratch_slots(config: ModelConfig) -> int:
     """Scratch slots for experts that get no cache slot: top_k of them, so one token's experts always fit at once
-    and decode keeps computing them in one grouped launch, the arithmetic of the resident model; plus, up to a whole
-    layer, the budget's spare slots (Plan.spare_slots): a prefill streams CPU layers' experts through the scratch
-    ring, and with two slots only two copies ran ahead of the computation (BENCHMARKS.md, sessions 10 and 12)."""
-    base = max(2, config.top_k)
-    return max(base, min(base + (p.spare_slots if p is not None else 0), config.num_experts))
+    and decode keeps computing them in one grouped launch, the arithmetic of the resident model."""
+    return max(2, config.top_k)
+
+
+def prefill_scratch_slots(config: ModelConfig, p: Plan) -> int:
+    """More scratch slots for prefill alone: the budget's spare slots (Plan.spare_slots), up to a whole layer with the
+    others. A prefill streams CPU layers' experts through the scratch ring, and with two slots only two copies ran
+    ahead of the computation (BENCHMARKS.md, sessions 10 and 12)."""
+    return max(0, min(p.spare_slots, config.num_experts - scratch_slots(config)))
 
 
 def wants_device_lookup(options: OffloadOptions, p: Plan, device: torch.device) -> bool:
@@ -210,7 +211,7 @@ def prepare_offload(model: MoeTransformer, layout: FlatLayout, options: OffloadO
     keys = [(l, e) for l in range(len(blocks)) for e in range(model.config.num_experts)]  # l: MoE layer number
     slots = None
     if p is not None and device is not None and wants_device_lookup(options, p, device):
-        total = p.total_slots + scratch_slots(model.config, p)
+        total = p.total_slots + scratch_slots(model.config) + prefill_scratch_slots(model.config, p)
         slots = torch.empty((total, layout.nbytes), dtype=torch.uint8, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -235,7 +236,8 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
     # cache=False (an ablation): no slot keeps anything, every routed expert is copied on use.
     policy = make_policy(p.policy, len(blocks), slots) if options.cache else NoCache()
     cache = ExpertCache(store, policy, device, lambda views: build_expert(views, c, spec), stats,
-                        scratch_slots=scratch_slots(c, p), timing=options.timing, slots=slot_buffer)
+                        scratch_slots=scratch_slots(c), prefill_scratch_slots=prefill_scratch_slots(c, p),
+                        timing=options.timing, slots=slot_buffer)
     hybrid = make_hybrid(store, cache, c, spec, device, options, p.cpu_layers)
     cpu_layers = set(p.cpu_layer_ids)
     # Decode computes a token's experts straight from the slots (the slots are a stack: one stride apart).

@@ -47,11 +47,13 @@ from .store import ExpertStore
 class ExpertCache:
     def __init__(self, store: ExpertStore, policy: CachePolicy, device: torch.device,
                  make_module: Callable[[dict[str, torch.Tensor]], nn.Module], stats: CacheStats,
-                 scratch_slots: int = 1, timing: bool = False, slots: torch.Tensor | None = None):
+                 scratch_slots: int = 1, timing: bool = False, slots: torch.Tensor | None = None,
+                 prefill_scratch_slots: int = 0):
         self.store, self.policy, self.device, self.stats = store, policy, device, stats
         layout = store.layout
         self.num_slots = policy.num_slots
-        total = self.num_slots + scratch_slots  # scratch: for an expert that gets no slot (all protected)
+        # scratch: for an expert that gets no slot (all protected); a prefill also streams through the extra ones
+        total = self.num_slots + scratch_slots + prefill_scratch_slots
         if slots is None:  # given: allocated early, so that the store could be aligned to it (device lookup)
             slots = torch.empty((total, layout.nbytes), dtype=torch.uint8, device=device)
         assert tuple(slots.shape) == (total, layout.nbytes) and slots.device.type == device.type, (slots.shape, total)
@@ -63,8 +65,12 @@ class ExpertCache:
         self.ready: list[torch.cuda.Event | None] = [None] * total
         self.free: list[torch.cuda.Event | None] = [None] * total
         self._unmarked: list[int] = []  # slots handed out whose readers may not all be enqueued yet
-        self._scratch = list(range(self.num_slots, total))
+        self._scratch = list(range(self.num_slots, self.num_slots + scratch_slots))
+        self._prefill_scratch = list(range(self.num_slots, total))
         self._scratch_next = 0
+        # True while a prefill runs (OffloadedExperts): the scratch ring takes the extra slots too. Decode keeps its
+        # ring of top_k: its behaviour, tuned with that ring, stays as it was.
+        self.prefilling = False
         self._staged: dict[Key, int] = {}  # scratch slot already holding (or receiving) an expert (``stage``)
         self.prefetched: set[Key] = set()  # resident because of a prefetch, not yet used
         self.timing = timing and self.cuda
@@ -386,10 +392,16 @@ class ExpertCache:
         self._mark_used()
         return [self._acquire(layer, e) for e in experts]
 
+    @property
+    def _ring(self) -> list[int]:
+        return self._prefill_scratch if self.prefilling else self._scratch
+
     def _next_scratch(self) -> int:
         """The next scratch slot in ring order; whatever was staged there is no longer."""
-        slot = self._scratch[self._scratch_next]
-        self._scratch_next = (self._scratch_next + 1) % len(self._scratch)
+        ring = self._ring
+        self._scratch_next %= len(ring)
+        slot = ring[self._scratch_next]
+        self._scratch_next = (self._scratch_next + 1) % len(ring)
         for key in [k for k, v in self._staged.items() if v == slot]:
             del self._staged[key]
         return slot
@@ -404,7 +416,7 @@ class ExpertCache:
         # The layer's own load() gives its empty slots to the first of them (in this order): those need no staging.
         todo = [e for e in todo[self.policy.free_slots(layer):] if (layer, e) not in self._staged]
         s = self.stats.layers[layer]
-        for e in todo[: len(self._scratch)]:
+        for e in todo[: len(self._ring)]:
             slot = self._next_scratch()
             self._copy([((layer, e), slot)], together=False)
             self._staged[(layer, e)] = slot

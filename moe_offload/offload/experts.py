@@ -120,6 +120,7 @@ class OffloadedExperts:
         if self.device_lookup and x.shape[0] == 1:
             return self._looked_up(x, indices, weights)
         decode = x.shape[0] == 1
+        cache.prefilling = not decode
         lookahead = self.lookahead if decode else []
         stage_ahead = self.stage_ahead if decode else None
         prologue, self._prologue = self._prologue, None

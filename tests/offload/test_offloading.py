@@ -174,3 +174,25 @@ def test_prefill_stages_the_next_layers_streamed_experts(tiny_dir, resident, mon
     assert staged and set(staged) <= set(used)  # every staged expert was used from its scratch slot
     t = engine.cache_stats.total()
     assert t.bytes_copied == t.misses * cache.store.layout.nbytes  # staging copied nothing extra
+
+
+def test_prefill_streams_cpu_layers_through_the_spare_scratch_slots(tiny_dir, resident):
+    """With CPU layers every other layer keeps all its experts; the budget's spare slots widen the scratch ring that a
+    prefill streams the CPU layers' experts through, while decode keeps its ring of top_k. Prefill stays exact."""
+    engine = load(tiny_dir, OffloadOptions(gpu_memory="1GiB", cpu_layers=1, hybrid="on"))
+    cache = engine.expert_cache
+    config = engine.model.config
+    assert len(cache._scratch) == max(2, config.top_k) and len(cache._prefill_scratch) == config.num_experts
+    used: dict[bool, set[int]] = {True: set(), False: set()}
+    next_scratch = cache._next_scratch
+
+    def spy():
+        slot = next_scratch()
+        used[cache.prefilling].add(slot)
+        return slot
+
+    cache._next_scratch = spy
+    prefill, _ = run(engine, n=4)
+    assert torch.equal(prefill, resident[0])
+    assert len(used[True]) > len(cache._scratch)  # the prefill ran further ahead than decode's ring allows
+    assert used[False] <= set(cache._scratch)

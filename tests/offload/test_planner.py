@@ -198,11 +198,11 @@ def test_auto_cpu_layers_with_copies_keep_every_other_layer_whole():
     assert all(p.layer_slots[l] == 8 for l in range(32) if l not in p.cpu_layer_ids)
 
 
-def test_spare_room_becomes_scratch_slots_when_every_gpu_layer_is_whole():
-    """CPU layers leave the other layers whole; the budget's leftover whole experts become scratch slots (a prefill
+def test_spare_room_becomes_prefill_scratch_slots_when_every_gpu_layer_is_whole():
+    """CPU layers leave the other layers whole; the budget's leftover whole experts become scratch slots for prefill (it
     streams a CPU layer's experts through them), up to one layer's worth. Copies-only plans have no spare room."""
     from moe_offload.config import ModelConfig
-    from moe_offload.placement import scratch_slots
+    from moe_offload.placement import prefill_scratch_slots, scratch_slots
 
     sizes = dict(expert_bytes=66 * MiB, num_layers=32, num_experts=8, top_k=2, non_expert_bytes=3 * GiB // 2,
                  kv_cache_bytes=256 * MiB, workspace_bytes=256 * MiB)
@@ -210,8 +210,7 @@ def test_spare_room_becomes_scratch_slots_when_every_gpu_layer_is_whole():
                          num_kv_heads=2, head_dim=16, num_experts=8, top_k=2)
     with_cpu = plan(FIXED + 139 * 66 * MiB + 10 * MiB, cpu_layers=15, **sizes)  # 17 whole layers: 136 slots
     assert with_cpu.total_slots == 136 and with_cpu.spare_slots == 3
-    assert scratch_slots(config, with_cpu) == 5
-    assert scratch_slots(config, plan(FIXED + 200 * 66 * MiB, cpu_layers=15, **sizes)) == 8  # at most a layer
+    assert scratch_slots(config) == 2 and prefill_scratch_slots(config, with_cpu) == 3
+    assert prefill_scratch_slots(config, plan(FIXED + 200 * 66 * MiB, cpu_layers=15, **sizes)) == 6  # up to a layer
     copies = plan(FIXED + 139 * 66 * MiB, **sizes)
-    assert copies.total_slots == 139 and copies.spare_slots == 0 and scratch_slots(config, copies) == 2
-    assert scratch_slots(config) == 2
+    assert copies.total_slots == 139 and copies.spare_slots == 0 and prefill_scratch_slots(config, copies) == 0
