@@ -44,6 +44,12 @@ def _dequant_tile(w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, rows, c, 
 
 
 @triton.jit
+def _shift(w, s, ss, so, z, zs, zo, e, ES_W, ES_M, ES_H):
+    """A stack's expert e: its tensors lie e strides after expert 0's (int32 words, metadata elements, float16 steps)."""
+    return w + e * ES_W, s + e * ES_M, ss + e * ES_H, so + e * ES_H, z + e * ES_M, zs + e * ES_H, zo + e * ES_H
+
+
+@triton.jit
 def _moe_gemm_kernel(
     x_ptr, src_ptr, y_ptr, dst_ptr, blocks_ptr,
     w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr,
@@ -75,21 +81,11 @@ def _moe_gemm_kernel(
         r = tl.arange(0, BM)
         pair = start + tl.minimum(r, count - 1)  # rows past the block repeat its last: loads stay in bounds
         src = tl.load(src_ptr + pair).to(tl.int64) if GATHER else pair.to(tl.int64)
-        w_ptr += e * ES_W
-        s_ptr += e * ES_M
-        ss_ptr += e * ES_H
-        so_ptr += e * ES_H
-        z_ptr += e * ES_M
-        zs_ptr += e * ES_H
-        zo_ptr += e * ES_H
+        w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr = _shift(
+            w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, e, ES_W, ES_M, ES_H)
         if GATED:
-            w2_ptr += e * ES_W
-            s2_ptr += e * ES_M
-            ss2_ptr += e * ES_H
-            so2_ptr += e * ES_H
-            z2_ptr += e * ES_M
-            zs2_ptr += e * ES_H
-            zo2_ptr += e * ES_H
+            w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr = _shift(
+                w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr, e, ES_W, ES_M, ES_H)
         rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
         if SWAP:
             acc = tl.zeros((BN, BM), tl.float32)
