@@ -100,3 +100,30 @@ def test_experts_provider_is_swappable(tiny_engine):
         block.set_experts(resident)
     assert calls == [(6, 2)]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_sums_each_tokens_experts_in_float32_rank_order():
+    """combine_experts' prefill: each (token, rank) pair's expert output lands in its own row, then one float32 sum per
+    token in rank order (model.sum_ranks): against float64, one rounding at the end."""
+    from moe_offload.model import combine_experts, sum_ranks
+
+    class Scale(torch.nn.Module):  # row-wise, so a row's output never depends on the batch it came in
+        def __init__(self, c):
+            super().__init__()
+            self.c = torch.randn(d, generator=g).to(torch.bfloat16) * c
+
+        def forward(self, x):
+            return x * self.c
+
+    g = torch.Generator().manual_seed(0)
+    t, k, d, e = 9, 2, 16, 4
+    experts = [Scale(j + 1) for j in range(e)]
+    x = torch.randn(t, d, generator=g).to(torch.bfloat16)
+    indices = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g)
+    got = combine_experts(x, indices, weights, experts.__getitem__)
+    rows = torch.stack([experts[int(indices[i, j])](x[i : i + 1])[0] for i in range(t) for j in range(k)])
+    exact = (rows.double().reshape(t, k, d) * weights.double()[:, :, None]).sum(1)
+    assert torch.allclose(got.double(), exact, rtol=2**-7, atol=1e-6)
+    assert torch.equal(got, sum_ranks(rows, weights))
+    assert torch.equal(sum_ranks(rows[:k], weights[0]), got[:1])  # [K] weights: one token

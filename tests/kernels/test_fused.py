@@ -115,3 +115,19 @@ def test_weighted_sum(k, d):
     ulp = 2 ** -7 if HALF == torch.bfloat16 else 2 ** -10
     assert torch.allclose(got.double(), exact, rtol=ulp, atol=1e-6)  # one rounding of a float32 sum
     assert (got == weighted_sum_reference(y, w)).float().mean() > 0.95  # fused multiply-adds may round differently
+
+
+@on_device
+def test_weighted_sum_of_many_tokens():
+    """A prefill's sum (model.sum_ranks on a GPU): token t's K rows t*K .. t*K+K-1, each token with its own weights."""
+    from moe_offload.kernels.fused import weighted_sum, weighted_sum_reference
+
+    t, k, d = 5, 2, 1000
+    y = torch.randn(t * k, d, generator=gen()).to(DEVICE, HALF)
+    w = torch.rand(t, k, generator=gen(1)).to(DEVICE)
+    got = weighted_sum(y, w)
+    exact = (y.double().reshape(t, k, d) * w.double()[:, :, None]).sum(1)
+    assert got.shape == (t, d) and got.dtype == HALF
+    ulp = 2 ** -7 if HALF == torch.bfloat16 else 2 ** -10
+    assert torch.allclose(got.double(), exact, rtol=ulp, atol=1e-6)
+    assert (got == weighted_sum_reference(y, w)).float().mean() > 0.95
