@@ -131,11 +131,14 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
 
 
 def install_fused_kernels(model: MoeTransformer) -> None:
-    """One launch each for the norms, RoPE and routing (kernels/fused.py) in every step on the GPU.
+    """One launch each for the norms, RoPE and routing (kernels/fused.py) in every step on the GPU, and for a
+    prefill's per-token sum of its experts' rows (model.FUSED_RANK_SUM).
 
     Installed for every CUDA model alike, so resident and offloaded runs still compute the same bits."""
+    from . import model as model_code
     from .kernels import fused
 
+    model_code.FUSED_RANK_SUM = fused.weighted_sum
     for module in list(model.modules()):
         if isinstance(module, RMSNorm):
             module.fused = fused.rms_norm

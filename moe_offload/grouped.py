@@ -22,7 +22,7 @@ from . import kernels
 from .config import ModelConfig
 from .errors import MoeOffloadError
 from .flat import FlatLayout
-from .model import combine_experts, sum_ranks
+from .model import combine_experts, sum_ranks, sum_ranks_reference
 from .quant.hqq import QuantSpec
 from .weights import EXPERT_GRAPHS, QuantExpert, build_expert, replay_graph
 
@@ -56,7 +56,10 @@ def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, b
 
 def sum_rows(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[0, k] * y[k] -> [1, D] in y's dtype, float32 in rank order (one launch where the kernel runs)."""
-    return sum_ranks(y, weights.reshape(-1))
+    from .kernels.fused import weighted_sum
+
+    out = weighted_sum(y, weights.reshape(-1))
+    return out if out is not None else sum_ranks_reference(y, weights.reshape(-1))
 
 
 class StackedExperts(nn.Module):

@@ -222,18 +222,18 @@ def prefill_rows(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return run(x) if run is not None else expert(x)
 
 
+# The prefill's per-token sum in one launch on a GPU (kernels/fused.weighted_sum), installed by the engine with the
+# other fused steps (engine.install_fused_kernels); it returns None where it does not apply. Unset: PyTorch's code.
+FUSED_RANK_SUM: Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"] | None = None
+
+
 def sum_ranks(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """y [T*K, D] (row t*K + k: token t's k-th expert's output), weights [T, K] (or [K]: T = 1) -> [T, D] in y's
-    dtype: sum_k weights[t, k] * y[t*K + k] in float32, k = 0, 1, ... One kernel on a GPU (kernels/fused.py)."""
-    if y.is_cuda:
-        from .kernels import available
-
-        if available():
-            from .kernels.fused import weighted_sum
-
-            out = weighted_sum(y, weights)
-            if out is not None:
-                return out
+    dtype: sum_k weights[t, k] * y[t*K + k] in float32, k = 0, 1, ... (``FUSED_RANK_SUM`` on a GPU)."""
+    if y.is_cuda and FUSED_RANK_SUM is not None:
+        out = FUSED_RANK_SUM(y, weights)
+        if out is not None:
+            return out
     return sum_ranks_reference(y, weights)
 
 

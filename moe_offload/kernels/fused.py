@@ -26,7 +26,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..model import sum_ranks_reference
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs the kernels on CPU tensors (tests)
@@ -199,8 +198,15 @@ def _weighted_sum_kernel(y_ptr, w_ptr, out_ptr, D, K: tl.constexpr, BLOCK: tl.co
     tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-# The reference (float32, rank order) is the model's own CPU code.
-weighted_sum_reference = sum_ranks_reference
+def weighted_sum_reference(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y [T*K, D] (row t*K + k: token t's k-th expert), weights [T, K] (or [K]: T = 1) -> [T, D] in y's dtype:
+    sum_k weights[t, k] * y[t*K + k] in float32, k = 0, 1, ... (the model's CPU code, model.sum_ranks_reference)."""
+    w = weights.reshape(-1, weights.shape[-1]).float()
+    terms = y.reshape(w.shape[0], w.shape[1], -1).float() * w[:, :, None]
+    acc = terms[:, 0]
+    for k in range(1, w.shape[1]):
+        acc = acc + terms[:, k]
+    return acc.to(y.dtype)
 
 
 def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
