@@ -215,6 +215,8 @@ def expert_rows(x: torch.Tensor, gate: QuantizedTensor, up: QuantizedTensor, dow
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if blocks is not None and pairs is None:
+        raise MoeOffloadError("a block table needs pairs= (the number of rows it covers)")
     m = x2.shape[0] if blocks is None else int(pairs)
     wg, wu = _checked(gate, x2), _checked(up, x2)
     hidden = torch.empty((m, n_i), device=x.device, dtype=x.dtype)
