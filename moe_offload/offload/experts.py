@@ -113,6 +113,7 @@ class OffloadedExperts:
 
     def _experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, stats = self.cache, self.cache.stats
+        cache.prefilling = x.shape[0] > 1  # a prefill streams through the wider scratch ring (placement.py)
         if self.counts_tokens:
             stats.tokens += x.shape[0]
             if self.hybrid is not None:
@@ -120,7 +121,6 @@ class OffloadedExperts:
         if self.device_lookup and x.shape[0] == 1:
             return self._looked_up(x, indices, weights)
         decode = x.shape[0] == 1
-        cache.prefilling = not decode
         lookahead = self.lookahead if decode else []
         stage_ahead = self.stage_ahead if decode else None
         prologue, self._prologue = self._prologue, None
