@@ -57,15 +57,13 @@ def _moe_gemm_kernel(
     M, N, KW, K16, NG, NB, n_chunks, stride_xm, stride_ym, ES_W, ES_M, ES_H,
     BITS: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr, MBLK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GATED: tl.constexpr, TABLE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, SWAP: tl.constexpr,
+    GATED: tl.constexpr, TABLE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
 ):
     """Rows [start, start + count) of the pair list, all of expert e, times one BN tile of that expert's weight.
 
     TABLE: block b is (e, start, count) at blocks_ptr + 3b (e: index in the stack whose expert 0 the weight pointers
     are; its tensors lie e strides further); else block b is rows [b BM, min((b+1) BM, M)) of expert 0.
     GATHER: pair row r reads x row src[r] (else row r); SCATTER: it writes y row dst[r] (else row r).
-    SWAP: compute the transposed tile, W x^T: the dequantized weight (in registers) is then the product's first operand,
-    which Hopper's wgmma reads from registers, and the tokens its (smem) second.
     """
     pid_n = tl.program_id(0)  # fastest: programs running together share the block's x rows in L2
     blk = tl.program_id(1)
@@ -87,38 +85,23 @@ def _moe_gemm_kernel(
             w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr = _shift(
                 w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr, e, ES_W, ES_M, ES_H)
         rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
-        if SWAP:
-            acc = tl.zeros((BN, BM), tl.float32)
-            acc2 = tl.zeros((BN, BM), tl.float32)
-        else:
-            acc = tl.zeros((BM, BN), tl.float32)
-            acc2 = tl.zeros((BM, BN), tl.float32)
+        acc = tl.zeros((BM, BN), tl.float32)
+        acc2 = tl.zeros((BM, BN), tl.float32)
         for c in range(n_chunks):
             x = tl.load(x_ptr + src[:, None] * stride_xm + c * BK + tl.arange(0, BK)[None, :])
             w = _dequant_tile(w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, rows, c, KW, K16, NG, NB,
                               x.dtype, BITS, G, QMETA, MBLK, BK)
-            if SWAP:
-                acc = tl.dot(w, tl.trans(x), acc)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w), acc)
             if GATED:
                 w2 = _dequant_tile(w2_ptr, s2_ptr, ss2_ptr, so2_ptr, z2_ptr, zs2_ptr, zo2_ptr, rows, c, KW, K16, NG,
                                    NB, x.dtype, BITS, G, QMETA, MBLK, BK)
-                if SWAP:
-                    acc2 = tl.dot(w2, tl.trans(x), acc2)
-                else:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2)
+                acc2 = tl.dot(x, tl.trans(w2), acc2)
         if GATED:
             acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up in float32, rounded once
         dst = tl.load(dst_ptr + pair).to(tl.int64) if SCATTER else pair.to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        out = acc.to(y_ptr.dtype.element_ty)
-        if SWAP:
-            mask = (r[None, :] < count) & (offs_n[:, None] < N)
-            tl.store(y_ptr + dst[None, :] * stride_ym + offs_n[:, None], out, mask=mask)
-        else:
-            mask = (r[:, None] < count) & (offs_n[None, :] < N)
-            tl.store(y_ptr + dst[:, None] * stride_ym + offs_n[None, :], out, mask=mask)
+        mask = (r[:, None] < count) & (offs_n[None, :] < N)
+        tl.store(y_ptr + dst[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Pairs per block: shared by both launches of a layer (they read one block table).
@@ -133,7 +116,6 @@ class MoeGemmConfig(NamedTuple):
     bk: int
     warps: int
     stages: int
-    swap: bool = False
 
 
 # (bits, group, n, k, gated) -> config; benchmarks/moe_gemm.py fills it to try others. One configuration per weight
@@ -185,7 +167,7 @@ def _launch(x2, y2, w1, w2, bits, group, n, k, m, blocks, src, dst, stack_stride
         packed, s, ss, so, z, zs, zo, packed2, s2, ss2, so2, z2, zs2, zo2,
         m, n, k * bits // 32, k // 16, ng, ng // mblk, k // cfg.bk, x2.stride(0), y2.stride(0), *es,
         BITS=bits, G=group, QMETA=qmeta, MBLK=mblk, BM=BLOCK_PAIRS, BN=cfg.bn, BK=cfg.bk,
-        GATED=w2 is not None, TABLE=blocks is not None, GATHER=src is not None, SCATTER=dst is not None, SWAP=cfg.swap,
+        GATED=w2 is not None, TABLE=blocks is not None, GATHER=src is not None, SCATTER=dst is not None,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
