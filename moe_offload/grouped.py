@@ -24,14 +24,12 @@ from .errors import MoeOffloadError
 from .flat import FlatLayout
 from .model import combine_experts, sum_ranks, sum_ranks_reference
 from .quant.hqq import QuantSpec
-from .weights import EXPERT_GRAPHS, QuantExpert, build_expert, replay_graph
+from .weights import EXPERT_GRAPHS, QuantExpert, build_expert, on_kernels, replay_graph
 
 
 def grouped_ok(x: torch.Tensor, expert: nn.Module) -> bool:
     """Whether the grouped kernels compute this token (x [T, D]) with experts laid out like ``expert``."""
-    if x.shape[0] != 1 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if not isinstance(expert, QuantExpert) or not kernels.available():
+    if x.shape[0] != 1 or not isinstance(expert, QuantExpert) or not on_kernels(x):
         return False
     spec = expert.gate_proj.spec
     return spec.group_size >= (16 if spec.bits == 3 else 32 // spec.bits)  # the GEMV's word-in-group rule
@@ -39,9 +37,7 @@ def grouped_ok(x: torch.Tensor, expert: nn.Module) -> bool:
 
 def stack_prefill_ok(x: torch.Tensor, expert: nn.Module) -> bool:
     """Whether a prefill (x [T, D], T > 1) of a stack laid out like ``expert`` runs as one launch per projection."""
-    if x.shape[0] < 2 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return isinstance(expert, QuantExpert) and kernels.available() and expert.prefill_kernel_fits()
+    return x.shape[0] > 1 and isinstance(expert, QuantExpert) and expert.prefill_on_kernels(x)
 
 
 def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, base: QuantExpert,

@@ -167,6 +167,11 @@ def quantize_layers(layers: Iterator[LayerWeights], preset: QuantPreset, device:
 EXPERT_GRAPHS: ContextVar[object | None] = ContextVar("expert_graphs", default=None)
 
 
+def on_kernels(x: torch.Tensor) -> bool:
+    """Whether the fused CUDA kernels (kernels/) take this input: 16-bit activations on a GPU where Triton runs."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available()
+
+
 class QuantExpert(Expert):
     """A quantized expert; on CUDA with 16-bit activations the fused kernels run it in two launches
     (gate+up+SiLU, then down) instead of five.
@@ -182,7 +187,7 @@ class QuantExpert(Expert):
     int8_activations = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available():
+        if on_kernels(x):
             pool = EXPERT_GRAPHS.get()
             if x.shape[0] == 1 and pool is not None:
                 return self._replay(x, pool)
@@ -197,20 +202,28 @@ class QuantExpert(Expert):
         """A prefill's rows of this expert (``model.prefill_rows``): on CUDA the prefill kernels (kernels/moe_gemm.py),
         whose rows do not depend on how many there are or which experts share the launch, so that a resident stack's
         one launch per layer (StackedExperts) and offloaded experts one by one give the same bits."""
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available() and self.prefill_kernel_fits():
+        if self.prefill_on_kernels(x):
             return kernels.expert_rows(x, self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt)
         return self(x)
 
-    def prefill_kernel_fits(self) -> bool:
-        from .kernels.moe_gemm import fits
+    def prefill_on_kernels(self, x: torch.Tensor) -> bool:
+        """Whether ``prefill`` runs the prefill kernels: a 16-bit CUDA input, weights they take (checked once per
+        module; its shapes never change), and the kernels not switched off (moe_gemm.ENABLED, benchmarks' A/B)."""
+        if not on_kernels(x):
+            return False
+        from .kernels import moe_gemm
 
-        return fits(self.gate_proj.qt) and fits(self.up_proj.qt) and fits(self.down_proj.qt)
+        fits = self.__dict__.get("_prefill_fits")
+        if fits is None:
+            fits = self.__dict__["_prefill_fits"] = all(
+                moe_gemm.fits(p.qt) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        return fits and moe_gemm.ENABLED
 
     def forward_with_head(self, x: torch.Tensor, units: int, head: Callable[[], torch.Tensor]) -> torch.Tensor:
         gate, up, down = self.gate_proj.qt, self.up_proj.qt, self.down_proj.qt
         n = gate.shape[0]
         int8 = self.int8_activations and x.shape[0] == 1
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available():
+        if on_kernels(x):
             return self._fused_with_head(x, units, head, int8)
         tail = None
         if units < n:

@@ -136,8 +136,6 @@ def fits(qt: QuantizedTensor) -> bool:
     """Whether the prefill kernels take this weight (any bit width the GEMM takes, K a whole number of tiles)."""
     bits, group = qt.spec.bits, qt.spec.group_size
     n, k = qt.shape
-    if not ENABLED:
-        return False
     tiles = (moe_gemm_config(bits, group, n, k, gated).bk for gated in (False, True))
     return bits in (2, 3, 4, 8) and k % 32 == 0 and all(k % bk == 0 and bk % group == 0 for bk in tiles)
 
