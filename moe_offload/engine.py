@@ -32,7 +32,7 @@ from .offload.hybrid import HybridExecutor
 from .offload.planner import Plan
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
-from .placement import OffloadOptions, install_offload, plan_placement, prepare_offload
+from .placement import HOST_WEIGHTS, OffloadOptions, install_offload, plan_placement, prepare_offload
 from .sampling import SamplingParams
 from .text import Tokenizer
 from .weights import LayerWeights, QuantExpert, build_expert, expert_layout, expert_shapes, iter_layers, quantize_layers
@@ -68,9 +68,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torch.device, dtype: torch.dtype,
-             expert_spec: QuantSpec | None, source: Path, store: ExpertStore | None = None) -> None:
+             expert_spec: QuantSpec | None, source: Path, store: ExpertStore | None = None,
+             on_host: Iterable[str] = ()) -> None:
     """Put streamed layer weights into a meta-device model: parameters, quantized linears, and experts
-    (into the model, or into the host ``store`` when they are offloaded)."""
+    (into the model, or into the host ``store`` when they are offloaded). Parameters named in ``on_host`` go to host
+    memory instead, pinned where the device is a GPU (the embedding table of an offloading plan)."""
+    on_host = set(on_host)
     config = model.config
     expected = dict(model.named_parameters())
     for layer in layers:
@@ -81,8 +84,12 @@ def assemble(model: MoeTransformer, layers: Iterable[LayerWeights], device: torc
                 raise MoeOffloadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} "
                                       f"but config.json implies {tuple(expected[name].shape)}")
             module_path, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module_path), attr,
-                    nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+            if name in on_host:
+                tensor = tensor.to(device="cpu", dtype=dtype)
+                tensor = tensor.pin_memory() if device.type == "cuda" else tensor
+            else:
+                tensor = tensor.to(device=device, dtype=dtype)
+            setattr(model.get_submodule(module_path), attr, nn.Parameter(tensor, requires_grad=False))
         for module_path, qt in layer.quantized.items():
             target = _linear(model, module_path, source)
             if (target.out_features, target.in_features) != tuple(qt.shape):
@@ -350,15 +357,20 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = "auto"
     return _build(config, tokenizer, directory, layers, preset, options, offload)
 
 
-def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path, layers: Iterable[LayerWeights],
+def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path,
+           layers: Iterable[LayerWeights] | Callable[[bool], Iterable[LayerWeights]],
            preset: QuantPreset | None, options: LoadOptions, offload: OffloadOptions | None) -> Engine:
+    """``layers``: the weights, or a function of whether experts are offloaded that gives them."""
     dev, dt = options.device, options.dtype
     offload = offload or OffloadOptions()
     plan = plan_placement(config, preset, dev, dt, options.max_context, offload)
+    if callable(layers):
+        layers = layers(plan is not None)
     with torch.device("meta"):
         net = MoeTransformer(config)
     store, slots = prepare_offload(net, expert_layout(config, preset, dt), offload, plan, dev) if plan else (None, None)
-    assemble(net, layers, dev, dt, preset.experts if preset else None, source, store)
+    on_host = HOST_WEIGHTS if plan is not None and plan.host_weights_bytes else ()
+    assemble(net, layers, dev, dt, preset.experts if preset else None, source, store, on_host)
     engine = Engine(config, net, tokenizer, source, options)
     engine.preset, engine.plan = preset, plan
     if plan is not None:
@@ -367,6 +379,8 @@ def _build(config: ModelConfig, tokenizer: Tokenizer | None, source: Path, layer
     if options.int8_activations:
         install_int8_activations(net, engine.expert_cache.modules if engine.expert_cache else ())
     net.eval()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # loading's transients (synthetic_layers: whole segments of their own) given back
     return engine
 
 
@@ -386,9 +400,9 @@ def load_synthetic(name: str, *, preset: str | QuantPreset | None = "4/2", devic
     options = LoadOptions(dev, dt, min(max_context, config.max_position_embeddings), cuda_graphs, int8_activations)
     tick = _counter(progress, f"Building synthetic {name}", config.num_layers + 1)
 
-    def layers():
-        for layer in synthetic_layers(config, chosen, dev, dt, seed):
+    def layers(offloaded: bool):  # offloaded experts go straight to host memory, one by one
+        for layer in synthetic_layers(config, chosen, dev, dt, seed, experts_to_host=offloaded):
             yield layer
             tick()
 
-    return _build(config, None, Path(f"synthetic:{name}"), layers(), chosen, options, offload)
+    return _build(config, None, Path(f"synthetic:{name}"), layers, chosen, options, offload)

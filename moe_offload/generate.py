@@ -62,7 +62,7 @@ class Session:
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.tokens: list[int] = []
-        self.device = model.embed_tokens.weight.device
+        self.device = model.device
         # Decode steps replay each layer's dense part from a CUDA graph (see graphs.py).
         self.decoder = GraphedDecode(model, self.kv) if cuda_graphs and self.device.type == "cuda" else None
 

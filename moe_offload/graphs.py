@@ -25,8 +25,7 @@ from .weights import EXPERT_GRAPHS
 class GraphedDecode:
     def __init__(self, model: MoeTransformer, kv: KVCache, use_graphs: bool = True):
         c = model.config
-        weight = model.embed_tokens.weight
-        self.model, self.kv, self.device, self.dtype = model, kv, weight.device, weight.dtype
+        self.model, self.kv, self.device, self.dtype = model, kv, model.device, model.dtype
         M, D = kv.max_len, c.hidden_size
         self.pos = torch.full((1,), M - 1, dtype=torch.long, device=self.device)  # capture writes the last slot
         self.positions = torch.arange(M, device=self.device)
@@ -107,7 +106,8 @@ class GraphedDecode:
     def step(self, token: int, position: int) -> torch.Tensor:
         """Feed ``token`` at ``position``; return float32 logits [V]. The caller owns ``kv.length``."""
         model, c = self.model, self.model.config
-        self.x[0].view(-1).copy_(model.embed_tokens.weight[token])
+        # The table is on the GPU, or pinned in host memory (placement.py): either way an asynchronous copy of one row.
+        self.x[0].view(-1).copy_(model.embed_tokens.weight[token], non_blocking=True)
         self.pos.fill_(position)
         torch.le(self.positions, self.pos, out=self.mask[0])
         if c.sliding_window is not None:

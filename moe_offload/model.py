@@ -400,6 +400,23 @@ class MoeTransformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (the embedding table may sit in host memory: ``embed``)."""
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> [B, S, D] on the tokens' device. The table may live in host memory (a GPU short of memory:
+        placement.py): then the rows are gathered there and uploaded, a copy, so the result is the same bits."""
+        weight = self.embed_tokens.weight
+        if weight.device == tokens.device:
+            return self.embed_tokens(tokens)
+        return nn.functional.embedding(tokens.cpu(), weight).to(tokens.device)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVCache, start: int, last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] at positions start..start+S-1 -> float32 logits [B, S, V] (or [B, 1, V] with last_only).
@@ -409,7 +426,7 @@ class MoeTransformer(nn.Module):
         B, S = tokens.shape
         c = self.config
         positions = torch.arange(start, start + S, device=tokens.device).expand(B, S)
-        x = self.embed_tokens(tokens)  # [B, S, D]
+        x = self.embed(tokens)  # [B, S, D]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
         mask = attention_mask(start, S, c.sliding_window, tokens.device)
         for layer in self.layers:
@@ -419,5 +436,5 @@ class MoeTransformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     def new_kv_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        c, p = self.config, self.embed_tokens.weight
-        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, p.dtype, p.device)
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)

@@ -35,13 +35,15 @@ from .quant.presets import QuantPreset
 from .weights import (build_expert, expert_layout, expert_shapes, head_bytes_per_unit, head_split_ranges,
                       non_expert_bytes)
 
-WORKSPACE_BYTES = 512 << 20  # activations of a prefill chunk, logits, allocator slack
+# Activations of a 512-token prefill chunk, the decode graphs' buffers, logits: a prefill peaked 0.15 GiB above the
+# loaded model, a session's graphs took 0.06 GiB beside its KV cache (Mixtral 4/2, H100, BENCHMARKS.md, session 13).
+WORKSPACE_BYTES = 256 << 20
 FREE_MEMORY_MARGIN = 1 << 30
-# Device memory a CUDA run holds beyond its tensors and the CUDA context measured at planning: kernels loaded
-# on first use, cuBLAS/Triton workspaces, CUDA graphs, blocks the caching allocator keeps. Measured on the H100
-# (Mixtral 4/2 and 4/3, every budget): nvidia-smi's peak was 1.4-1.7 GiB above PyTorch's peak allocation. With 1 GiB,
-# 4/3 at 12 GiB (copies only) peaked 41 MiB over the budget (12329 MiB, session 12): 64 MiB more.
-RUNTIME_SLACK = (1 << 30) + (64 << 20)
+# Device memory a CUDA run holds beyond its tensors and the CUDA context measured at planning: kernels loaded on first
+# use and cuBLAS/Triton workspaces (0.21 GiB), blocks the caching allocator keeps beyond its allocations (0.1-0.3
+# GiB). Measured on the H100 (Mixtral 4/2 and 4/3, session 13) once loading stopped leaving 0.7 GiB of half-used
+# blocks behind (synthetic.py, engine._build); before that it was 1 GiB and more.
+RUNTIME_SLACK = 512 << 20
 
 
 def cuda_runtime_bytes(device: torch.device) -> int:
@@ -140,11 +142,25 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
         budget = parse_size(options.gpu_memory) if isinstance(options.gpu_memory, str) else int(options.gpu_memory)
         runtime = cuda_runtime_bytes(device)  # the budget is the whole process's, as nvidia-smi shows it
     # Offloading sees only the MoE layers, numbered 0, 1, ... (config.moe_layers): dense layers have no experts.
-    sizes = dict(expert_bytes=expert_layout(config, preset, dtype).nbytes, num_layers=len(config.moe_layers),
+    # The workspace and the scratch slots are counted where the budget is a GPU's.
+    expert_bytes = expert_layout(config, preset, dtype).nbytes
+    gpu = device.type == "cuda"
+    sizes = dict(expert_bytes=expert_bytes, num_layers=len(config.moe_layers),
                  num_experts=config.num_experts, non_expert_bytes=non_expert_bytes(config, preset, dtype),
                  kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
-                 workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0, runtime_bytes=runtime)
+                 workspace_bytes=WORKSPACE_BYTES if gpu else 0, runtime_bytes=runtime)
     cpu_layers = parse_cpu_layers(options.cpu_layers)
+    everything = sizes["num_layers"] * sizes["num_experts"] * sizes["expert_bytes"]
+    fixed = sum(sizes[k] for k in ("non_expert_bytes", "kv_cache_bytes", "workspace_bytes", "runtime_bytes"))
+    if ((budget is None or fixed + everything <= budget) and cpu_layers in (0, "auto")
+            and options.offload_per_layer is None and not options.force):
+        plan(budget, top_k=config.top_k, policy=options.policy, **sizes)  # checks the options all the same
+        return None  # everything fits, the embedding table included
+    # Offloading on a GPU: the embedding table goes to host memory, and its room to experts. (A plan that then keeps
+    # every expert still offloads: the table must stay in host memory.)
+    host = host_weights_bytes(config, dtype) if gpu else 0
+    sizes["non_expert_bytes"] -= host
+    sizes["scratch_bytes"] = scratch_slots(config) * expert_bytes if gpu else 0
     if cpu_layers == "auto":
         pays = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
                 and options.policy in PER_LAYER_POLICIES and cpu_layers_pay(config, preset))
@@ -152,8 +168,19 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
         share = AUTO_CACHED_SHARE_WITH_COPIES if copies else AUTO_CACHED_SHARE
         cpu_layers = auto_cpu_layers(budget, cached_share=share, **sizes) if pays else 0
     p = plan(budget, top_k=config.top_k, offload_per_layer=options.offload_per_layer, policy=options.policy,
-             cpu_layers=cpu_layers, **sizes)
-    return None if p.all_resident and options.offload_per_layer is None and not options.force else p
+             cpu_layers=cpu_layers, host_weights_bytes=host, **sizes)
+    if p.all_resident and not host and options.offload_per_layer is None and not options.force:
+        return None
+    return p
+
+
+def host_weights_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Non-expert weights an offloading plan on a GPU keeps in host memory: the embedding table (unless lm_head shares
+    it). A decode step reads one row of it (8 KB for Mixtral); its 250 MiB are four Mixtral 4/2 expert slots."""
+    return 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size * dtype.itemsize
+
+
+HOST_WEIGHTS = ("embed_tokens.weight",)  # what host_weights_bytes counts
 
 
 class _Pending:
@@ -289,8 +316,7 @@ def _device_lookup_runs(options: OffloadOptions, store: ExpertStore, grouped: Sl
     """On CUDA, device lookup needs the store pinned (the kernels read it in place) and the grouped kernels."""
     if grouped is None:  # a CPU device (only with "on"): in-place reads are plain memory reads
         return True
-    weight = model.embed_tokens.weight
-    probe = torch.empty((1, model.config.hidden_size), dtype=weight.dtype, device=weight.device)
+    probe = torch.empty((1, model.config.hidden_size), dtype=model.dtype, device=model.device)
     reason = ("the host store is not pinned" if not store.pinned else
               None if grouped.ok(probe) else "the grouped expert kernels do not run these experts")
     if reason is not None and options.device_lookup == "on":

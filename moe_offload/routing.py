@@ -108,7 +108,7 @@ class TraceReplay(_Hooks):
         if not keep:
             raise MoeOffloadError(f"trace {trace.source}: no token routes every layer; nothing to replay")
         self.trace, self.model_top_k = trace.select(keep), c.top_k
-        device = model.embed_tokens.weight.device
+        device = model.device
         self.indices = torch.tensor(self.trace.steps, dtype=torch.long, device=device)  # [N, L, K]
         if self.trace.weights is not None:
             self.weights = torch.tensor(self.trace.weights, dtype=torch.float32, device=device)  # [N, L, K]

@@ -9,6 +9,8 @@ any cache. Routing on random weights is close to uniform over the experts.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Iterator
 
 import torch
@@ -88,17 +90,20 @@ def random_quantized(shape: tuple[int, int], spec: QuantSpec, generator: torch.G
 
 
 def synthetic_layers(config: ModelConfig, preset: QuantPreset | None, device: torch.device,
-                     dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Iterator[LayerWeights]:
+                     dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                     experts_to_host: bool = False) -> Iterator[LayerWeights]:
     """A random model as LayerWeights (on ``device``), embeddings first, then layer by layer.
 
     The non-expert tensors are exactly ``non_expert_shapes(config)``, quantized where ``quant_spec`` says.
+    ``experts_to_host``: each expert, once generated, is moved to host memory (offloading: the GPU then never holds
+    more than one expert being generated). The values do not depend on it.
     """
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     c = config
 
-    def dense(shape: tuple[int, ...], std: float) -> torch.Tensor:
-        return (torch.randn(shape, device=device, generator=g) * std).to(dtype)
+    def dense(shape: tuple[int, ...], std: float) -> torch.Tensor:  # drawn in dtype: no float32 transients
+        return torch.randn(shape, device=device, generator=g, dtype=dtype).mul_(std)
 
     def put(out: LayerWeights, name: str, shape: tuple[int, ...]) -> None:
         spec = quant_spec(name, preset)
@@ -117,18 +122,28 @@ def synthetic_layers(config: ModelConfig, preset: QuantPreset | None, device: to
     for name, shape in non_expert_shapes(c).items():
         index = int(name.split(".")[1]) if name.startswith("layers.") else None
         by_layer.setdefault(index, {})[name] = shape
+    # Experts are generated on a stream of their own: PyTorch's allocator keeps each stream's blocks apart, so the
+    # generation's transients leave whole free segments that empty_cache returns, not holes between the resident
+    # weights (0.7 GiB of them at Mixtral 4/2, 12 GiB: BENCHMARKS.md, session 13).
+    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    side = torch.cuda.Stream(device) if main is not None else None
     for index in [None, *range(c.num_layers)]:
         layer = LayerWeights(index)
         for name, shape in by_layer[index].items():
             put(layer, name, shape)
         if index is not None and c.is_moe_layer(index):
-            for e in range(c.num_experts):
-                flat: dict[str, torch.Tensor] = {}
-                for proj, (n, k) in expert_shapes(c).items():
-                    if preset is None:
-                        flat[f"{proj}.weight"] = dense((n, k), k**-0.5)
-                    else:
-                        qt = random_quantized((n, k), preset.experts, g, device)
-                        flat.update({f"{proj}.{name}": t for name, t in qt.tensors().items()})
-                layer.experts[e] = flat
+            if side is not None:
+                side.wait_stream(main)  # blocks freed by the consumer's earlier copies are reused only after them
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for e in range(c.num_experts):
+                    flat: dict[str, torch.Tensor] = {}
+                    for proj, (n, k) in expert_shapes(c).items():
+                        if preset is None:
+                            flat[f"{proj}.weight"] = dense((n, k), k**-0.5)
+                        else:
+                            qt = random_quantized((n, k), preset.experts, g, device)
+                            flat.update({f"{proj}.{name}": t for name, t in qt.tensors().items()})
+                    layer.experts[e] = {k: v.cpu() for k, v in flat.items()} if experts_to_host else flat
+            if side is not None:
+                main.wait_stream(side)
         yield layer

@@ -37,6 +37,8 @@ class Plan:
     runtime_bytes: int = 0  # outside PyTorch's tensors: CUDA context, loaded kernels, library workspaces
     extra_slots: int = 0  # per-layer policies: this many layers get slots_per_layer + 1
     cpu_layers: int = 0  # layers whose experts the CPU computes at decode (no slots)
+    host_weights_bytes: int = 0  # non-expert weights kept in host memory instead (not in non_expert_bytes)
+    scratch_bytes: int = 0  # slots for experts that get no cache slot (copied for one use, or a CPU layer's share)
 
     @property
     def cpu_layer_ids(self) -> list[int]:
@@ -83,7 +85,7 @@ class Plan:
     @property
     def used_bytes(self) -> int:
         return (self.experts_total_bytes + self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes
-                + self.runtime_bytes)
+                + self.runtime_bytes + self.scratch_bytes)
 
     def rows(self) -> list[tuple[str, str]]:
         spl, extra = self.slots_per_layer, self.extra_slots
@@ -91,9 +93,12 @@ class Plan:
                      f"{spl}-{spl + 1} per layer: {extra} layers have {spl + 1}")
         return [
             ("GPU budget", "no cap" if self.budget_bytes is None else format_bytes(self.budget_bytes)),
-            ("non-expert weights", format_bytes(self.non_expert_bytes)),
+            ("non-expert weights", format_bytes(self.non_expert_bytes)
+             + (f" (+ {format_bytes(self.host_weights_bytes)} in host memory)"
+                if self.host_weights_bytes else "")),
             ("KV cache", format_bytes(self.kv_cache_bytes)),
             ("workspace", format_bytes(self.workspace_bytes)),
+            *([("scratch slots", format_bytes(self.scratch_bytes))] if self.scratch_bytes else []),
             *([("CUDA runtime", format_bytes(self.runtime_bytes))] if self.runtime_bytes else []),
             ("expert slots", f"{self.total_slots} ({per_layer}) of {self.num_layers * self.num_experts} experts, "
                              f"{self.resident_fraction:.1%}"),
@@ -118,12 +123,13 @@ def _slots(budget_bytes: int | None, fixed: int, expert_bytes: int, everything: 
 
 def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int, top_k: int,
          non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, offload_per_layer: int | None = None,
-         policy: str = "lru", runtime_bytes: int = 0, cpu_layers: int = 0) -> Plan:
+         policy: str = "lru", runtime_bytes: int = 0, cpu_layers: int = 0, host_weights_bytes: int = 0,
+         scratch_bytes: int = 0) -> Plan:
     if policy not in POLICIES:
         raise MoeOffloadError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
     assert expert_bytes > 0 and num_layers > 0 and 0 < top_k <= num_experts
     per_layer = policy in PER_LAYER_POLICIES
-    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes
+    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes + scratch_bytes
     if not 0 <= cpu_layers <= num_layers:
         raise MoeOffloadError(f"--cpu-layers {cpu_layers} must be 0..{num_layers} (the model has {num_layers} MoE layers)")
     if cpu_layers and not per_layer:
@@ -147,7 +153,8 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
                 f"{format_bytes(needed)}, more than the {format_bytes(budget_bytes)} budget; offload more experts "
                 f"per layer, raise --gpu-memory or lower --max-context")
         return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl if per_layer else None, total,
-                    non_expert_bytes, kv_cache_bytes, workspace_bytes, runtime_bytes)
+                    non_expert_bytes, kv_cache_bytes, workspace_bytes, runtime_bytes,
+                    host_weights_bytes=host_weights_bytes, scratch_bytes=scratch_bytes)
 
     gpu_layers = num_layers - cpu_layers
     slots = _slots(budget_bytes, fixed, expert_bytes, gpu_layers * num_experts)
@@ -161,6 +168,7 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
             f"{format_bytes(non_expert_bytes)} + KV cache {format_bytes(kv_cache_bytes)} + workspace "
             f"{format_bytes(workspace_bytes)}"
             + (f" + CUDA runtime {format_bytes(runtime_bytes)}" if runtime_bytes else "")
+            + (f" + scratch slots {format_bytes(scratch_bytes)}" if scratch_bytes else "")
             + f" leave {format_bytes(max(budget_bytes - fixed, 0))} for experts, but "
             f"{what} x {format_bytes(expert_bytes)} (at least {format_bytes(fixed + minimum * expert_bytes)} in "
             f"all); raise --gpu-memory, lower --max-context or use a smaller preset"
@@ -169,7 +177,7 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
     spl = (slots // gpu_layers if gpu_layers else 0) if per_layer else None  # slots <= everything: spl <= num_experts
     extra = slots - spl * gpu_layers if spl is not None else 0  # < gpu_layers; 0 when spl == num_experts
     return Plan(budget_bytes, policy, num_layers, num_experts, expert_bytes, spl, slots, non_expert_bytes,
-                kv_cache_bytes, workspace_bytes, runtime_bytes, extra, cpu_layers)
+                kv_cache_bytes, workspace_bytes, runtime_bytes, extra, cpu_layers, host_weights_bytes, scratch_bytes)
 
 
 # --cpu-layers auto: the layers keeping a cache should get about this share of their experts' slots. Measured on the
@@ -186,12 +194,12 @@ AUTO_CACHED_SHARE_WITH_COPIES = 1.0
 
 def auto_cpu_layers(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_experts: int,
                     non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, runtime_bytes: int = 0,
-                    cached_share: float = AUTO_CACHED_SHARE) -> int:
+                    cached_share: float = AUTO_CACHED_SHARE, scratch_bytes: int = 0) -> int:
     """How many layers to compute on the CPU (``--cpu-layers auto``): as few as leave the other layers about
     ``cached_share`` of their experts cached, and at least as many as the budget's slots cannot give one each."""
     if budget_bytes is None:
         return 0
-    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes
+    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes + scratch_bytes
     slots = _slots(budget_bytes, fixed, expert_bytes, num_layers * num_experts)
     wanted = math.ceil(num_layers - slots / (cached_share * num_experts))
     return min(num_layers, max(0, wanted, num_layers - slots))

@@ -43,6 +43,10 @@ def test_cuda_offloaded_bit_identical(tiny_dir, dtype, options):
     resident = moe_offload.load(tiny_dir, device="cuda", dtype=dtype)
     offloaded = moe_offload.load(tiny_dir, device="cuda", dtype=dtype, offload=options)
     assert offloaded.expert_cache.store.pinned
+    # Offloading keeps the embedding table in pinned host memory (unless lm_head shares it), the resident model on the GPU.
+    table = offloaded.model.embed_tokens.weight
+    assert resident.model.embed_tokens.weight.is_cuda
+    assert offloaded.config.tie_word_embeddings or (table.device.type == "cpu" and table.is_pinned())
     a, b = greedy(resident, prompt), greedy(offloaded, prompt)
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
 

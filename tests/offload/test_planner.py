@@ -214,3 +214,39 @@ def test_spare_room_becomes_prefill_scratch_slots_when_every_gpu_layer_is_whole(
     assert prefill_scratch_slots(config, plan(FIXED + 200 * 66 * MiB, cpu_layers=15, **sizes)) == 6  # up to a layer
     copies = plan(FIXED + 139 * 66 * MiB, **sizes)
     assert copies.total_slots == 139 and copies.spare_slots == 0 and prefill_scratch_slots(config, copies) == 0
+
+
+def test_an_offloading_plan_on_a_gpu_keeps_the_embedding_table_in_host_memory(monkeypatch):
+    """On a GPU, offloading moves the embedding table to host memory and gives its room to experts (Mixtral 4/2: 250
+    MiB, three or four more slots); a model that fits whole keeps it on the GPU; a budget that fits every expert
+    only without the table still offloads, so that the table stays on the host."""
+    import torch
+
+    from moe_offload import placement
+    from moe_offload.quant.presets import PRESETS
+    from moe_offload.synthetic import synthetic_config
+
+    monkeypatch.setattr(placement, "cuda_runtime_bytes", lambda device: 0)  # no CUDA here: plan as if on one
+    config, preset, cuda = synthetic_config("mixtral-8x7b"), PRESETS["4/2"], torch.device("cuda")
+    table = placement.host_weights_bytes(config, torch.bfloat16)
+    assert table == 32000 * 4096 * 2
+    options = placement.OffloadOptions(gpu_memory="12GiB")
+    on_gpu = placement.plan_placement(config, preset, cuda, torch.bfloat16, 1024, options)
+    assert on_gpu.host_weights_bytes == table and "in host memory" in str(on_gpu)
+    on_cpu_device = placement.plan_placement(config, preset, torch.device("cpu"), torch.bfloat16, 1024, options)
+    assert on_cpu_device.host_weights_bytes == 0  # there every weight is in host memory anyway
+    expert = on_gpu.expert_bytes
+    # Same budget, same workspace: the table's bytes become whole expert slots.
+    fixed = on_gpu.non_expert_bytes + on_gpu.kv_cache_bytes + on_gpu.workspace_bytes + on_gpu.scratch_bytes
+    assert on_gpu.scratch_bytes == 2 * expert  # the top-2 scratch slots are counted on a GPU
+    assert on_gpu.total_slots == (on_gpu.budget_bytes - fixed) // expert
+    assert on_gpu.total_slots - (on_gpu.budget_bytes - fixed - table) // expert in (3, 4)
+    whole = on_gpu.non_expert_bytes + table + on_gpu.kv_cache_bytes + on_gpu.workspace_bytes + 256 * expert
+    assert placement.plan_placement(config, preset, cuda, torch.bfloat16, 1024,
+                                    placement.OffloadOptions(gpu_memory=whole)) is None
+    just = placement.plan_placement(config, preset, cuda, torch.bfloat16, 1024,
+                                    placement.OffloadOptions(gpu_memory=whole - table // 4))
+    assert just is not None and just.total_slots == 256 and just.host_weights_bytes == table
+    tied = synthetic_config("tiny")
+    assert placement.host_weights_bytes(tied, torch.bfloat16) == (0 if tied.tie_word_embeddings else
+                                                                  tied.vocab_size * tied.hidden_size * 2)
