@@ -64,6 +64,9 @@ class BenchResult:
     device_lookup: bool = False  # the layers between CPU layers looked their experts up on the GPU
     in_place_per_token: float = 0.0  # misses read in place from host memory (device lookup)
     split_experts_per_token: float = 0.0  # misses split: first hidden units on the CPU, the rest copied (hybrid)
+    # The hybrid path's cost model as decode left it (ms per copy, per CPU expert, per CPU call): what split the CPU
+    # layers' experts between the CPU and the copy link (runs whose split drifted: BENCHMARKS.md, session 13)
+    cost_model: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -198,6 +201,8 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
         device_lookup=cache is not None and cache.table is not None,
         in_place_per_token=summary.get("in_place_per_token", 0.0),
         split_experts_per_token=summary.get("split_experts_per_token", 0.0),
+        cost_model=None if hybrid is None else {"copy_ms": hybrid.cost.copy_ms, "cpu_ms": hybrid.cost.cpu_ms,
+                                                "cpu_fixed_ms": hybrid.cost.cpu_fixed_ms},
     )
 
 

@@ -68,6 +68,9 @@ def test_cpu_layers_run_beside_copies_only(tmp_path):
     full, copies = data["runs"]
     assert full["cpu_layers"] == 1 and full["cpu_experts_per_token"] > 0
     assert copies["cpu_layers"] == 0 and copies["cpu_experts_per_token"] == 0
+    # the cost model that split the CPU layer's experts, as decode left it (a CPU call costs something)
+    assert set(full["cost_model"]) == {"copy_ms", "cpu_ms", "cpu_fixed_ms"} and full["cost_model"]["cpu_ms"] > 0
+    assert copies["cost_model"] is None
 
 
 def test_device_lookup_on_runs_host_lookup_beside_it(tmp_path):
