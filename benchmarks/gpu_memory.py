@@ -99,7 +99,7 @@ def main() -> None:
                    cpu_layers=plan.cpu_layers if plan else 0, context=rows[0]["used"], peak_used=peak,
                    planned=plan.used_bytes if plan else None, runtime_planned=plan.runtime_bytes if plan else None,
                    workspace_planned=plan.workspace_bytes if plan else None,
-                   working_peak=max(r["peak_allocated"] for r in rows) - static,
+                   working_peak=max(r["peak_allocated"] for r in rows[2:]) - static,  # peaks reset after loading
                    reserved_beyond_allocated=max(r["peak_reserved"] for r in rows) - max(r["peak_allocated"] for r in rows),
                    rows=rows)
     print(f"peak in use (sampled) {peak / GiB:.3f} GiB; planned {summary['planned'] / GiB:.3f} GiB; allocations beyond "

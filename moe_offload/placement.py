@@ -25,8 +25,8 @@ from .model import MoeTransformer, Router, combine_experts
 from .offload.cache import ExpertCache
 from .offload.experts import OffloadedExperts
 from .offload.hybrid import CostModel, HybridExecutor, SplitShape, calibrate
-from .offload.planner import (AUTO_CACHED_SHARE, AUTO_CACHED_SHARE_WITH_COPIES, Plan, auto_cpu_layers, parse_size,
-                              plan)
+from .offload.planner import (AUTO_CACHED_SHARE, AUTO_CACHED_SHARE_WITH_COPIES, Plan, auto_cpu_layers, fixed_bytes,
+                              parse_size, plan)
 from .offload.policy import PER_LAYER_POLICIES, NoCache, make_policy
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
@@ -152,8 +152,7 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
                  workspace_bytes=WORKSPACE_BYTES if gpu else 0, runtime_bytes=runtime)
     cpu_layers = parse_cpu_layers(options.cpu_layers)
     everything = sizes["num_layers"] * sizes["num_experts"] * sizes["expert_bytes"]
-    fixed = sum(sizes[k] for k in ("non_expert_bytes", "kv_cache_bytes", "workspace_bytes", "runtime_bytes"))
-    if ((budget is None or fixed + everything <= budget) and cpu_layers in (0, "auto")
+    if ((budget is None or fixed_bytes(**sizes) + everything <= budget) and cpu_layers in (0, "auto")
             and options.offload_per_layer is None and not options.force):
         plan(budget, top_k=config.top_k, policy=options.policy, **sizes)  # checks the options all the same
         return None  # everything fits, the embedding table included

@@ -116,6 +116,12 @@ class Plan:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def fixed_bytes(*, non_expert_bytes: int, kv_cache_bytes: int, workspace_bytes: int, runtime_bytes: int = 0,
+                scratch_bytes: int = 0, **_) -> int:
+    """What the budget holds besides the expert slots (extra keywords, the rest of a plan's sizes, are ignored)."""
+    return non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes + scratch_bytes
+
+
 def _slots(budget_bytes: int | None, fixed: int, expert_bytes: int, everything: int) -> int:
     """Whole experts that fit in what the budget leaves after the fixed part (all of them without a budget)."""
     return everything if budget_bytes is None else min(max(budget_bytes - fixed, 0) // expert_bytes, everything)
@@ -129,7 +135,8 @@ def plan(budget_bytes: int | None, *, expert_bytes: int, num_layers: int, num_ex
         raise MoeOffloadError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
     assert expert_bytes > 0 and num_layers > 0 and 0 < top_k <= num_experts
     per_layer = policy in PER_LAYER_POLICIES
-    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes + scratch_bytes
+    fixed = fixed_bytes(non_expert_bytes=non_expert_bytes, kv_cache_bytes=kv_cache_bytes,
+                        workspace_bytes=workspace_bytes, runtime_bytes=runtime_bytes, scratch_bytes=scratch_bytes)
     if not 0 <= cpu_layers <= num_layers:
         raise MoeOffloadError(f"--cpu-layers {cpu_layers} must be 0..{num_layers} (the model has {num_layers} MoE layers)")
     if cpu_layers and not per_layer:
@@ -199,7 +206,8 @@ def auto_cpu_layers(budget_bytes: int | None, *, expert_bytes: int, num_layers: 
     ``cached_share`` of their experts cached, and at least as many as the budget's slots cannot give one each."""
     if budget_bytes is None:
         return 0
-    fixed = non_expert_bytes + kv_cache_bytes + workspace_bytes + runtime_bytes + scratch_bytes
+    fixed = fixed_bytes(non_expert_bytes=non_expert_bytes, kv_cache_bytes=kv_cache_bytes,
+                        workspace_bytes=workspace_bytes, runtime_bytes=runtime_bytes, scratch_bytes=scratch_bytes)
     slots = _slots(budget_bytes, fixed, expert_bytes, num_layers * num_experts)
     wanted = math.ceil(num_layers - slots / (cached_share * num_experts))
     return min(num_layers, max(0, wanted, num_layers - slots))
