@@ -67,6 +67,9 @@ class BenchResult:
     # The hybrid path's cost model as decode left it (ms per copy, per CPU expert, per CPU call): what split the CPU
     # layers' experts between the CPU and the copy link (runs whose split drifted: BENCHMARKS.md, session 13)
     cost_model: dict | None = None
+    # CPU layers served without the host (offload/served.py): the CPU's share of a CPU layer's top-k, and the server's
+    # counters over decode (copies, guesses copied ahead, guesses the router then chose); None: not served
+    served: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -203,7 +206,18 @@ def measure(engine: Engine, *, label: str = "full", model: str = "", prompt_toke
         split_experts_per_token=summary.get("split_experts_per_token", 0.0),
         cost_model=None if hybrid is None else {"copy_ms": hybrid.cost.copy_ms, "cpu_ms": hybrid.cost.cpu_ms,
                                                 "cpu_fixed_ms": hybrid.cost.cpu_fixed_ms},
+        served=_served_summary(hybrid, steps),
     )
+
+
+def _served_summary(hybrid, steps: int) -> dict | None:
+    served = getattr(hybrid, "served", None)
+    if served is None:
+        return None
+    counters = served.decode_counters()
+    per_token = {f"{k}_per_token": counters[k] / steps for k in ("copies", "guesses", "guess_hits")}
+    return {"cpu_k": served.cpu_k, "top_k": served.top_k, "guess": bool(served.guess_routers), **per_token,
+            "errors": counters["errors"]}
 
 
 def _device_name(device: torch.device) -> str:

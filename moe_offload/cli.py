@@ -93,18 +93,20 @@ def _model(model: str | None, hint: str = "pass MODEL (a model directory or Hugg
 
 
 def _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid="auto", cpu_threads=None, cpu_layers=0,
-             device_lookup="auto"):
+             device_lookup="auto", serve_cpu_layers="auto"):
     from .placement import OffloadOptions, parse_cpu_layers
 
     return OffloadOptions(gpu_memory=gpu_memory, offload_per_layer=offload_per_layer, policy=policy,
                           prefetch=prefetch, pin=not no_pin, hybrid=hybrid, cpu_threads=cpu_threads,
-                          cpu_layers=parse_cpu_layers(cpu_layers), device_lookup=device_lookup)
+                          cpu_layers=parse_cpu_layers(cpu_layers), device_lookup=device_lookup,
+                          serve_cpu_layers=serve_cpu_layers)
 
 
 def _cache_summary(engine) -> dict:
     if engine.cache_stats is None:  # everything resident: nothing is ever copied
         return {"hit_rate": 1.0, "prefetch_recall": 0.0, "bytes_copied_per_token": 0.0, "cpu_experts_per_token": 0.0,
                 "split_experts_per_token": 0.0}
+    engine.expert_cache.collect_timing()  # what ran without the host (served CPU layers) is counted now
     s = engine.cache_stats.summary()
     return {k: s[k] for k in ("hit_rate", "prefetch_recall", "prefetch_precision", "bytes_copied_per_token",
                               "host_syncs_per_token", "cpu_experts_per_token", "cpu_ms_per_token",
@@ -151,6 +153,10 @@ DeviceLookup = typer.Option("auto", "--device-lookup", help="With --cpu-layers, 
                             "host only at CPU layers: off, auto (on with a CUDA GPU and pinned memory where the cached "
                             "layers keep at least 85% of their experts), on (bench: also runs off beside it). Exact "
                             "either way.")
+ServeCpuLayers = typer.Option("auto", "--serve-cpu-layers", help="With --cpu-layers, a C thread serves the CPU "
+                              "layers at decode as the GPU signals it, with no Python or host sync between layers (a "
+                              "decode step is one CUDA graph): off, auto (on with a CUDA GPU where the CPU layers use "
+                              "the fused 4/2 kernel and the other layers hold all their experts), on.")
 Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")
@@ -168,14 +174,14 @@ def generate(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
-    device_lookup: str = DeviceLookup,
+    device_lookup: str = DeviceLookup, serve_cpu_layers: str = ServeCpuLayers,
     int8_activations: bool = Int8Activations,
 ):
     """Continue a prompt and print the completion."""
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, stop)
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
                    _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
-                            device_lookup), int8_activations)
+                            device_lookup, serve_cpu_layers), int8_activations)
     generation = engine.stream(prompt, params)
     if json_out:
         c = generation.result()
@@ -206,7 +212,7 @@ def chat(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
-    device_lookup: str = DeviceLookup,
+    device_lookup: str = DeviceLookup, serve_cpu_layers: str = ServeCpuLayers,
     int8_activations: bool = Int8Activations,
     stats: bool = typer.Option(False, "--stats", help="After each answer, print speed and expert-cache statistics."),
 ):
@@ -214,7 +220,7 @@ def chat(
     params = _params(temperature, top_p, top_k, max_new_tokens, seed, None)
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
                    _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
-                            device_lookup), int8_activations)
+                            device_lookup, serve_cpu_layers), int8_activations)
     conversation = engine.new_chat(system=system)
     err.print(f"[bold]moe-offload chat[/] {model or 'demo model'} on {engine.device}. /reset starts over, /exit quits, "
               "Ctrl-C stops an answer.", highlight=False, soft_wrap=True)
@@ -303,7 +309,7 @@ def bench(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
-    device_lookup: str = DeviceLookup,
+    device_lookup: str = DeviceLookup, serve_cpu_layers: str = ServeCpuLayers,
     int8_activations: bool = Int8Activations,
     seed: int = typer.Option(0, help="Seed of the synthetic weights and the random prompt."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run with prefetch toggled (off by "
@@ -343,7 +349,7 @@ def bench(
         model = _model(None, "pass MODEL or --synthetic NAME (e.g. --synthetic mixtral-8x7b)")
     replay_trace = _routing_trace(routing_trace, model, synthetic) if routing_trace is not None else None
     base = _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
-                    device_lookup)
+                    device_lookup, serve_cpu_layers)
     base = dataclasses.replace(base, timing=True)
     int8_of: dict[str, bool] = {}  # run label -> int8 activations (default: the command's choice)
     runs = [("full", base)]
@@ -361,6 +367,9 @@ def bench(
         runs.insert(runs.index(("full", base)) + 1, ("split experts", dataclasses.replace(base, split=True)))
     if base.cpu_layers and dev.type == "cuda":  # CPU layers sharing experts with the copy link, against the CPU alone
         runs.insert(runs.index(("full", base)) + 1, ("CPU layers alone", dataclasses.replace(base, cpu_layer_copies=False)))
+        if serve_cpu_layers != "off":  # served without the host, against the host syncing at every CPU layer
+            runs.insert(runs.index(("full", base)) + 1,
+                        ("host CPU layers", dataclasses.replace(base, serve_cpu_layers="off")))
         if ablations:  # the opt-in variants (placement.OffloadOptions)
             runs.insert(runs.index(("full", base)) + 1, ("staged guess", dataclasses.replace(base, stage_cpu_guess=True)))
             runs.insert(runs.index(("full", base)) + 1,
@@ -562,7 +571,7 @@ def serve(
     gpu_memory: Optional[str] = GpuMemory, offload_per_layer: Optional[int] = OffloadPerLayer,
     policy: str = Policy, prefetch: int = Prefetch, no_pin: bool = NoPin,
     hybrid: str = Hybrid, cpu_threads: Optional[int] = CpuThreads, cpu_layers: str = CpuLayers,
-    device_lookup: str = DeviceLookup,
+    device_lookup: str = DeviceLookup, serve_cpu_layers: str = ServeCpuLayers,
     int8_activations: bool = Int8Activations,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
@@ -574,7 +583,7 @@ def serve(
 
     engine = _load(_model(model), device, dtype, max_context, quantize, not no_verify,
                    _offload(gpu_memory, offload_per_layer, policy, prefetch, no_pin, hybrid, cpu_threads, cpu_layers,
-                            device_lookup), int8_activations)
+                            device_lookup, serve_cpu_layers), int8_activations)
     name = DEMO_NAME if model is None else Path(model).name if Path(model).exists() else model
     err.print(f"serving {name} on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'})",
               highlight=False, soft_wrap=True)

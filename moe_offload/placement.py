@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .cpu_expert import can_split, make_cpu_expert, run_experts, run_heads, start_experts
 from .errors import MoeOffloadError
 from .flat import FlatLayout
-from .grouped import SlotKernel
+from .grouped import SlotKernel, sum_rows
 from .kernels import cpu as cpu_kernels
 from .kernels import host_signal
 from .model import MoeTransformer, Router, combine_experts
@@ -28,6 +28,7 @@ from .offload.hybrid import CostModel, HybridExecutor, SplitShape, calibrate
 from .offload.planner import (AUTO_CACHED_SHARE, AUTO_CACHED_SHARE_WITH_COPIES, Plan, auto_cpu_layers, fixed_bytes,
                               parse_size, plan)
 from .offload.policy import PER_LAYER_POLICIES, NoCache, make_policy
+from .offload.served import ServedCpuLayers, choose_cpu_share
 from .offload.stats import CacheStats
 from .offload.store import ExpertStore
 from .quant.hqq import QuantSpec
@@ -105,6 +106,11 @@ class OffloadOptions:
     # CPU layers compute on the calling thread; False: on the C library's thread like other CPU work (with gpu_waits
     # the host then enqueues the rest of the step while the CPU works).
     cpu_layers_inline: bool = True
+    # CPU layers served without the host (offload/served.py): at decode a C thread handles every CPU layer as the GPU
+    # stream signals it, so a decode step has no host sync. off | auto (CUDA, where it can run) | on (also a CPU
+    # device: tests). ``serve_guess``: the server copies its guess of the next CPU layer's first expert ahead.
+    serve_cpu_layers: str = "auto"
+    serve_guess: bool = True
 
     @property
     def requested(self) -> bool:
@@ -300,7 +306,75 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
                                            hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers,
                                            num_experts=c.num_experts, last_layer=i == len(blocks) - 1,
                                            device_lookup=lookup, catch_up=catch_up, stage_ahead=stage_ahead))
+    served = make_served(blocks, cache, hybrid, p, options, c, grouped, lookup, model.dtype)
+    if served is not None:
+        for i in ordered:
+            blocks[i].experts.served = served
     return cache, hybrid
+
+
+SERVE_MODES = ("off", "auto", "on")
+
+
+def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None, p: Plan, options: OffloadOptions,
+                config: ModelConfig, grouped: SlotKernel | None, lookup: bool,
+                dtype: torch.dtype) -> ServedCpuLayers | None:
+    """Serve the CPU layers without the host (offload/served.py) where ``options.serve_cpu_layers`` asks and it can run;
+    the layers between them then get all their experts now (they hold a slot for each), so that no layer needs the
+    host at decode."""
+    mode = options.serve_cpu_layers
+    if mode not in SERVE_MODES:
+        raise MoeOffloadError(f"--serve-cpu-layers {mode!r} is not one of {', '.join(SERVE_MODES)}")
+    cpu_layers = sorted(p.cpu_layer_ids)
+    if mode == "off" or (mode == "auto" and cache.device.type != "cuda"):
+        return None
+    reason = served_unsupported(cache, hybrid, p, config, grouped, dtype)
+    if reason is not None:
+        if mode == "on":
+            raise MoeOffloadError(f"--serve-cpu-layers on cannot run: {reason} (use auto or off)")
+        return None
+    K = config.top_k
+    max_gpu = cache.scratch_slots // 2 if hybrid.copy_share else 0  # two sets of slots: one per CPU layer parity
+    cpu_k = choose_cpu_share(K, hybrid.cost.cpu_call_ms, hybrid.cost.copy_ms, max_gpu)
+    ahead = {layer: blocks[nxt].router for layer, nxt in zip(cpu_layers, cpu_layers[1:])}
+    others = [i for i in range(len(blocks)) if i not in p.cpu_layer_ids]
+    counter = cpu_layers[0] if lookup else 0  # the layer that counts tokens (install_offload)
+    served = ServedCpuLayers(cpu_layers, cache, lambda key: hybrid.cpu_expert(key).fused_parts(), K, cpu_k,
+                             cache.scratch_slot_numbers, hybrid.threads, ahead, sum_rows,
+                             rows=grouped.rows if grouped is not None else None, guess=options.serve_guess,
+                             counts_tokens=counter in p.cpu_layer_ids)
+    for i in others:  # every expert of the other layers into its slot now: no miss will ever call the host
+        cache.load(i, list(range(config.num_experts)))
+    cache.scratch_shared = True
+    cache.collectors.append(functools.partial(served.fold, cache.stats, others if lookup else ()))
+    hybrid.served = served
+    return served
+
+
+def served_unsupported(cache: ExpertCache, hybrid: HybridExecutor | None, p: Plan, config: ModelConfig,
+                       grouped: SlotKernel | None, dtype: torch.dtype) -> str | None:
+    """Why the CPU layers cannot be served without the host here, or None."""
+    if not p.cpu_layer_ids or hybrid is None:
+        return "there are no CPU layers (--cpu-layers N or auto)"
+    if config.top_k > 64:
+        return f"top_k {config.top_k} is above 64"
+    if hybrid.cpu_expert((p.cpu_layer_ids[0], 0)).fused_parts() is None:
+        return "the CPU experts do not take the fused integer kernel (the 4/2 preset on an AVX2 or AVX-512 CPU)"
+    slots = p.layer_slots if p.layer_slots is not None else None
+    others = [i for i in range(p.num_layers) if i not in p.cpu_layer_ids]
+    whole = (all(slots[i] >= config.num_experts for i in others) if slots is not None
+             else p.total_slots >= len(others) * config.num_experts)
+    if not whole:
+        return "the layers besides the CPU layers do not hold all their experts (more CPU layers, or more memory)"
+    if cache.cuda:
+        probe = torch.empty((1, config.hidden_size), dtype=dtype, device=cache.device)
+        if not cache.store.pinned:
+            return "the host store is not pinned"
+        if grouped is None or not grouped.ok(probe):
+            return "the grouped expert kernels do not run these experts"
+        if not host_signal.available():
+            return "the CUDA driver has no stream memory operations"
+    return None
 
 
 def widened(router: Router, extra: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

@@ -14,6 +14,8 @@ experts on the CPU while the main thread keeps the GPU busy.
   ``gate_up_2bit_g16`` the same for the first rows of gate and up only (split experts); ``start(...)`` runs either
   on the library's own worker thread and returns at once (``Started.wait()``), optionally setting a pinned flag for a
   CUDA stream to wait on (``kernels/host_signal.py``).
+* ``LayerServer(...)``: a thread of the library that serves CPU layers signalled through flags in pinned memory, a
+  GPU stream writing and waiting on them, with no Python per layer (``offload/served.py``; cpu_hqq.c says how).
 * ``Int4Matrix(qt)``: the same product through torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``),
   from an exact conversion of the HQQ codes (group sizes 32/64/128/256 only; costs its own host copy,
   about 4.5 bits per weight): (q - z) * s = (q - 8) * s + (8 - z) * s, the kernel's form.
@@ -52,6 +54,18 @@ class _Matrix(ctypes.Structure):  # mirrors hqq_matrix in cpu_hqq.c
                 ("scale_step", ctypes.c_void_p), ("scale_offset", ctypes.c_void_p),
                 ("zero_step", ctypes.c_void_p), ("zero_offset", ctypes.c_void_p),
                 ("meta_block", ctypes.c_int)]
+
+
+class _Server(ctypes.Structure):  # mirrors layer_server in cpu_hqq.c
+    _fields_ = ([(name, ctypes.c_int) for name in ("layers", "experts", "top_k", "cpu_k", "threads", "chunk", "prefetch",
+                                                   "guess")]
+                + [(name, ctypes.POINTER(_Matrix)) for name in ("gate", "up", "down")]
+                + [("src", ctypes.c_void_p), ("slot", ctypes.c_void_p), ("bytes", ctypes.c_uint64)]
+                + [(name, ctypes.c_void_p) for name in ("parity", "next", "go", "copied", "done", "mail", "plan_y",
+                                                        "staged", "xq", "xd", "xsum", "g", "u", "hq", "hd", "hsum",
+                                                        "ctx", "stream", "ctx_set", "copy", "write", "served", "ms",
+                                                        "counters")]
+                + [("stop", ctypes.c_int32), ("thread", ctypes.c_uint64)])
 
 
 def _cache_dir() -> Path:
@@ -115,6 +129,10 @@ def _library() -> ctypes.CDLL:
     lib.hqq_experts_submit.restype = ctypes.c_int
     lib.hqq_experts_wait.argtypes = []
     lib.hqq_experts_wait.restype = ctypes.c_double
+    lib.hqq_server_start.argtypes = [ctypes.POINTER(_Server)]
+    lib.hqq_server_start.restype = ctypes.c_int
+    lib.hqq_server_stop.argtypes = [ctypes.POINTER(_Server)]
+    lib.hqq_server_stop.restype = None
     return lib
 
 
@@ -421,3 +439,93 @@ class Int4Matrix:
 def hqq_matvec_reference(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """float32 reference: x [K] @ dequantize(W).T -> [N], in float64 for an unambiguous yardstick."""
     return (dequantize(qt, torch.float64) @ x.double()).float()
+
+
+SERVER_COUNTERS = ("copies", "guesses", "guess_hits", "errors")  # the order of cpu_hqq.c's enum
+
+
+class LayerServer:
+    """A thread of the C library serving CPU layers at decode (cpu_hqq.c, ``layer_server``), fed through pinned memory:
+
+    * ``mail`` float32 [L, D + K + 1]: the caller writes x, then the K routed experts and a guess of the next CPU
+      layer's first expert (-1: none) as int32, then sets ``go[l] = 1``;
+    * the thread picks the GPU's share (``top_k - cpu_k`` experts, one copied ahead on a guess first), copies those
+      experts' buffers to ``slots[parity[l] * gpu_k + j]`` and sets ``copied[l] = 1`` behind them, copies its guess for
+      layer ``next[l]`` ahead, computes the CPU's share and sets ``done[l] = 1``;
+    * ``plan_y`` int32 [L, K + cpu_k * D]: the ranks of the GPU's share (slot order), then the CPU's, then the CPU's
+      outputs (float32 [cpu_k, D], in plan order).
+
+    ``experts[l][e]``: (gate, up, down) CpuMatrix of every expert of the served layers (``fusable``); ``sources[l][e]``:
+    the address of each expert's host buffer (``nbytes``); ``slots``: 2 * gpu_k destination addresses. ``driver``:
+    (context, stream, cuCtxSetCurrent, cuMemcpyHtoDAsync_v2, cuStreamWriteValue32_v2) addresses for copies on a CUDA
+    stream (host_signal.driver_for); None: memcpy on the thread (a CPU device). Flags and buffers are pinned when
+    ``pinned``. ``start()`` before the first go, ``stop()`` when done."""
+
+    def __init__(self, experts: list[list[tuple[CpuMatrix, CpuMatrix, CpuMatrix]]], sources: list[list[int]],
+                 nbytes: int, slots: list[int], top_k: int, cpu_k: int, parity: list[int], next_layer: list[int],
+                 threads: int, guess: bool = True, pinned: bool = False, driver: tuple[int, ...] | None = None):
+        layers, n_experts = len(experts), len(experts[0])
+        flat = [m for layer in experts for expert in layer for m in expert]
+        if not fusable(flat[0::3], flat[1::3], flat[2::3]):
+            raise MoeOffloadError("the CPU layer server needs 2-bit group-16 experts on the integer path, one shape")
+        gpu_k = top_k - cpu_k
+        if not 0 <= cpu_k <= top_k or len(slots) != 2 * gpu_k:
+            raise MoeOffloadError(f"cpu_k {cpu_k} of top_k {top_k} needs {2 * (top_k - cpu_k)} slots, got {len(slots)}")
+        d, i = flat[0].k, flat[0].n
+        self.layers, self.top_k, self.cpu_k, self.gpu_k, self.hidden = layers, top_k, cpu_k, gpu_k, d
+        self.pinned = pinned
+
+        def buffer(*shape, dtype=torch.int32, fill=0):
+            return torch.full(shape, fill, dtype=dtype, pin_memory=pinned)
+
+        self.go, self.copied, self.done = buffer(layers), buffer(layers), buffer(layers)
+        self.mail = buffer(layers, d + top_k + 1, dtype=torch.float32)
+        self.plan_y = buffer(layers, top_k + cpu_k * d)
+        self.staged = buffer(layers, fill=-1)
+        self.served = torch.zeros(layers, dtype=torch.int64)
+        self.ms = torch.zeros(layers, dtype=torch.float64)
+        self.counters = torch.zeros(len(SERVER_COUNTERS), dtype=torch.int64)
+        self._parity = torch.tensor(parity, dtype=torch.int32)
+        self._next = torch.tensor(next_layer, dtype=torch.int32)
+        self._src = torch.tensor([a for layer in sources for a in layer], dtype=torch.int64)
+        self._slots = torch.tensor(slots or [0], dtype=torch.int64)
+        self._work = _new_work(max(cpu_k, 1), d, i)
+        self._structs = [(_Matrix * len(flat[j::3]))(*[m._struct for m in flat[j::3]]) for j in range(3)]
+        self._keep = flat  # the matrices own the store views the structs point into
+        s = _Server(layers=layers, experts=n_experts, top_k=top_k, cpu_k=cpu_k, threads=int(threads),
+                    chunk=flat[0].chunk, prefetch=PREFETCH_BYTES, guess=int(guess), gate=self._structs[0],
+                    up=self._structs[1], down=self._structs[2], src=self._src.data_ptr(), slot=self._slots.data_ptr(),
+                    bytes=nbytes)
+        for name in ("go", "copied", "done", "mail", "plan_y", "staged", "served", "ms", "counters"):
+            setattr(s, name, getattr(self, name).data_ptr())
+        s.parity, s.next = self._parity.data_ptr(), self._next.data_ptr()
+        for name, t in zip(("xq", "xd", "xsum", "g", "u", "hq", "hd", "hsum"), self._work):
+            setattr(s, name, t.data_ptr())
+        if driver is not None:
+            s.ctx, s.stream, s.ctx_set, s.copy, s.write = driver
+        self._struct = s
+        self.running = False
+
+    def start(self) -> None:
+        if self.running:
+            return
+        rc = _library().hqq_server_start(ctypes.byref(self._struct))
+        if rc != 0:
+            raise MoeOffloadError(f"could not start the CPU layer server (code {rc})")
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            _library().hqq_server_stop(ctypes.byref(self._struct))
+            self.running = False
+
+    def stats(self) -> dict[str, object]:
+        """Counters so far: ``served`` and ``ms`` per layer, and SERVER_COUNTERS."""
+        return {"served": self.served.tolist(), "ms": self.ms.tolist(),
+                **dict(zip(SERVER_COUNTERS, self.counters.tolist()))}
+
+    def __del__(self):
+        try:
+            self.stop()
+        except Exception:  # interpreter shutdown: the library may be gone; the process takes the thread with it
+            pass

@@ -543,3 +543,154 @@ double hqq_experts_wait(void) {
     pthread_mutex_unlock(&job_mutex);
     return ms;
 }
+
+/* CPU layers served without the host (offload/served.py): a thread of this library serves every CPU layer of a decode
+   step as the GPU reaches it, with no Python in between. Per CPU layer l, the GPU writes the layer's input x and its
+   routing (top_k experts, then a guess of the next CPU layer's first expert or -1) into pinned memory, then sets go[l] = 1
+   (cuStreamWriteValue32). This thread then
+     1. picks the GPU's share (gpu_k = top_k - cpu_k ranks: an expert already copied ahead on a guess first, then the
+        highest-weighted ranks) and writes the plan [gpu ranks..., cpu ranks...];
+     2. copies the GPU's share into its scratch slots (a DMA copy on its own CUDA stream) and sets copied[l] = 1 behind
+        them on that stream, for the GPU to wait on;
+     3. copies its guess for the next CPU layer into that layer's first scratch slot, on the same stream;
+     4. computes the CPU's share (hqq_experts_2bit_g16) into y[l] and sets done[l] = 1.
+   The GPU waits for copied[l], computes its share from the slots, waits for done[l], then takes plan and y up in one
+   copy. CPU layers alternate between two sets of scratch slots (parity): the guess for layer next[l] goes into the set
+   whose last reader (the CPU layer before l) finished before go[l] was set. Without CUDA (tests) the copies are
+   memcpy on this thread and copied[l] is set directly. */
+typedef int (*cu_ctx_set_fn)(void *ctx);
+typedef int (*cu_copy_fn)(uint64_t dst, const void *src, size_t bytes, void *stream);  /* cuMemcpyHtoDAsync_v2 */
+typedef int (*cu_write_fn)(void *stream, uint64_t addr, uint32_t value, unsigned flags); /* cuStreamWriteValue32_v2 */
+
+enum { SERVER_COPIES, SERVER_GUESSES, SERVER_GUESS_HITS, SERVER_ERRORS, SERVER_COUNTERS };
+#define SERVER_MAX_TOP_K 64
+
+typedef struct {
+    int layers, experts, top_k, cpu_k, threads, chunk, prefetch, guess;
+    const hqq_matrix *gate, *up, *down; /* [layers * experts] */
+    const uint8_t *const *src;          /* [layers * experts] each expert's host buffer of `bytes` */
+    const uint64_t *slot;               /* [2 * gpu_k] scratch slot addresses (device; host memory without CUDA) */
+    uint64_t bytes;
+    const int32_t *parity, *next;       /* [layers]: scratch slot set; next CPU layer in the step, or -1 */
+    int32_t *go, *copied, *done;        /* [layers] flags in pinned memory */
+    const float *mail;                  /* [layers, D + top_k + 1]: x (float32 [D]), then the routing (int32 [top_k + 1]) */
+    int32_t *plan_y;                    /* [layers, top_k + cpu_k * D]: plan (int32), then y (float32 [cpu_k, D]) */
+    int32_t *staged;                    /* [layers] expert copied ahead into the layer's first slot, or -1 */
+    int8_t *xq;                         /* work: see hqq_experts_2bit_g16 */
+    float *xd, *xsum, *g, *u;
+    int8_t *hq;
+    float *hd, *hsum;
+    void *ctx, *stream;
+    cu_ctx_set_fn ctx_set;
+    cu_copy_fn copy;
+    cu_write_fn write;
+    int64_t *served;                    /* [layers] */
+    double *ms;                         /* [layers] */
+    int64_t *counters;                  /* [SERVER_COUNTERS] */
+    int32_t stop;
+    uint64_t thread;
+} layer_server;
+
+static void server_copy(layer_server *s, uint64_t dst, const uint8_t *src) {
+    if (s->copy) {
+        if (s->copy(dst, src, (size_t)s->bytes, s->stream) != 0) s->counters[SERVER_ERRORS]++;
+    } else {
+        memcpy((void *)(uintptr_t)dst, src, (size_t)s->bytes);
+    }
+    s->counters[SERVER_COPIES]++;
+}
+
+static void serve_layer(layer_server *s, int l) {
+    const double start = now_ms();
+    const int K = s->top_k, C = s->cpu_k, G = K - C, E = s->experts, D = s->gate[0].k;
+    const float *x = s->mail + (size_t)l * (D + K + 1);
+    const int32_t *r = (const int32_t *)(x + D);
+    int32_t *plan = s->plan_y + (size_t)l * (K + C * D);
+    float *y = (float *)(plan + K);
+    /* (the GPU cleared copied[l] and done[l] before it set go[l]) */
+    int taken[SERVER_MAX_TOP_K] = {0}, n = 0, ahead = 0;
+    const int staged = s->staged[l];
+    s->staged[l] = -1;
+    for (int k = 0; G > 0 && staged >= 0 && k < K; k++)
+        if (r[k] == staged) { plan[n++] = k; taken[k] = 1; ahead = 1; s->counters[SERVER_GUESS_HITS]++; break; }
+    for (int k = 0; k < K && n < G; k++) /* the heaviest ranks: the CPU's int8 rounding then weighs least */
+        if (!taken[k]) { plan[n++] = k; taken[k] = 1; }
+    for (int k = 0; k < K; k++)
+        if (!taken[k]) plan[n++] = k;
+    const uint64_t *slots = s->slot + (size_t)s->parity[l] * G;
+    for (int j = ahead; j < G; j++) server_copy(s, slots[j], s->src[(size_t)l * E + r[plan[j]]]);
+    if (G > 0) {
+        if (s->write) {
+            if (s->write(s->stream, (uint64_t)(uintptr_t)&s->copied[l], 1, 0) != 0) s->counters[SERVER_ERRORS]++;
+        } else {
+            __atomic_store_n(&s->copied[l], 1, __ATOMIC_RELEASE);
+        }
+    }
+    const int nl = s->next[l], guess = r[K];
+    if (s->guess && G > 0 && nl >= 0 && guess >= 0 && guess < E) {
+        server_copy(s, s->slot[(size_t)s->parity[nl] * G], s->src[(size_t)nl * E + guess]);
+        s->staged[nl] = guess;
+        s->counters[SERVER_GUESSES]++;
+    }
+    if (C > 0) {
+        hqq_matrix gate[SERVER_MAX_TOP_K], up[SERVER_MAX_TOP_K], down[SERVER_MAX_TOP_K];
+        for (int c = 0; c < C; c++) {
+            const size_t e = (size_t)l * E + r[plan[G + c]];
+            gate[c] = s->gate[e]; up[c] = s->up[e]; down[c] = s->down[e];
+        }
+        hqq_experts_2bit_g16(gate, up, down, C, x, s->chunk, s->prefetch, s->xq, s->xd, s->xsum,
+                             s->g, s->u, s->hq, s->hd, s->hsum, y, s->threads);
+    }
+    __atomic_store_n(&s->done[l], 1, __ATOMIC_RELEASE); /* after plan and y: x86 keeps the stores in order */
+    s->served[l]++;
+    s->ms[l] += now_ms() - start;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Spin on the go flags while decode is running (a flag seen a microsecond late costs a microsecond); once idle for
+   SERVER_SPIN_MS, nap between scans, so an idle engine costs no core. */
+#define SERVER_SPIN_MS 20.0
+static void *server_loop(void *arg) {
+    layer_server *s = arg;
+    if (s->ctx_set && s->ctx_set(s->ctx) != 0) s->counters[SERVER_ERRORS]++;
+    double idle_since = now_ms();
+    while (!__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
+        int any = 0;
+        for (int l = 0; l < s->layers; l++) {
+            if (__atomic_load_n(&s->go[l], __ATOMIC_ACQUIRE) == 1) {
+                __atomic_store_n(&s->go[l], 0, __ATOMIC_RELAXED);
+                serve_layer(s, l);
+                any = 1;
+            }
+        }
+        if (any) {
+            idle_since = now_ms();
+        } else if (now_ms() - idle_since < SERVER_SPIN_MS) {
+            cpu_relax();
+        } else {
+            struct timespec nap = {0, 50000}; /* 50 us */
+            nanosleep(&nap, NULL);
+        }
+    }
+    return NULL;
+}
+
+/* 0: serving; -1: top_k or cpu_k out of range; -2: no thread could be started. */
+int hqq_server_start(layer_server *s) {
+    if (s->top_k > SERVER_MAX_TOP_K || s->top_k < 1 || s->cpu_k < 0 || s->cpu_k > s->top_k) return -1;
+    __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, server_loop, s) != 0) return -2;
+    s->thread = (uint64_t)thread;
+    return 0;
+}
+
+void hqq_server_stop(layer_server *s) {
+    __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
+    pthread_join((pthread_t)s->thread, NULL);
+}

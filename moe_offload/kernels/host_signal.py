@@ -7,6 +7,14 @@ set by the host releases the stream in about 8 microseconds.
 
 * ``available()`` -> bool: the driver has stream memory operations and they work on pinned host memory here
 * ``wait_geq(flag, value)``: the current stream waits until ``flag[0] >= value`` (flag: pinned int32 [1])
+* ``write_value(flag, value)``: the current stream sets ``flag[0] = value`` once the work before it is done
+* ``copy_async(dst, src)``: a copy of ``src``'s bytes into ``dst`` on the current stream (device or pinned memory,
+  either way), by the driver: unlike ``Tensor.copy_`` it involves no host allocator bookkeeping, so it is safe to
+  capture in a CUDA graph with pinned buffers
+* ``driver_for(stream)``: (context, stream, cuCtxSetCurrent, cuMemcpyHtoDAsync_v2, cuStreamWriteValue32_v2) as
+  addresses, for C code of this package that issues copies and flag writes from a thread of its own (cpu.LayerServer)
+
+All of these are enqueued on the stream and are captured by CUDA graphs like kernels.
 """
 
 from __future__ import annotations
@@ -35,6 +43,54 @@ def wait_geq(flag: torch.Tensor, value: int) -> None:
     rc = _wait_value()(ctypes.c_void_p(stream.cuda_stream), flag.data_ptr(), value & 0xFFFFFFFF, _GEQ)
     if rc != 0:
         raise MoeOffloadError(f"cuStreamWaitValue32 failed (CUDA driver error {rc}); use --hybrid off")
+
+
+@functools.lru_cache(maxsize=None)
+def _driver() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libcuda.so.1")
+    write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
+    write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    write.restype = ctypes.c_int
+    lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuMemcpyAsync.restype = ctypes.c_int
+    lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    lib.cuCtxGetCurrent.restype = ctypes.c_int
+    return lib
+
+
+def _write_fn():
+    lib = _driver()
+    return getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
+
+
+def write_value(flag: torch.Tensor, value: int) -> None:
+    stream = torch.cuda.current_stream()
+    rc = _write_fn()(ctypes.c_void_p(stream.cuda_stream), flag.data_ptr(), value & 0xFFFFFFFF, 0)
+    if rc != 0:
+        raise MoeOffloadError(f"cuStreamWriteValue32 failed (CUDA driver error {rc}); use --serve-cpu-layers off")
+
+
+def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
+    nbytes = src.numel() * src.element_size()
+    assert dst.numel() * dst.element_size() == nbytes and dst.is_contiguous() and src.is_contiguous()
+    stream = torch.cuda.current_stream()
+    rc = _driver().cuMemcpyAsync(dst.data_ptr(), src.data_ptr(), nbytes, ctypes.c_void_p(stream.cuda_stream))
+    if rc != 0:
+        raise MoeOffloadError(f"cuMemcpyAsync failed (CUDA driver error {rc}); use --serve-cpu-layers off")
+
+
+def driver_for(stream: torch.cuda.Stream) -> tuple[int, int, int, int, int]:
+    """Addresses for C code that issues copies and flag writes on ``stream`` from a thread of its own."""
+    lib = _driver()
+    torch.cuda.init()
+    with torch.cuda.device(stream.device):
+        torch.cuda.current_stream().synchronize()  # the device's primary context is current here
+        ctx = ctypes.c_void_p()
+        if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
+            raise MoeOffloadError("no current CUDA context for the CPU layer server")
+    address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
+    return (ctx.value, stream.cuda_stream, address(lib.cuCtxSetCurrent), address(lib.cuMemcpyHtoDAsync_v2),
+            address(_write_fn()))
 
 
 @functools.lru_cache(maxsize=None)

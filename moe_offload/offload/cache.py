@@ -89,6 +89,8 @@ class ExpertCache:
         self._in_flight: dict[Key, torch.cuda.Event] = {}  # copied into a slot, copy maybe not landed
         self._host_modules: dict[int, nn.Module] = {}  # CPU stand-in for in-place reads (module_at)
         self._log_indices: dict[tuple[int, ...], torch.Tensor] = {}  # device index tensors of log rows
+        self.collectors: list[Callable[[], None]] = []  # called by collect_timing
+        self.scratch_shared = False  # True: served CPU layers also copy into the scratch slots (forget_staged)
 
     # -- copies -------------------------------------------------------------------------------
     def _copy(self, pairs: list[tuple[Key, int]], together: bool = True, evicted: Collection[Key] = (),
@@ -249,6 +251,11 @@ class ExpertCache:
     def scratch_slots(self) -> int:
         return len(self._scratch)
 
+    @property
+    def scratch_slot_numbers(self) -> list[int]:
+        """The decode scratch ring's slots."""
+        return list(self._scratch)
+
     def load_split(self, layer: int, experts: list[int], ranges: list[tuple[int, int]]) -> dict[int, int]:
         """Split experts (the hybrid path): copy only ``ranges`` of each one's buffer, each into a scratch slot of its
         own (at most one per scratch slot); the CPU computes the rest. They take no cache slot and evict nothing.
@@ -406,6 +413,10 @@ class ExpertCache:
             del self._staged[key]
         return slot
 
+    def forget_staged(self) -> None:
+        """Drop the record of experts staged into scratch slots: something else (served CPU layers) wrote there."""
+        self._staged.clear()
+
     def stage(self, layer: int, experts: list[int]) -> None:
         """Start copying these experts (those without a cache slot, in the order they will be used) into the scratch
         slots now, up to one per scratch slot, so that the copy link works meanwhile: prefill stages a later layer's
@@ -442,7 +453,12 @@ class ExpertCache:
         return slot
 
     def collect_timing(self) -> None:
-        """Fold measured copy waits into the stats (synchronizes; call outside the decode loop)."""
+        """Fold measured copy waits, and what ``collectors`` report (work done without the host: served CPU layers),
+        into the stats (synchronizes; call outside the decode loop)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for collect in self.collectors:
+            collect()
         if not self._pending_waits:
             return
         torch.cuda.synchronize(self.device)

@@ -69,11 +69,16 @@ class OffloadedExperts:
         # that the next CPU layer finds the GPU's share of its experts there, or on its way, when its routing is known.
         self.stage_ahead = stage_ahead if cpu_only else None
         self._staging: tuple[int, int] | None = None
+        # Served (offload/served.py; set by placement.make_served): this CPU layer's decode goes to a C thread that the
+        # GPU stream signals, with no host sync and no Python (a graphed decode step captures it).
+        self.served = None
         self._prologue: torch.Tensor | None = None  # use_prologue
         self._ahead_sizes: list[int] = []  # entries of each look-ahead guess in the prologue
 
     def decode_on_device(self, x: torch.Tensor) -> bool:
         """True when this layer's decode needs no host (graphs.py may capture it with its neighbours)."""
+        if self.served is not None:
+            return self.served.ok(x)
         return self.device_lookup and x.shape[0] == 1 and self.grouped is not None and self.grouped.ok(x)
 
     def after_capture(self) -> None:
@@ -113,6 +118,10 @@ class OffloadedExperts:
 
     def _experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, stats = self.cache, self.cache.stats
+        if self.served is not None and self.served.ok(x):  # statistics: ServedCpuLayers.fold
+            return self.served(self.layer, x, indices, weights)
+        if self.layer == 0 and x.shape[0] > 1 and cache.scratch_shared:
+            cache.forget_staged()  # a prefill starts: served decode steps may have written into the scratch slots
         cache.prefilling = x.shape[0] > 1  # a prefill streams through the wider scratch ring (placement.py)
         if self.counts_tokens:
             stats.tokens += x.shape[0]

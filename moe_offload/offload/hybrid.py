@@ -287,6 +287,7 @@ class HybridExecutor:
         self.copy_share = copy_share  # CPU layers copy some of their experts where the link finishes them earlier
         self.inline_cpu_layers = inline_cpu_layers  # CPU layers compute on the calling thread (else: as any CPU work)
         self._pinned = PinnedRing()
+        self.served = None  # the CPU layers' server, where they are served without the host (offload/served.py)
         self._experts: dict[Key, Callable[[torch.Tensor, int], torch.Tensor]] = {}
         # torch's own CPU ops on the worker (int4 kernel, SiLU) get the same thread count
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-offload-cpu",
@@ -398,6 +399,8 @@ class HybridExecutor:
         return results(_Waited(started, experts))
 
     def close(self) -> None:
+        if self.served is not None:
+            self.served.close()
         self._pool.shutdown(wait=True)
         if self._last is not None:  # the C worker's last job: its statistics, its buffers
             self._last.wait()

@@ -132,8 +132,11 @@ def test_cuda_cpu_work_on_the_kernels_thread(tmp_path, how, gpu_waits):
             # a copy of 10 us: the copy backlog of a tiny model's step stays under it, and each step splits 1:1
             "cpu layer": CostModel(0.01, 0.015, smoothing=0.0), "cpu layer alone": CostModel(1.0, 1.0, smoothing=0.0),
             "cpu layer threaded": CostModel(0.01, 0.015, smoothing=0.0)}[how]
+    # (the host-synced CPU layers; served ones: test_served.py)
     extra = {"cpu layer": {"cpu_layers": 1}, "cpu layer alone": {"cpu_layers": 1, "cpu_layer_copies": False},
              "cpu layer threaded": {"cpu_layers": 1, "cpu_layers_inline": False}}.get(how, {"offload_per_layer": 2})
+    if "cpu_layers" in extra:
+        extra["serve_cpu_layers"] = "off"
 
     def load(**options):
         return moe_offload.load(directory, device="cuda", dtype="float32", quantize="4/2",
