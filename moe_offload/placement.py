@@ -314,6 +314,10 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
 
 
 SERVE_MODES = ("off", "auto", "on")
+# The calibrated CPU expert (one, on an idle host) against what a served CPU layer's expert costs in decode, with the
+# GPU and the copy link busy: 0.57-0.70 ms against 1.15 (H100 box, Mixtral 4/2; BENCHMARKS.md, session 14). Taken at
+# face value the calibration put both of a layer's experts on the CPU (22.9 ms of CPU work a token at 12 GiB).
+SERVED_CPU_UNDER_LOAD = 2.0
 
 
 def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None, p: Plan, options: OffloadOptions,
@@ -335,7 +339,8 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
         return None
     K = config.top_k
     max_gpu = cache.scratch_slots // 2 if hybrid.copy_share else 0  # two sets of slots: one per CPU layer parity
-    cpu_k = choose_cpu_share(K, hybrid.cost.cpu_call_ms, hybrid.cost.copy_ms, max_gpu)
+    cpu_k = choose_cpu_share(K, lambda n: SERVED_CPU_UNDER_LOAD * hybrid.cost.cpu_call_ms(n), hybrid.cost.copy_ms,
+                             max_gpu)
     ahead = {layer: blocks[nxt].router for layer, nxt in zip(cpu_layers, cpu_layers[1:])}
     others = [i for i in range(len(blocks)) if i not in p.cpu_layer_ids]
     counter = cpu_layers[0] if lookup else 0  # the layer that counts tokens (install_offload)
