@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -314,6 +315,9 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
 
 
 SERVE_MODES = ("off", "auto", "on")
+# The served layers' stream operations on CUDA (offload/served.py's Signals)
+STREAM_SIGNALS = types.SimpleNamespace(copy=host_signal.copy_async, write=host_signal.write_value,
+                                       wait=host_signal.wait_geq)
 # The calibrated CPU expert (one, on an idle host) against what a served CPU layer's expert costs in decode, with the
 # GPU and the copy link busy: 0.57-0.70 ms against 1.15 (H100 box, Mixtral 4/2; BENCHMARKS.md, session 14). Taken at
 # face value the calibration put both of a layer's experts on the CPU (22.9 ms of CPU work a token at 12 GiB).
@@ -345,9 +349,10 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
     others = [i for i in range(len(blocks)) if i not in p.cpu_layer_ids]
     counter = cpu_layers[0] if lookup else 0  # the layer that counts tokens (install_offload)
     served = ServedCpuLayers(cpu_layers, cache, lambda key: hybrid.cpu_expert(key).fused_parts(), K, cpu_k,
-                             cache.scratch_slot_numbers, hybrid.threads, ahead, sum_rows,
+                             cache.scratch_slot_numbers, hybrid.threads, ahead, sum_rows, cpu_kernels.LayerServer,
                              rows=grouped.rows if grouped is not None else None, guess=options.serve_guess,
-                             counts_tokens=counter in p.cpu_layer_ids)
+                             counts_tokens=counter in p.cpu_layer_ids, signals=STREAM_SIGNALS,
+                             driver_for=host_signal.driver_for)
     for i in others:  # every expert of the other layers into its slot now: no miss will ever call the host
         cache.load(i, list(range(config.num_experts)))
     cache.scratch_shared = True

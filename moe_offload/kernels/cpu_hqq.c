@@ -653,7 +653,7 @@ static inline void cpu_relax(void) {
 }
 
 /* Spin on the go flags while decode is running (a flag seen a microsecond late costs a microsecond); once idle for
-   SERVER_SPIN_MS, nap between scans, so an idle engine costs no core. */
+   SERVER_SPIN_MS, nap between scans (longer after a second), so an idle engine costs no core. */
 #define SERVER_SPIN_MS 20.0
 static void *server_loop(void *arg) {
     layer_server *s = arg;
@@ -670,11 +670,14 @@ static void *server_loop(void *arg) {
         }
         if (any) {
             idle_since = now_ms();
-        } else if (now_ms() - idle_since < SERVER_SPIN_MS) {
-            cpu_relax();
         } else {
-            struct timespec nap = {0, 50000}; /* 50 us */
-            nanosleep(&nap, NULL);
+            const double idle = now_ms() - idle_since;
+            if (idle < SERVER_SPIN_MS) {
+                cpu_relax();
+            } else { /* 50 us naps between decode calls; 1 ms once idle for a second (a chat waiting for input) */
+                struct timespec nap = {0, idle < 1000.0 ? 50000 : 1000000};
+                nanosleep(&nap, NULL);
+            }
         }
     }
     return NULL;

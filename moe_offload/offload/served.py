@@ -25,13 +25,11 @@ This module knows experts only as (layer, expert) keys, host buffers and slots.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from ..errors import MoeOffloadError
-from ..kernels import cpu as cpu_kernels
-from ..kernels import host_signal
 from .cache import ExpertCache
 from .stats import CacheStats
 
@@ -45,15 +43,17 @@ SumRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WAIT_TIMEOUT_S = 60.0  # a CPU device's wait for the server: far beyond any layer's work
 
 
-class _StreamSignals:
-    """On CUDA: every operation is enqueued on the current stream (and captured by a graph being captured)."""
+class Signals(Protocol):
+    """The stream operations the protocol needs (on CUDA: kernels.host_signal's, enqueued on the current stream)."""
 
-    copy = staticmethod(host_signal.copy_async)
-    write = staticmethod(host_signal.write_value)
-    wait = staticmethod(host_signal.wait_geq)
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None: ...
+
+    def write(self, flag: torch.Tensor, value: int) -> None: ...
+
+    def wait(self, flag: torch.Tensor, value: int) -> None: ...
 
 
-class _HostSignals:
+class HostSignals:
     """On a CPU device the calling thread is the stream: copies and writes happen now, a wait spins."""
 
     @staticmethod
@@ -88,11 +88,15 @@ class ServedCpuLayers:
     ``scratch``: cache slot numbers the server may copy into (2 * (top_k - cpu_k) of them are used); ``guess``: with
     ``guess_routers`` (CPU layer -> router of the next CPU layer in the step), copy the next CPU layer's likely first
     expert ahead. ``rows``/``sum_rows``: the grouped kernels on CUDA; None computes the GPU's share expert by expert
-    through the cache's slot modules (a CPU device)."""
+    through the cache's slot modules (a CPU device). Injected from the kernels (this package's offload modules import
+    none): ``make_server`` (kernels.cpu.LayerServer), and on CUDA ``signals`` (kernels.host_signal's stream operations)
+    and ``driver_for`` (host_signal.driver_for: what the server's thread needs to copy on a stream of its own)."""
 
     def __init__(self, layers: Sequence[int], cache: ExpertCache, parts: Callable[[Key], tuple], top_k: int,
                  cpu_k: int, scratch: Sequence[int], threads: int, guess_routers: dict[int, Router],
-                 sum_rows: SumRows, rows: SlotRows | None = None, guess: bool = True, counts_tokens: bool = True):
+                 sum_rows: SumRows, make_server: Callable[..., object], rows: SlotRows | None = None,
+                 guess: bool = True, counts_tokens: bool = True, signals: Signals | None = None,
+                 driver_for: Callable[[torch.cuda.Stream], tuple] | None = None):
         self.layers, self.cache, self.top_k, self.cpu_k = list(layers), cache, top_k, cpu_k
         self.gpu_k = top_k - cpu_k
         self.index = {layer: i for i, layer in enumerate(self.layers)}
@@ -106,14 +110,16 @@ class ServedCpuLayers:
         sources = [[store.buffer((layer, e)).data_ptr() for e in range(num_experts)] for layer in self.layers]
         n = len(self.layers)
         self.stream = torch.cuda.Stream(cache.device) if self.cuda else None
-        driver = host_signal.driver_for(self.stream) if self.cuda else None
-        self.server = cpu_kernels.LayerServer(
+        if self.cuda and (signals is None or driver_for is None):
+            raise MoeOffloadError("served CPU layers on CUDA need the stream operations (kernels.host_signal)")
+        driver = driver_for(self.stream) if self.cuda else None
+        self.server = make_server(
             experts, sources, store.layout.nbytes, [cache.slots[s].data_ptr() for s in slot_numbers], top_k, cpu_k,
             parity=[i % 2 for i in range(n)], next_layer=[i + 1 if i + 1 < n else -1 for i in range(n)],
             threads=threads, guess=guess and bool(guess_routers), pinned=self.cuda, driver=driver)
         self.guess_routers = dict(guess_routers) if guess else {}
         D = self.server.hidden
-        self.signals = _StreamSignals if self.cuda else _HostSignals
+        self.signals = signals if self.cuda else HostSignals()
         device = cache.device
         self.mail = torch.zeros((n, D + top_k + 1), dtype=torch.float32, device=device)
         self.mail.view(torch.int32)[:, D + top_k] = -1  # no guess
@@ -124,7 +130,7 @@ class ServedCpuLayers:
         self.rows, self.sum_rows = rows, sum_rows
         self.counts_tokens = counts_tokens
         self._folded = self.server.stats()
-        self.last_fold: dict[str, int] = {k: 0 for k in cpu_kernels.SERVER_COUNTERS}
+        self.last_fold: dict[str, int] = {k: 0 for k in self._counters(self._folded)}
         self.server.start()
 
     def ok(self, x: torch.Tensor) -> bool:
@@ -171,7 +177,7 @@ class ServedCpuLayers:
         now, before = self.server.stats(), self._folded
         served = [a - b for a, b in zip(now["served"], before["served"])]
         ms = [a - b for a, b in zip(now["ms"], before["ms"])]
-        self.last_fold = {k: now[k] - before[k] for k in cpu_kernels.SERVER_COUNTERS}
+        self.last_fold = {k: now[k] - before[k] for k in self._counters(now)}
         copies = self.last_fold["copies"]
         self._folded = now
         for layer, count, t in zip(self.layers, served, ms):
@@ -187,8 +193,13 @@ class ServedCpuLayers:
         for layer in resident_layers:
             stats.layers[layer].hits += tokens * self.top_k
 
+    @staticmethod
+    def _counters(stats: dict) -> list[str]:
+        return [k for k in stats if k not in ("served", "ms")]
+
     def decode_counters(self) -> dict[str, int]:
-        """The server's counters (kernels.cpu.SERVER_COUNTERS) between the last two folds (bench: over decode)."""
+        """The server's counters (copies, guesses, guess_hits, errors) between the last two folds (bench: over
+        decode)."""
         return dict(self.last_fold)
 
     def close(self) -> None:

@@ -185,3 +185,59 @@ def test_started_on_the_kernels_thread_equals_the_direct_call():
     h, ms_h = heads.wait()
     assert torch.equal(y, cpu.experts_2bit_g16(gates, ups, downs, x, threads=2)) and ms >= 0
     assert torch.equal(h, cpu.gate_up_2bit_g16(gates, ups, x, threads=2)) and ms_h >= 0
+
+
+def _serve(server: cpu.LayerServer, layer: int, x: torch.Tensor, routed: list[int], guess: int = -1) -> None:
+    """Play the GPU stream for one CPU layer: the mailbox, cleared answers, go; then wait for done."""
+    import time
+
+    d, k = server.hidden, server.top_k
+    server.mail[layer, :d] = x
+    server.mail[layer].view(torch.int32)[d:] = torch.tensor(routed + [guess], dtype=torch.int32)
+    server.copied[layer] = 0
+    server.done[layer] = 0
+    server.go[layer] = 1
+    deadline = time.monotonic() + 30
+    while int(server.done[layer]) != 1:
+        assert time.monotonic() < deadline, "the layer server did not answer"
+        time.sleep(0)
+    assert k - server.cpu_k == 0 or int(server.copied[layer]) == 1
+
+
+@needs_int8
+def test_the_layer_server_follows_its_protocol():
+    """The C layer server (no CUDA: memcpy into host "slots"): the plan puts the heaviest ranks on the GPU, an expert
+    copied ahead on a guess first (and not copied again); the slots receive the experts' bytes; the CPU's outputs equal
+    experts_2bit_g16 on the same experts."""
+    d, i, layers, experts, top_k = 256, 512, 2, 4, 3
+    torch.manual_seed(7)
+    spec = QuantSpec(2, 16, True)
+    buffers = [[torch.randint(0, 255, (64,), dtype=torch.uint8) for _ in range(experts)] for _ in range(layers)]
+    mats = [[tuple(cpu.CpuMatrix(quantize(torch.randn(*shape) * 0.5, spec, optimize=False))
+                   for shape in ((i, d), (i, d), (d, i))) for _ in range(experts)] for _ in range(layers)]
+    slots = [torch.zeros(64, dtype=torch.uint8) for _ in range(2)]  # gpu_k = 1: one slot per parity
+    server = cpu.LayerServer(mats, [[b.data_ptr() for b in layer] for layer in buffers], 64,
+                             [s.data_ptr() for s in slots], top_k=top_k, cpu_k=2, parity=[0, 1], next_layer=[1, -1],
+                             threads=2, guess=True)
+    server.start()
+    try:
+        x = torch.randn(d)
+        _serve(server, 0, x, [3, 1, 2], guess=2)  # the GPU takes rank 0 (expert 3); expert 2 of layer 1 goes ahead
+        plan = server.plan_y[0, :top_k].tolist()
+        assert plan == [0, 1, 2]
+        assert torch.equal(slots[0], buffers[0][3]) and torch.equal(slots[1], buffers[1][2])
+        y = server.plan_y[0, top_k:].view(torch.float32).view(2, d)
+        want = cpu.experts_2bit_g16([mats[0][e][0] for e in (1, 2)], [mats[0][e][1] for e in (1, 2)],
+                                    [mats[0][e][2] for e in (1, 2)], x, threads=2)
+        assert torch.equal(y, want)
+        assert server.stats()["copies"] == 2 and server.stats()["guesses"] == 1
+        _serve(server, 1, x, [0, 3, 2])  # the guess (rank 2 here) goes to the GPU, no copy: the CPU takes ranks 0, 1
+        assert server.plan_y[1, :top_k].tolist() == [2, 0, 1]
+        stats = server.stats()
+        assert stats["copies"] == 2 and stats["guess_hits"] == 1 and stats["served"] == [1, 1]
+        _serve(server, 1, x, [0, 3, 1])  # nothing staged any more: the heaviest rank is copied
+        assert server.plan_y[1, :top_k].tolist() == [0, 1, 2] and torch.equal(slots[1], buffers[1][0])
+        assert server.stats()["errors"] == 0
+    finally:
+        server.stop()
+    assert not server.running
