@@ -414,8 +414,18 @@ class ExpertCache:
         return slot
 
     def forget_staged(self) -> None:
-        """Drop the record of experts staged into scratch slots: something else (served CPU layers) wrote there."""
+        """Drop the record of experts staged into scratch slots: something else (served CPU layers) wrote there. On
+        CUDA the copies enqueued from now on also wait for the work enqueued so far, which may still read those slots
+        (served decode steps track no ``free`` events)."""
         self._staged.clear()
+        if self.cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def drain_copies(self) -> None:
+        """The compute stream waits for every copy enqueued so far: a prefill's copies into the scratch slots have
+        landed before the served CPU layers' own copies go there."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
     def stage(self, layer: int, experts: list[int]) -> None:
         """Start copying these experts (those without a cache slot, in the order they will be used) into the scratch

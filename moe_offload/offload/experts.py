@@ -110,6 +110,8 @@ class OffloadedExperts:
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         y = self._experts(x, indices, weights)
+        if self.last_layer and x.shape[0] > 1 and self.cache.scratch_shared:
+            self.cache.drain_copies()  # a prefill's copies land before a served decode step copies into the scratch
         if self._staging is not None:  # a CPU layer's guess for the next one (stage_ahead)
             layer, expert = self._staging
             self._staging = None

@@ -144,7 +144,7 @@ class ServedCpuLayers:
         mail[:D].copy_(x.reshape(-1))
         routed = mail.view(torch.int32)[D:]
         routed[:K].copy_(indices.reshape(-1))
-        router = self.guess_routers.get(layer)
+        router = self.guess_routers.get(layer) if G else None
         if router is not None:
             routed[K:].copy_(router(x)[1].reshape(-1)[:1])
         sig.copy(server.mail[i], mail)
