@@ -147,7 +147,8 @@ CpuThreads = typer.Option(None, "--cpu-threads", help="Threads for CPU experts (
 CpuLayers = typer.Option("0", "--cpu-layers", help="Compute the experts of this many MoE layers (spread over the "
                          "depth) on the CPU at decode and give their GPU memory to the other layers' caches, like "
                          "llama.cpp's --n-cpu-moe (not exact; needs the CPU path, i.e. not --hybrid off). auto: as many "
-                         "as the GPU budget calls for, where the CPU kernel is fast (the 4/2 preset's experts).")
+                         "as the GPU budget calls for, where the CPU kernel is fast (the 4/2 preset's experts); "
+                         "elsewhere all of them where no cache fits (their experts then only stream through the GPU).")
 DeviceLookup = typer.Option("auto", "--device-lookup", help="With --cpu-layers, the layers between CPU layers find "
                             "their experts on the GPU and read misses in place over PCIe, so a decode step reaches the "
                             "host only at CPU layers: off, auto (on with a CUDA GPU and pinned memory where the cached "
@@ -155,8 +156,9 @@ DeviceLookup = typer.Option("auto", "--device-lookup", help="With --cpu-layers, 
                             "either way.")
 ServeCpuLayers = typer.Option("auto", "--serve-cpu-layers", help="With --cpu-layers, a C thread serves the CPU "
                               "layers at decode as the GPU signals it, with no Python or host sync between layers (a "
-                              "decode step is one CUDA graph): off, auto (on with a CUDA GPU where the CPU layers use "
-                              "the fused 4/2 kernel and the other layers hold all their experts), on.")
+                              "decode step is one CUDA graph); it computes some of their experts where the fused 4/2 "
+                              "CPU kernel runs, and only copies them elsewhere: off, auto (on with a CUDA GPU where the "
+                              "other layers hold all their experts), on.")
 Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")

@@ -174,11 +174,26 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
         copies = options.cpu_layer_copies is not False  # on a CUDA device, where auto places CPU layers at all
         share = AUTO_CACHED_SHARE_WITH_COPIES if copies else AUTO_CACHED_SHARE
         cpu_layers = auto_cpu_layers(budget, cached_share=share, **sizes) if pays else 0
+        streams = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
+                   and options.policy in PER_LAYER_POLICIES and options.serve_cpu_layers != "off"
+                   and hybrid_unsupported(config, preset.experts if preset else None) is None)
+        if not pays and streams and not _fits(budget, config, options, sizes, host):
+            # Nothing fits with a cache: every layer streams its experts through the scratch slots at decode, copied
+            # by the served layers' thread (placement.make_served: the CPU computes none where it is slow).
+            cpu_layers = sizes["num_layers"]
     p = plan(budget, top_k=config.top_k, offload_per_layer=options.offload_per_layer, policy=options.policy,
              cpu_layers=cpu_layers, host_weights_bytes=host, **sizes)
     if p.all_resident and not host and options.offload_per_layer is None and not options.force:
         return None
     return p
+
+
+def _fits(budget: int | None, config: ModelConfig, options: OffloadOptions, sizes: dict, host: int) -> bool:
+    try:
+        plan(budget, top_k=config.top_k, policy=options.policy, host_weights_bytes=host, **sizes)
+    except MoeOffloadError:
+        return False
+    return True
 
 
 def host_weights_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -342,14 +357,18 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
             raise MoeOffloadError(f"--serve-cpu-layers on cannot run: {reason} (use auto or off)")
         return None
     K = config.top_k
-    max_gpu = cache.scratch_slots // 2 if hybrid.copy_share else 0  # two sets of slots: one per CPU layer parity
-    cpu_k = choose_cpu_share(K, lambda n: SERVED_CPU_UNDER_LOAD * hybrid.cost.cpu_call_ms(n), hybrid.cost.copy_ms,
-                             max_gpu)
+    if fused_cpu_layers(hybrid, p):
+        max_gpu = cache.scratch_slots // 2 if hybrid.copy_share else 0  # two sets of slots: one per CPU layer parity
+        cpu_k = choose_cpu_share(K, lambda n: SERVED_CPU_UNDER_LOAD * hybrid.cost.cpu_call_ms(n), hybrid.cost.copy_ms,
+                                 max_gpu)
+    else:  # no fused CPU kernel for these experts: the server copies all of them (one set of slots, no guesses)
+        cpu_k = 0
     ahead = {layer: blocks[nxt].router for layer, nxt in zip(cpu_layers, cpu_layers[1:])}
     others = [i for i in range(len(blocks)) if i not in p.cpu_layer_ids]
     counter = cpu_layers[0] if lookup else 0  # the layer that counts tokens (install_offload)
-    served = ServedCpuLayers(cpu_layers, cache, lambda key: hybrid.cpu_expert(key).fused_parts(), K, cpu_k,
-                             cache.scratch_slot_numbers, hybrid.threads, ahead, sum_rows, cpu_kernels.LayerServer,
+    served = ServedCpuLayers(cpu_layers, cache, (lambda key: hybrid.cpu_expert(key).fused_parts()) if cpu_k else None,
+                             K, cpu_k, cache.scratch_slot_numbers, hybrid.threads, ahead, sum_rows,
+                             cpu_kernels.LayerServer, config.hidden_size,
                              rows=grouped.rows if grouped is not None else None, guess=options.serve_guess,
                              counts_tokens=counter in p.cpu_layer_ids, signals=STREAM_SIGNALS,
                              driver_for=host_signal.driver_for)
@@ -361,6 +380,11 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
     return served
 
 
+def fused_cpu_layers(hybrid: HybridExecutor, p: Plan) -> bool:
+    """Whether the CPU layers' experts take the fused integer CPU kernel (the served CPU can compute a share)."""
+    return hybrid.cpu_expert((p.cpu_layer_ids[0], 0)).fused_parts() is not None
+
+
 def served_unsupported(cache: ExpertCache, hybrid: HybridExecutor | None, p: Plan, config: ModelConfig,
                        grouped: SlotKernel | None, dtype: torch.dtype) -> str | None:
     """Why the CPU layers cannot be served without the host here, or None."""
@@ -368,8 +392,12 @@ def served_unsupported(cache: ExpertCache, hybrid: HybridExecutor | None, p: Pla
         return "there are no CPU layers (--cpu-layers N or auto)"
     if config.top_k > 64:
         return f"top_k {config.top_k} is above 64"
-    if hybrid.cpu_expert((p.cpu_layer_ids[0], 0)).fused_parts() is None:
-        return "the CPU experts do not take the fused integer kernel (the 4/2 preset on an AVX2 or AVX-512 CPU)"
+    if not fused_cpu_layers(hybrid, p):  # the server can still copy every expert, with the slots for a layer's top_k
+        if not hybrid.copy_share:
+            return ("the CPU is to compute every expert (no copies), but these experts do not take the fused integer "
+                    "kernel (the 4/2 preset on an AVX2 or AVX-512 CPU)")
+        if cache.scratch_slots < config.top_k:
+            return f"copying a layer's {config.top_k} experts needs as many scratch slots, the cache has {cache.scratch_slots}"
     slots = p.layer_slots if p.layer_slots is not None else None
     others = [i for i in range(p.num_layers) if i not in p.cpu_layer_ids]
     whole = (all(slots[i] >= config.num_experts for i in others) if slots is not None

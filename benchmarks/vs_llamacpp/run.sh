@@ -77,8 +77,10 @@ ours)
         # our fastest placement where the CPU kernel's integer path runs (BENCHMARKS.md, session 10): CPU layers
         # sharing their experts with the copy link, every other layer whole; copies only beside it in one process
         args+=(--cpu-layers "${OURS_CPU_LAYERS:-auto}" --runs "${OURS_RUNS:-full,no hybrid}")
-      elif [ "$budget" = 2.5GB ] || [ "$budget" = 4.5GB ] || [ "$budget" = 2580MiB ]; then
-        args+=(--policy global-lru)  # ~8 expert slots: fewer than one per layer, so one LRU shared by all layers
+      elif [ "$budget" != resident ]; then
+        # 4/3: copies only where a cache fits (auto places no CPU layers); where none fits (~2.5 GB), every layer
+        # streams its experts, copied by the served layers' thread (session 14)
+        args+=(--cpu-layers auto --runs full)
       fi
       pid=$(sample_gpu "$OUT/$name.mem")
       timeout "${OURS_TIMEOUT:-200}" python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1

@@ -58,7 +58,7 @@ class _Matrix(ctypes.Structure):  # mirrors hqq_matrix in cpu_hqq.c
 
 class _Server(ctypes.Structure):  # mirrors layer_server in cpu_hqq.c
     _fields_ = ([(name, ctypes.c_int) for name in ("layers", "experts", "top_k", "cpu_k", "threads", "chunk", "prefetch",
-                                                   "guess")]
+                                                   "guess", "hidden")]
                 + [(name, ctypes.POINTER(_Matrix)) for name in ("gate", "up", "down")]
                 + [("src", ctypes.c_void_p), ("slot", ctypes.c_void_p), ("bytes", ctypes.c_uint64)]
                 + [(name, ctypes.c_void_p) for name in ("parity", "next", "go", "copied", "done", "mail", "plan_y",
@@ -455,23 +455,30 @@ class LayerServer:
     * ``plan_y`` int32 [L, K + cpu_k * D]: the ranks of the GPU's share (slot order), then the CPU's, then the CPU's
       outputs (float32 [cpu_k, D], in plan order).
 
-    ``experts[l][e]``: (gate, up, down) CpuMatrix of every expert of the served layers (``fusable``); ``sources[l][e]``:
-    the address of each expert's host buffer (``nbytes``); ``slots``: 2 * gpu_k destination addresses. ``driver``:
+    ``experts[l][e]``: (gate, up, down) CpuMatrix of every expert of the served layers (``fusable``), or None with
+    ``cpu_k`` 0 (the thread only copies: experts of any format; ``hidden`` then gives D); ``sources[l][e]``: the address
+    of each expert's host buffer (``nbytes``); ``slots``: gpu_k destination addresses per parity, for the parities in
+    ``parity`` (two sets, or one where every parity is 0; guesses need two). ``driver``:
     (context, stream, cuCtxSetCurrent, cuMemcpyHtoDAsync_v2, cuStreamWriteValue32_v2) addresses for copies on a CUDA
     stream (host_signal.driver_for); None: memcpy on the thread (a CPU device). Flags and buffers are pinned when
     ``pinned``. ``start()`` before the first go, ``stop()`` when done."""
 
-    def __init__(self, experts: list[list[tuple[CpuMatrix, CpuMatrix, CpuMatrix]]], sources: list[list[int]],
+    def __init__(self, experts: list[list[tuple[CpuMatrix, CpuMatrix, CpuMatrix]]] | None, sources: list[list[int]],
                  nbytes: int, slots: list[int], top_k: int, cpu_k: int, parity: list[int], next_layer: list[int],
-                 threads: int, guess: bool = True, pinned: bool = False, driver: tuple[int, ...] | None = None):
-        layers, n_experts = len(experts), len(experts[0])
-        flat = [m for layer in experts for expert in layer for m in expert]
-        if not fusable(flat[0::3], flat[1::3], flat[2::3]):
+                 threads: int, guess: bool = True, pinned: bool = False, driver: tuple[int, ...] | None = None,
+                 hidden: int | None = None):
+        layers, n_experts = len(sources), len(sources[0])
+        flat = [m for layer in experts for expert in layer for m in expert] if experts is not None else []
+        if cpu_k and not (flat and fusable(flat[0::3], flat[1::3], flat[2::3])):
             raise MoeOffloadError("the CPU layer server needs 2-bit group-16 experts on the integer path, one shape")
         gpu_k = top_k - cpu_k
-        if not 0 <= cpu_k <= top_k or len(slots) != 2 * gpu_k:
-            raise MoeOffloadError(f"cpu_k {cpu_k} of top_k {top_k} needs {2 * (top_k - cpu_k)} slots, got {len(slots)}")
-        d, i = flat[0].k, flat[0].n
+        sets = 1 + max(parity, default=0)
+        if not 0 <= cpu_k <= top_k or len(slots) != sets * gpu_k or (guess and sets < 2 and gpu_k):
+            raise MoeOffloadError(f"cpu_k {cpu_k} of top_k {top_k} needs {sets * (top_k - cpu_k)} slots for {sets} "
+                                  f"set(s), got {len(slots)} (guesses need two sets)")
+        d, i = (flat[0].k, flat[0].n) if flat else (hidden, 16)
+        if d is None:
+            raise MoeOffloadError("the CPU layer server needs the hidden size where it computes no expert")
         self.layers, self.top_k, self.cpu_k, self.gpu_k, self.hidden = layers, top_k, cpu_k, gpu_k, d
         self.pinned = pinned
 
@@ -490,12 +497,13 @@ class LayerServer:
         self._src = torch.tensor([a for layer in sources for a in layer], dtype=torch.int64)
         self._slots = torch.tensor(slots or [0], dtype=torch.int64)
         self._work = _new_work(max(cpu_k, 1), d, i)
-        self._structs = [(_Matrix * len(flat[j::3]))(*[m._struct for m in flat[j::3]]) for j in range(3)]
+        self._structs = [(_Matrix * len(flat[j::3]))(*[m._struct for m in flat[j::3]]) for j in range(3)] if flat else []
         self._keep = flat  # the matrices own the store views the structs point into
         s = _Server(layers=layers, experts=n_experts, top_k=top_k, cpu_k=cpu_k, threads=int(threads),
-                    chunk=flat[0].chunk, prefetch=PREFETCH_BYTES, guess=int(guess), gate=self._structs[0],
-                    up=self._structs[1], down=self._structs[2], src=self._src.data_ptr(), slot=self._slots.data_ptr(),
-                    bytes=nbytes)
+                    chunk=flat[0].chunk if flat else 0, prefetch=PREFETCH_BYTES, guess=int(guess), hidden=d,
+                    src=self._src.data_ptr(), slot=self._slots.data_ptr(), bytes=nbytes)
+        if flat:
+            s.gate, s.up, s.down = self._structs
         for name in ("go", "copied", "done", "mail", "plan_y", "staged", "served", "ms", "counters"):
             setattr(s, name, getattr(self, name).data_ptr())
         s.parity, s.next = self._parity.data_ptr(), self._next.data_ptr()

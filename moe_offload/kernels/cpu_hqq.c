@@ -556,7 +556,9 @@ double hqq_experts_wait(void) {
      4. computes the CPU's share (hqq_experts_2bit_g16) into y[l] and sets done[l] = 1.
    The GPU waits for copied[l], computes its share from the slots, waits for done[l], then takes plan and y up in one
    copy. CPU layers alternate between two sets of scratch slots (parity): the guess for layer next[l] goes into the set
-   whose last reader (the CPU layer before l) finished before go[l] was set. Without CUDA (tests) the copies are
+   whose last reader (the CPU layer before l) finished before go[l] was set. (With one set, every parity 0 and no
+   guesses: each layer's copies wait only for the layer before it, done before go[l].) cpu_k 0: the thread only
+   copies, for experts of any format (the layers then stream their experts, with no host sync). Without CUDA (tests) the copies are
    memcpy on this thread and copied[l] is set directly. */
 typedef int (*cu_ctx_set_fn)(void *ctx);
 typedef int (*cu_copy_fn)(uint64_t dst, const void *src, size_t bytes, void *stream);  /* cuMemcpyHtoDAsync_v2 */
@@ -566,8 +568,8 @@ enum { SERVER_COPIES, SERVER_GUESSES, SERVER_GUESS_HITS, SERVER_ERRORS, SERVER_C
 #define SERVER_MAX_TOP_K 64
 
 typedef struct {
-    int layers, experts, top_k, cpu_k, threads, chunk, prefetch, guess;
-    const hqq_matrix *gate, *up, *down; /* [layers * experts] */
+    int layers, experts, top_k, cpu_k, threads, chunk, prefetch, guess, hidden;
+    const hqq_matrix *gate, *up, *down; /* [layers * experts]; unused (may be NULL) where cpu_k is 0 */
     const uint8_t *const *src;          /* [layers * experts] each expert's host buffer of `bytes` */
     const uint64_t *slot;               /* [2 * gpu_k] scratch slot addresses (device; host memory without CUDA) */
     uint64_t bytes;
@@ -602,7 +604,7 @@ static void server_copy(layer_server *s, uint64_t dst, const uint8_t *src) {
 
 static void serve_layer(layer_server *s, int l) {
     const double start = now_ms();
-    const int K = s->top_k, C = s->cpu_k, G = K - C, E = s->experts, D = s->gate[0].k;
+    const int K = s->top_k, C = s->cpu_k, G = K - C, E = s->experts, D = s->hidden;
     const float *x = s->mail + (size_t)l * (D + K + 1);
     const int32_t *r = (const int32_t *)(x + D);
     int32_t *plan = s->plan_y + (size_t)l * (K + C * D);
@@ -683,9 +685,10 @@ static void *server_loop(void *arg) {
     return NULL;
 }
 
-/* 0: serving; -1: top_k or cpu_k out of range; -2: no thread could be started. */
+/* 0: serving; -1: top_k or cpu_k out of range, or CPU experts without matrices; -2: no thread could be started. */
 int hqq_server_start(layer_server *s) {
     if (s->top_k > SERVER_MAX_TOP_K || s->top_k < 1 || s->cpu_k < 0 || s->cpu_k > s->top_k) return -1;
+    if (s->cpu_k > 0 && !(s->gate && s->up && s->down)) return -1;
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
     pthread_t thread;
     if (pthread_create(&thread, NULL, server_loop, s) != 0) return -2;

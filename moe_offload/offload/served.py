@@ -14,9 +14,11 @@ at every CPU layer and spent about 0.6 ms of Python and launches per layer besid
 session 11). The split is fixed per model (``cpu_k`` of the top_k experts on the CPU, chosen from the calibrated cost
 model), where the hybrid executor re-decided it per layer from a cost model that could drift (session 13).
 
-Conditions (placement.make_served): the CPU layers' experts take the fused C kernel (4/2's 2-bit group-16 experts),
-every other layer holds all of its experts on the GPU (no layer but the CPU layers needs the host at decode), and on
-CUDA the store is pinned and the driver has stream memory operations. On a CPU device (tests) the same protocol runs
+Conditions (placement.make_served): every other layer holds all of its experts on the GPU (no layer but the CPU
+layers needs the host at decode), and on CUDA the store is pinned and the driver has stream memory operations. Where
+the CPU layers' experts take the fused C kernel (4/2's 2-bit group-16 experts) the CPU computes ``cpu_k`` of them;
+elsewhere ``cpu_k`` is 0 and the server only copies, so the layers stream their experts with no host sync (4/3 where
+no cache fits: planner's fallback in placement.plan_placement). On a CPU device (tests) the same protocol runs
 with this thread as the "stream": copies and flag writes happen at once, waits spin.
 
 This module knows experts only as (layer, expert) keys, host buffers and slots.
@@ -92,9 +94,9 @@ class ServedCpuLayers:
     none): ``make_server`` (kernels.cpu.LayerServer), and on CUDA ``signals`` (kernels.host_signal's stream operations)
     and ``driver_for`` (host_signal.driver_for: what the server's thread needs to copy on a stream of its own)."""
 
-    def __init__(self, layers: Sequence[int], cache: ExpertCache, parts: Callable[[Key], tuple], top_k: int,
+    def __init__(self, layers: Sequence[int], cache: ExpertCache, parts: Callable[[Key], tuple] | None, top_k: int,
                  cpu_k: int, scratch: Sequence[int], threads: int, guess_routers: dict[int, Router],
-                 sum_rows: SumRows, make_server: Callable[..., object], rows: SlotRows | None = None,
+                 sum_rows: SumRows, make_server: Callable[..., object], hidden: int, rows: SlotRows | None = None,
                  guess: bool = True, counts_tokens: bool = True, signals: Signals | None = None,
                  driver_for: Callable[[torch.cuda.Stream], tuple] | None = None):
         self.layers, self.cache, self.top_k, self.cpu_k = list(layers), cache, top_k, cpu_k
@@ -103,10 +105,15 @@ class ServedCpuLayers:
         store = cache.store
         num_experts = max(e for _, e in store.keys()) + 1
         self.cuda = cache.cuda
-        if len(scratch) < 2 * self.gpu_k:
-            raise MoeOffloadError(f"served CPU layers need {2 * self.gpu_k} scratch slots, the cache has {len(scratch)}")
-        slot_numbers = list(scratch[: 2 * self.gpu_k])
-        experts = [[parts((layer, e)) for e in range(num_experts)] for layer in self.layers]
+        if len(scratch) < self.gpu_k:
+            raise MoeOffloadError(f"served CPU layers need {self.gpu_k} scratch slots, the cache has {len(scratch)}")
+        # Two sets of slots (by CPU layer parity) let the guess for the next layer land beside this layer's share;
+        # with room for one set only, every layer uses it and nothing is guessed.
+        self.sets = 2 if len(scratch) >= 2 * self.gpu_k and self.gpu_k else 1
+        guess = guess and self.sets == 2
+        slot_numbers = list(scratch[: self.sets * self.gpu_k])
+        # cpu_k 0: the CPU computes nothing (parts None): the server only copies, for experts of any format
+        experts = [[parts((layer, e)) for e in range(num_experts)] for layer in self.layers] if cpu_k else None
         sources = [[store.buffer((layer, e)).data_ptr() for e in range(num_experts)] for layer in self.layers]
         n = len(self.layers)
         self.stream = torch.cuda.Stream(cache.device) if self.cuda else None
@@ -115,8 +122,8 @@ class ServedCpuLayers:
         driver = driver_for(self.stream) if self.cuda else None
         self.server = make_server(
             experts, sources, store.layout.nbytes, [cache.slots[s].data_ptr() for s in slot_numbers], top_k, cpu_k,
-            parity=[i % 2 for i in range(n)], next_layer=[i + 1 if i + 1 < n else -1 for i in range(n)],
-            threads=threads, guess=guess and bool(guess_routers), pinned=self.cuda, driver=driver)
+            parity=[i % self.sets for i in range(n)], next_layer=[i + 1 if i + 1 < n else -1 for i in range(n)],
+            threads=threads, guess=guess and bool(guess_routers), pinned=self.cuda, driver=driver, hidden=hidden)
         self.guess_routers = dict(guess_routers) if guess else {}
         D = self.server.hidden
         self.signals = signals if self.cuda else HostSignals()
@@ -125,7 +132,7 @@ class ServedCpuLayers:
         self.mail.view(torch.int32)[:, D + top_k] = -1  # no guess
         self.plan_y = torch.zeros_like(self.server.plan_y, device=device)
         self.slot_ids = [torch.tensor(slot_numbers[p * self.gpu_k:(p + 1) * self.gpu_k], dtype=torch.int32,
-                                      device=device) for p in range(2)]
+                                      device=device) for p in range(self.sets)]
         self._slot_numbers = slot_numbers
         self.rows, self.sum_rows = rows, sum_rows
         self.counts_tokens = counts_tokens
@@ -154,7 +161,7 @@ class ServedCpuLayers:
         parts = []
         if G:
             sig.wait(server.copied[i:i + 1], 1)
-            parts.append(self._gpu_rows(x, i % 2))
+            parts.append(self._gpu_rows(x, i % self.sets))
         sig.wait(server.done[i:i + 1], 1)
         plan_y = self.plan_y[i]
         sig.copy(plan_y, server.plan_y[i])

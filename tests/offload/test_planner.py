@@ -251,3 +251,32 @@ def test_an_offloading_plan_on_a_gpu_keeps_the_embedding_table_in_host_memory(mo
     assert just is not None and just.total_slots == 256 and just.host_weights_bytes == table
     tied = dataclasses.replace(config, tie_word_embeddings=True)  # lm_head reads the table: it stays on the GPU
     assert placement.host_weights_bytes(tied, torch.bfloat16) == 0
+
+
+def test_auto_streams_every_layer_where_no_cache_fits(monkeypatch):
+    """Experts without a fast CPU kernel (4/3) get no CPU layers from --cpu-layers auto, except where no cache fits at
+    all: then every layer streams its experts through the scratch slots (served: the server copies them), instead of
+    failing. With serving off the budget stays too small."""
+    import torch
+
+    from moe_offload import placement
+    from moe_offload.quant.presets import PRESETS
+    from moe_offload.synthetic import synthetic_config
+
+    monkeypatch.setattr(placement, "cuda_runtime_bytes", lambda device: 0)  # no CUDA here: plan as if on one
+    config, cuda = synthetic_config("mixtral-8x7b"), torch.device("cuda")
+    if placement.hybrid_unsupported(config, PRESETS["4/3"].experts) is not None:
+        pytest.skip("no CPU expert kernel here")
+
+    def plan(budget, **options):
+        return placement.plan_placement(config, PRESETS["4/3"], cuda, torch.bfloat16, 640,
+                                        placement.OffloadOptions(gpu_memory=budget, cpu_layers="auto", **options))
+
+    assert plan("12GiB").cpu_layers == 0  # a cache fits: 4/3 copies only, as before
+    streamed = plan("2580MiB")
+    assert streamed.cpu_layers == 32 and streamed.total_slots == 0
+    assert streamed.used_bytes <= streamed.budget_bytes
+    with pytest.raises(MoeOffloadError, match="too small"):
+        plan("2580MiB", serve_cpu_layers="off")
+    with pytest.raises(MoeOffloadError, match="too small"):
+        plan("2580MiB", hybrid="off")

@@ -113,12 +113,28 @@ def test_served_cpu_layers_without_copies_compute_every_expert_on_the_cpu(wide_d
     assert served.decode_counters()["copies"] == 0
 
 
+def test_served_layers_without_a_fused_cpu_kernel_stream_their_experts(tiny_dir):
+    """Experts the fused CPU kernel does not take (here: dims under 128) are still served where copies are on: the
+    server only copies each layer's top-k into one set of scratch slots (cpu_k 0, no guesses), and the GPU side
+    computes them all, so outputs equal the resident model's up to the order of the weighted sum."""
+    resident = load(tiny_dir)
+    engine = load(tiny_dir, cpu_layers=1, serve_cpu_layers="on", hybrid_cost=ONE_EACH, cpu_layer_copies=True)
+    served = engine.hybrid.served
+    assert served is not None and served.cpu_k == 0 and served.sets == 1 and not served.guess_routers
+    steps = 6
+    errors, _ = teacher_forced(engine, resident, steps)
+    assert max(errors) < 1e-5, errors
+    engine.expert_cache.collect_timing()
+    counters = served.decode_counters()
+    assert counters["copies"] == steps * engine.config.top_k and counters["guesses"] == 0
+    assert engine.cache_stats.layers[served.layers[0]].cpu_experts == 0
+
+
 def test_serve_on_says_why_it_cannot_run(tiny_dir, wide_dir):
     with pytest.raises(MoeOffloadError, match="--serve-cpu-layers on cannot run: there are no CPU layers"):
         load(wide_dir, offload_per_layer=2, serve_cpu_layers="on")
-    if cpu_kernels.available() and cpu_kernels.int8_available():  # tiny dims: no fused integer kernel
-        with pytest.raises(MoeOffloadError, match="do not take the fused integer kernel"):
-            load(tiny_dir, cpu_layers=1, serve_cpu_layers="on")
+    with pytest.raises(MoeOffloadError, match="do not take the fused integer kernel"):  # tiny dims, all on the CPU
+        load(tiny_dir, cpu_layers=1, serve_cpu_layers="on", cpu_layer_copies=False)
     with pytest.raises(MoeOffloadError, match="--serve-cpu-layers 'maybe' is not one of off, auto, on"):
         load(wide_dir, cpu_layers=1, serve_cpu_layers="maybe")
     assert load(wide_dir, cpu_layers=1).hybrid.served is None  # auto: CUDA only
