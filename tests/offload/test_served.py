@@ -192,3 +192,25 @@ def test_cuda_float32_is_not_served(wide_dir):
     assert load(wide_dir, device="cuda", cpu_layers=3).hybrid.served is None
     with pytest.raises(MoeOffloadError, match="grouped expert kernels do not run these experts"):
         load(wide_dir, device="cuda", cpu_layers=3, serve_cpu_layers="on")
+
+
+@needs_cuda
+def test_cuda_streamed_layers_match_resident(wide_dir):
+    """4/3 experts (no fused CPU kernel): served layers only copy (cpu_k 0), inside one graph; the GPU computes every
+    expert with the resident path's kernels and sum, so the logits match the resident model's."""
+    from moe_offload.kernels import host_signal
+
+    if not host_signal.available():
+        pytest.skip("no stream memory operations")
+
+    def load43(**offload):
+        return moe_offload.load(wide_dir, device="cuda", dtype="bfloat16", quantize="4/3",
+                                offload=OffloadOptions(**offload) if offload else None)
+
+    resident = load43()
+    engine = load43(cpu_layers=3, hybrid="on")
+    served = engine.hybrid.served
+    assert served is not None and served.cpu_k == 0 and served.sets == 1
+    errors, _ = teacher_forced(engine, resident, steps=10)
+    assert max(errors) < 1e-3, errors
+    engine.hybrid.close()
