@@ -86,8 +86,9 @@ def choose_cpu_share(top_k: int, cpu_call_ms: Callable[[int], float], copy_ms: f
 class ServedCpuLayers:
     """The GPU side of the served CPU layers of one model, and the server behind them.
 
-    ``layers``: the CPU layers' indices (ascending); ``parts(key)``: (gate, up, down) CpuMatrix of an expert;
-    ``scratch``: cache slot numbers the server may copy into (2 * (top_k - cpu_k) of them are used); ``guess``: with
+    ``layers``: the CPU layers' indices (ascending); ``parts(key)``: (gate, up, down) CpuMatrix of an expert (None with
+    ``cpu_k`` 0); ``hidden``: D; ``scratch``: cache slot numbers the server may copy into (two sets of
+    ``top_k - cpu_k`` where there are enough, else one set, without guesses); ``guess``: with
     ``guess_routers`` (CPU layer -> router of the next CPU layer in the step), copy the next CPU layer's likely first
     expert ahead. ``rows``/``sum_rows``: the grouped kernels on CUDA; None computes the GPU's share expert by expert
     through the cache's slot modules (a CPU device). Injected from the kernels (this package's offload modules import
