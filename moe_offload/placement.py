@@ -169,13 +169,13 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
     sizes["non_expert_bytes"] -= host
     sizes["scratch_bytes"] = scratch_slots(config) * expert_bytes if gpu else 0
     if cpu_layers == "auto":
-        pays = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
-                and options.policy in PER_LAYER_POLICIES and cpu_layers_pay(config, preset))
+        cpu_path = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
+                    and options.policy in PER_LAYER_POLICIES)
+        pays = cpu_path and cpu_layers_pay(config, preset)
         copies = options.cpu_layer_copies is not False  # on a CUDA device, where auto places CPU layers at all
         share = AUTO_CACHED_SHARE_WITH_COPIES if copies else AUTO_CACHED_SHARE
         cpu_layers = auto_cpu_layers(budget, cached_share=share, **sizes) if pays else 0
-        streams = (device.type == "cuda" and options.hybrid != "off" and options.offload_per_layer is None
-                   and options.policy in PER_LAYER_POLICIES and options.serve_cpu_layers != "off"
+        streams = (cpu_path and options.serve_cpu_layers != "off"
                    and hybrid_unsupported(config, preset.experts if preset else None) is None)
         if not pays and streams and not _fits(budget, config, options, sizes, host):
             # Nothing fits with a cache: every layer streams its experts through the scratch slots at decode, copied
@@ -365,12 +365,12 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
         cpu_k = 0
     ahead = {layer: blocks[nxt].router for layer, nxt in zip(cpu_layers, cpu_layers[1:])}
     others = [i for i in range(len(blocks)) if i not in p.cpu_layer_ids]
-    counter = cpu_layers[0] if lookup else 0  # the layer that counts tokens (install_offload)
     served = ServedCpuLayers(cpu_layers, cache, (lambda key: hybrid.cpu_expert(key).fused_parts()) if cpu_k else None,
                              K, cpu_k, cache.scratch_slot_numbers, hybrid.threads, ahead, sum_rows,
                              cpu_kernels.LayerServer, config.hidden_size,
                              rows=grouped.rows if grouped is not None else None, guess=options.serve_guess,
-                             counts_tokens=counter in p.cpu_layer_ids, signals=STREAM_SIGNALS,
+                             counts_tokens=any(blocks[i].experts.counts_tokens for i in cpu_layers),
+                             signals=STREAM_SIGNALS,
                              driver_for=host_signal.driver_for)
     for i in others:  # every expert of the other layers into its slot now: no miss will ever call the host
         cache.load(i, list(range(config.num_experts)))
@@ -398,7 +398,7 @@ def served_unsupported(cache: ExpertCache, hybrid: HybridExecutor | None, p: Pla
                     "kernel (the 4/2 preset on an AVX2 or AVX-512 CPU)")
         if cache.scratch_slots < config.top_k:
             return f"copying a layer's {config.top_k} experts needs as many scratch slots, the cache has {cache.scratch_slots}"
-    slots = p.layer_slots if p.layer_slots is not None else None
+    slots = p.layer_slots
     others = [i for i in range(p.num_layers) if i not in p.cpu_layer_ids]
     whole = (all(slots[i] >= config.num_experts for i in others) if slots is not None
              else p.total_slots >= len(others) * config.num_experts)

@@ -48,9 +48,6 @@ def wait_geq(flag: torch.Tensor, value: int) -> None:
 @functools.lru_cache(maxsize=None)
 def _driver() -> ctypes.CDLL:
     lib = ctypes.CDLL("libcuda.so.1")
-    write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
-    write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-    write.restype = ctypes.c_int
     lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
     lib.cuMemcpyAsync.restype = ctypes.c_int
     lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
@@ -58,9 +55,13 @@ def _driver() -> ctypes.CDLL:
     return lib
 
 
+@functools.lru_cache(maxsize=None)
 def _write_fn():
     lib = _driver()
-    return getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
+    write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
+    write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    write.restype = ctypes.c_int
+    return write
 
 
 def write_value(flag: torch.Tensor, value: int) -> None:

@@ -469,9 +469,6 @@ class ExpertCache:
             torch.cuda.synchronize(self.device)
         for collect in self.collectors:
             collect()
-        if not self._pending_waits:
-            return
-        torch.cuda.synchronize(self.device)
         for layer, start, end in self._pending_waits:
             self.stats.layers[layer].wait_ms += start.elapsed_time(end)
         self._pending_waits = []

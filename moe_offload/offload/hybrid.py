@@ -23,7 +23,7 @@ calling thread (``submit(inline=True)``), after the layer's guesses for the foll
 Such a layer always misses all of its experts (top-2: two), the case where two paths beat one: with ``copy_share``
 the same greedy choice as for misses (``split_misses``) sends some of them through a scratch slot to the GPU, so the
 copy link works beside the CPU instead of idling through the layer (``cpu_layer_share``). Where CPU layers are served
-without the host (offload/served.py: CUDA, the fused kernel, every other layer whole) their decode skips all of this. ``run_many`` computes a
+without the host (offload/served.py: CUDA, every other layer whole) their decode skips all of this. ``run_many`` computes a
 layer's CPU experts together (one parallel C call where the kernel allows); their outputs (``CpuResults.on_host``) and
 the GPU's share are then summed in one grouped call where the grouped kernels run (``OffloadedExperts._mixed``).
 
