@@ -15,6 +15,8 @@ so offloading still changes no output bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -106,6 +108,16 @@ class StackedExperts(nn.Module):
         return sum_ranks(y, weights)
 
 
+@dataclass
+class PrefillRoute:
+    """A prefill chunk's routing on the device (SlotKernel.prefill_route)."""
+
+    order: torch.Tensor  # int64 [P]: pair positions t * K + k sorted by expert
+    src: torch.Tensor  # int64 [P]: each sorted pair's token
+    tables: torch.Tensor  # int32 [E, nb, 3]: expert e's block table (stack index, first pair, pairs)
+    out: torch.Tensor  # [P, D]: each pair's expert output, at its position
+
+
 class SlotKernel:
     """The offload cache's slots as a stack: one token's experts of a layer in two launches (offload.SlotKernel).
 
@@ -146,6 +158,44 @@ class SlotKernel:
         ids.copy_(staging, non_blocking=True)
         run = lambda: self.from_ids(x, ids, weights)  # noqa: E731
         return self._replay((layer, k, x.data_ptr(), weights.data_ptr()), run, x)
+
+    def prefill_ok(self, x: torch.Tensor) -> bool:
+        return stack_prefill_ok(x, self.base)
+
+    def prefill(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                slot_of: torch.Tensor) -> torch.Tensor:
+        """A prefill chunk of a layer whose every expert has a slot (``slot_of``: int32 [E] on the device, expert ->
+        slot): all its experts in two launches over the slots, the routing sorted on the device, as
+        StackedExperts does for a resident layer. No host sync, so the host runs on and the copies of the layers
+        after it start while it computes. Rows equal combine_experts' expert by expert (same kernels, same sum).
+        Only where ``prefill_ok``."""
+        base = self.base
+        order, blocks = kernels.route_blocks(indices, slot_of.numel())
+        blocks[:, 0] = slot_of[blocks[:, 0].long()]  # expert -> its slot: the stack index
+        pairs = order.numel()
+        y = kernels.expert_rows(x, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt,
+                                out=x.new_empty((pairs, x.shape[1])), blocks=blocks, src=order // indices.shape[1],
+                                dst=order, pairs=pairs, stack_stride=self.stride)
+        return sum_ranks(y, weights)
+
+    def prefill_route(self, x: torch.Tensor, indices: torch.Tensor, num_experts: int) -> "PrefillRoute":
+        """A prefill chunk's routing sorted on the device, for its experts one at a time (``prefill_expert``)."""
+        order, blocks = kernels.route_blocks(indices, num_experts)
+        ids = torch.arange(num_experts, device=blocks.device, dtype=blocks.dtype)
+        tables = blocks.unsqueeze(0).repeat(num_experts, 1, 1)  # expert e's: the others' blocks emptied
+        tables[:, :, 2] *= blocks[None, :, 0] == ids[:, None]
+        return PrefillRoute(order, order // indices.shape[1], tables, x.new_empty((order.numel(), x.shape[1])))
+
+    def prefill_expert(self, x: torch.Tensor, route: "PrefillRoute", expert: int, slot: int) -> None:
+        """Expert ``expert``'s rows of the chunk, from ``slot``, into the route's output rows."""
+        base = self.base
+        table = route.tables[expert]
+        table[:, 0].fill_(slot)
+        kernels.expert_rows(x, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt, out=route.out, blocks=table,
+                            src=route.src, dst=route.order, pairs=route.order.numel(), stack_stride=self.stride)
+
+    def prefill_sum(self, route: "PrefillRoute", weights: torch.Tensor) -> torch.Tensor:
+        return sum_ranks(route.out, weights)
 
     def mixed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, slots: list[int], ranks: list[int],
               given: dict[int, torch.Tensor]) -> torch.Tensor:

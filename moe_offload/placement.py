@@ -371,7 +371,8 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
                              rows=grouped.rows if grouped is not None else None, guess=options.serve_guess,
                              counts_tokens=any(blocks[i].experts.counts_tokens for i in cpu_layers),
                              signals=STREAM_SIGNALS,
-                             driver_for=host_signal.driver_for)
+                             driver_for=host_signal.driver_for, own_stream=host_signal.own_stream,
+                             release_stream=host_signal.release_stream)
     for i in others:  # every expert of the other layers into its slot now: no miss will ever call the host
         cache.load(i, list(range(config.num_experts)))
     cache.scratch_shared = True
@@ -412,7 +413,15 @@ def served_unsupported(cache: ExpertCache, hybrid: HybridExecutor | None, p: Pla
             return "the grouped expert kernels do not run these experts"
         if not host_signal.available():
             return "the CUDA driver has no stream memory operations"
+        queues = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+        if not queues.isdigit() or int(queues) < MIN_CONNECTIONS:
+            return (f"CUDA_DEVICE_MAX_CONNECTIONS={queues} leaves streams too few hardware queues: the server's copies "
+                    f"could wait behind the stream that waits for them (set it to {MIN_CONNECTIONS} or more)")
     return None
+
+
+# Served CPU layers need the server's stream apart from the waiting one (kernels/host_signal.py); the CUDA default is 8.
+MIN_CONNECTIONS = 8
 
 
 def widened(router: Router, extra: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

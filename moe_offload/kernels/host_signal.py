@@ -13,6 +13,13 @@ set by the host releases the stream in about 8 microseconds.
   capture in a CUDA graph with pinned buffers
 * ``driver_for(stream)``: (context, stream, cuCtxSetCurrent, cuMemcpyHtoDAsync_v2, cuStreamWriteValue32_v2) as
   addresses, for C code of this package that issues copies and flag writes from a thread of its own (cpu.LayerServer)
+* ``own_stream(device)``: a stream that no other code gets, for work that a waiting stream depends on
+
+A stream that waits on a flag holds everything queued behind it, and the driver does not know what the wait depends
+on (the CUDA driver API documentation warns that such waits can deadlock). So the work that sets a flag must never sit
+on the waiting stream or share its hardware queue: it goes on ``own_stream``'s stream, not one of PyTorch's pool (the
+pool hands out its 32 streams in turn, so a later ``torch.cuda.Stream()`` can be the very same stream), and
+``CUDA_DEVICE_MAX_CONNECTIONS`` is raised to 32 queues (moe_offload/__init__.py) from the default 8 that streams share.
 
 All of these are enqueued on the stream and are captured by CUDA graphs like kernels.
 """
@@ -52,6 +59,10 @@ def _driver() -> ctypes.CDLL:
     lib.cuMemcpyAsync.restype = ctypes.c_int
     lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
     lib.cuCtxGetCurrent.restype = ctypes.c_int
+    lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+    lib.cuStreamCreate.restype = ctypes.c_int
+    lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
+    lib.cuStreamDestroy_v2.restype = ctypes.c_int
     return lib
 
 
@@ -92,6 +103,29 @@ def driver_for(stream: torch.cuda.Stream) -> tuple[int, int, int, int, int]:
     address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
     return (ctx.value, stream.cuda_stream, address(lib.cuCtxSetCurrent), address(lib.cuMemcpyHtoDAsync_v2),
             address(_write_fn()))
+
+
+_NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING: no implicit order with the legacy default stream
+
+
+def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
+    """A new non-blocking CUDA stream on ``device`` (cuStreamCreate), outside PyTorch's stream pool; released with
+    ``release_stream``."""
+    lib = _driver()
+    torch.cuda.init()
+    with torch.cuda.device(device):
+        torch.cuda.current_stream().synchronize()  # the device's primary context is current here
+        handle = ctypes.c_void_p()
+        rc = lib.cuStreamCreate(ctypes.byref(handle), _NON_BLOCKING)
+    if rc != 0 or not handle.value:
+        raise MoeOffloadError(f"cuStreamCreate failed (CUDA driver error {rc}); use --serve-cpu-layers off")
+    return torch.cuda.ExternalStream(handle.value, device=device)
+
+
+def release_stream(stream: torch.cuda.ExternalStream) -> None:
+    """Wait for ``stream``'s work, then destroy it (``own_stream``'s)."""
+    stream.synchronize()
+    _driver().cuStreamDestroy_v2(ctypes.c_void_p(stream.cuda_stream))
 
 
 @functools.lru_cache(maxsize=None)

@@ -90,6 +90,7 @@ class ExpertCache:
         self._host_modules: dict[int, nn.Module] = {}  # CPU stand-in for in-place reads (module_at)
         self._log_indices: dict[tuple[int, ...], torch.Tensor] = {}  # device index tensors of log rows
         self.collectors: list[Callable[[], None]] = []  # called by collect_timing
+        self._slot_tables: dict[int, tuple[list[int], torch.Tensor]] = {}  # layer -> its last slot_table
         self.scratch_shared = False  # True: served CPU layers also copy into the scratch slots (forget_staged)
 
     # -- copies -------------------------------------------------------------------------------
@@ -385,8 +386,21 @@ class ExpertCache:
         """The module computing (layer, expert); the compute stream waits for its copy if needed.
 
         The caller enqueues the returned module's work before asking for the next one."""
+        return self.modules[self.slot(layer, expert)]
+
+    def slot(self, layer: int, expert: int) -> int:
+        """The slot holding (layer, expert), for a kernel that reads the slots as a stack (``module`` for one that
+        takes its module); the compute stream waits for its copy if needed. The caller enqueues that kernel before the
+        next call."""
         self._mark_used()
-        return self.modules[self._acquire(layer, expert)]
+        return self._acquire(layer, expert)
+
+    def slot_table(self, layer: int, slots: list[int]) -> torch.Tensor:
+        """``slots`` as int32 on the device: uploaded when they differ from this layer's last ones."""
+        kept = self._slot_tables.get(layer)
+        if kept is None or kept[0] != slots:
+            kept = self._slot_tables[layer] = (list(slots), torch.tensor(slots, dtype=torch.int32).to(self.device))
+        return kept[1]
 
     def slots_for(self, layer: int, experts: list[int]) -> list[int] | None:
         """The slots holding these experts, for one kernel that reads them all (the grouped decode path);

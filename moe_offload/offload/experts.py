@@ -13,6 +13,7 @@ guesses for the layers up to the next CPU layer, which then find them in their s
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -29,6 +30,9 @@ Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # A prefill chunk with at least this many expert picks per expert (tokens x top-k / experts) is taken to need every
 # expert of the next layer too (Mixtral, top-2 of 8: 16 tokens): those without a slot are staged early.
 STAGE_MIN_PICKS_PER_EXPERT = 4
+# MOE_OFFLOAD_PREFILL_ON_DEVICE=0: every prefill chunk's routing goes to the host, and experts are computed expert by
+# expert through the model's combine (the older way; benchmarks' A/B). Read once.
+PREFILL_ON_DEVICE = os.environ.get("MOE_OFFLOAD_PREFILL_ON_DEVICE", "1") != "0"
 
 
 class SlotKernel(Protocol):
@@ -42,6 +46,17 @@ class SlotKernel(Protocol):
 
     def mixed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, slots: list[int], ranks: list[int],
               given: dict[int, torch.Tensor]) -> torch.Tensor: ...
+
+    def prefill_ok(self, x: torch.Tensor) -> bool: ...
+
+    def prefill(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                slot_of: torch.Tensor) -> torch.Tensor: ...
+
+    def prefill_route(self, x: torch.Tensor, indices: torch.Tensor, num_experts: int): ...
+
+    def prefill_expert(self, x: torch.Tensor, route, expert: int, slot: int) -> None: ...
+
+    def prefill_sum(self, route, weights: torch.Tensor) -> torch.Tensor: ...
 
 
 class OffloadedExperts:
@@ -131,6 +146,10 @@ class OffloadedExperts:
                 cache.cpu_recent = set()  # a new step: the live expert view shows this step's CPU experts
         if self.device_lookup and x.shape[0] == 1:
             return self._looked_up(x, indices, weights)
+        if self._uses_all(x, indices):
+            y = self._prefill_on_device(x, indices, weights)
+            if y is not None:
+                return y
         decode = x.shape[0] == 1
         lookahead = self.lookahead if decode else []
         stage_ahead = self.stage_ahead if decode else None
@@ -211,12 +230,44 @@ class OffloadedExperts:
                 if slots is not None:
                     return self.grouped(self.layer, x, slots, weights)
             y = self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
-            if not self.last_layer and self.num_experts and n >= STAGE_MIN_PICKS_PER_EXPERT * self.num_experts:
+            if self._stages(x, indices):
                 cache.stage(self.layer + 1, list(range(self.num_experts)))  # all of this layer's work is enqueued
             return y
         return self.combine(x, indices, weights,
                             lambda e: results.expert(e) if e in on_cpu else cache.module(self.layer, e),
                             flat[:n], last=on_cpu)
+
+    def _uses_all(self, x: torch.Tensor, indices: torch.Tensor) -> bool:
+        """A prefill chunk long enough to use every expert of this layer (and of the next)."""
+        return x.shape[0] > 1 and self.num_experts > 0 and indices.numel() >= STAGE_MIN_PICKS_PER_EXPERT * self.num_experts
+
+    def _stages(self, x: torch.Tensor, indices: torch.Tensor) -> bool:
+        return self._uses_all(x, indices) and not self.last_layer
+
+    def _prefill_on_device(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """A prefill chunk that uses every expert, with the routing sorted on the device (SlotKernel.prefill*): no
+        routing sync, so the host enqueues the layers after it at once, and the copy link never waits for the host at
+        a layer's start. A layer whose experts all have slots is two launches over them; otherwise each expert is
+        copied (into its cache slot, or through the scratch ring) and computed in turn, from wherever it landed.
+        Before, each layer's sync put the host's work between the GPU's layers: the link idled through layers that
+        hold all their experts and at every layer's start (BENCHMARKS.md, session 15). Counted as if every expert were
+        used. None: computed the usual way (routing on the host)."""
+        if not PREFILL_ON_DEVICE or self.grouped is None or not self.grouped.prefill_ok(x):
+            return None
+        cache, experts = self.cache, list(range(self.num_experts))
+        self.guesses.pop(self.layer, None)
+        cache.load(self.layer, experts)  # hits counted; misses that get a cache slot copied now, in order
+        if all(cache.policy.slot_of((self.layer, e)) is not None for e in experts):
+            table = cache.slot_table(self.layer, [cache.slot(self.layer, e) for e in experts])
+            y = self.grouped.prefill(x, indices, weights, table)
+        else:
+            route = self.grouped.prefill_route(x, indices, self.num_experts)
+            for e in experts:  # a streamed expert's scratch slot is reused two or more experts later: one at a time
+                self.grouped.prefill_expert(x, route, e, cache.slot(self.layer, e))
+            y = self.grouped.prefill_sum(route, weights)
+        if not self.last_layer:
+            cache.stage(self.layer + 1, experts)
+        return y
 
     def _mixed(self, x: torch.Tensor, weights: torch.Tensor, routed: list[int], on_cpu: list[int],
                results) -> torch.Tensor | None:

@@ -93,13 +93,16 @@ class ServedCpuLayers:
     expert ahead. ``rows``/``sum_rows``: the grouped kernels on CUDA; None computes the GPU's share expert by expert
     through the cache's slot modules (a CPU device). Injected from the kernels (this package's offload modules import
     none): ``make_server`` (kernels.cpu.LayerServer), and on CUDA ``signals`` (kernels.host_signal's stream operations)
-    and ``driver_for`` (host_signal.driver_for: what the server's thread needs to copy on a stream of its own)."""
+    ``driver_for`` (host_signal.driver_for: what the server's thread needs to copy on a stream of its own), and
+    ``own_stream``/``release_stream`` (that stream: host_signal's)."""
 
     def __init__(self, layers: Sequence[int], cache: ExpertCache, parts: Callable[[Key], tuple] | None, top_k: int,
                  cpu_k: int, scratch: Sequence[int], threads: int, guess_routers: dict[int, Router],
                  sum_rows: SumRows, make_server: Callable[..., object], hidden: int, rows: SlotRows | None = None,
                  guess: bool = True, counts_tokens: bool = True, signals: Signals | None = None,
-                 driver_for: Callable[[torch.cuda.Stream], tuple] | None = None):
+                 driver_for: Callable[[torch.cuda.Stream], tuple] | None = None,
+                 own_stream: Callable[[torch.device], torch.cuda.Stream] | None = None,
+                 release_stream: Callable[[torch.cuda.Stream], None] | None = None):
         self.layers, self.cache, self.top_k, self.cpu_k = list(layers), cache, top_k, cpu_k
         self.gpu_k = top_k - cpu_k
         self.index = {layer: i for i, layer in enumerate(self.layers)}
@@ -117,9 +120,12 @@ class ServedCpuLayers:
         experts = [[parts((layer, e)) for e in range(num_experts)] for layer in self.layers] if cpu_k else None
         sources = [[store.buffer((layer, e)).data_ptr() for e in range(num_experts)] for layer in self.layers]
         n = len(self.layers)
-        self.stream = torch.cuda.Stream(cache.device) if self.cuda else None
-        if self.cuda and (signals is None or driver_for is None):
+        if self.cuda and (signals is None or driver_for is None or own_stream is None or release_stream is None):
             raise MoeOffloadError("served CPU layers on CUDA need the stream operations (kernels.host_signal)")
+        # The server's copies and flag writes release the stream that waits for them: never on that stream, so on one
+        # that no other code gets (host_signal.own_stream; a pool stream can come back as the decode's own).
+        self.stream = own_stream(cache.device) if self.cuda else None
+        self._release_stream = release_stream
         driver = driver_for(self.stream) if self.cuda else None
         self.server = make_server(
             experts, sources, store.layout.nbytes, [cache.slots[s].data_ptr() for s in slot_numbers], top_k, cpu_k,
@@ -213,4 +219,5 @@ class ServedCpuLayers:
     def close(self) -> None:
         self.server.stop()
         if self.stream is not None:
-            self.stream.synchronize()
+            self._release_stream(self.stream)
+            self.stream = None

@@ -161,3 +161,40 @@ def test_cuda_cpu_work_on_the_kernels_thread(tmp_path, how, gpu_waits):
         assert 0 < s["cpu_experts"] < len(tokens) * engine.config.top_k
     if gpu_waits and how in ("whole", "split", "cpu layer threaded"):  # inline CPU layers compute on the host thread
         assert s["cpu_wait_ms_per_token"] == 0.0  # the host never waited for the CPU
+
+
+@pytest.mark.parametrize("preset", ["4/2", "4/3"])
+@pytest.mark.parametrize("options, held", [
+    (OffloadOptions(offload_per_layer=0, force=True, hybrid="off"), 2),  # every layer holds all its experts
+    (OffloadOptions(offload_per_layer=2, hybrid="off"), 0),  # two slots per layer: two experts stream per prefill
+    (OffloadOptions(cpu_layers=1, hybrid="on", force=True), 1),  # layer 0 streams all four through the scratch ring
+], ids=["all-held", "two-slots", "one-cpu-layer"])
+def test_cuda_prefill_routes_on_the_device(monkeypatch, preset, options, held):
+    """A prefill chunk that uses every expert sorts its routing on the device: a layer whose experts all have slots
+    in two launches over them, any other expert by expert as each lands. The same bits as resident, and no routing
+    sync at all."""
+    from moe_offload import synthetic
+    from moe_offload.grouped import SlotKernel
+
+    # The tiny model's shapes are below the prefill kernels' tiles (moe_gemm.fits): the same model, 128 wide.
+    monkeypatch.setitem(synthetic.SHAPES, "tiny-128", dict(synthetic.SHAPES["tiny"], hidden_size=128, head_dim=32))
+    calls = []
+    for name in ("prefill", "prefill_expert"):
+        real = getattr(SlotKernel, name)
+        monkeypatch.setattr(SlotKernel, name, lambda self, *a, _n=name, _f=real: calls.append(_n) or _f(self, *a))
+    prompt = list(range(3, 60))  # 57 tokens, 114 picks: at least 4 per expert on average
+    resident = load_synthetic("tiny-128", preset=preset, device="cuda")
+    offloaded = load_synthetic("tiny-128", preset=preset, device="cuda", offload=options)
+    expected = resident.new_session().prefill(prompt)[0]
+    stats, layers, experts = offloaded.cache_stats, len(offloaded.config.moe_layers), offloaded.config.num_experts
+    for _ in range(2):  # the first fills the slots
+        calls.clear()
+        syncs = stats.host_syncs
+        got = offloaded.new_session().prefill(prompt)[0]
+        assert torch.equal(got, expected)
+        assert stats.host_syncs == syncs
+        assert calls.count("prefill") == held and calls.count("prefill_expert") == (layers - held) * experts
+    assert stats.summary()["bytes_copied"] > 0
+    a, b = greedy(resident, prompt, 8), greedy(offloaded, prompt, 8)
+    if options.cpu_layers == 0:  # decode after it stays exact too (CPU layers: within the CPU path's tolerance)
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]

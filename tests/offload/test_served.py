@@ -214,3 +214,29 @@ def test_cuda_streamed_layers_match_resident(wide_dir):
     errors, _ = teacher_forced(engine, resident, steps=10)
     assert max(errors) < 1e-3, errors
     engine.hybrid.close()
+
+
+@needs_cuda
+def test_cuda_the_server_stream_is_no_pool_stream_and_survives_many_streams(wide_dir, monkeypatch):
+    """The server's copies release the stream that waits for them, so they must never be queued on it: PyTorch's pool
+    hands its streams out in turn, and a graph capture's stream drawn later could be the server's own (a deadlock
+    seen with Mixtral 4/3 streamed at ~2.5 GB). The server's stream is its own; decode after many draws still runs.
+    Too few hardware queues: not served, with the reason."""
+    from moe_offload.kernels import host_signal
+
+    if not host_signal.available():
+        pytest.skip("no stream memory operations")
+    resident = moe_offload.load(wide_dir, device="cuda", dtype="bfloat16", quantize="4/3")
+    engine = moe_offload.load(wide_dir, device="cuda", dtype="bfloat16", quantize="4/3",
+                              offload=OffloadOptions(cpu_layers=3, hybrid="on"))
+    served = engine.hybrid.served
+    assert served is not None
+    pool = {torch.cuda.Stream().cuda_stream for _ in range(96)}
+    assert served.stream.cuda_stream not in pool | {torch.cuda.current_stream().cuda_stream}
+    errors, _ = teacher_forced(engine, resident, steps=4)
+    assert max(errors) < 1e-3, errors
+    engine.hybrid.close()
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    with pytest.raises(MoeOffloadError, match="CUDA_DEVICE_MAX_CONNECTIONS=1"):
+        moe_offload.load(wide_dir, device="cuda", dtype="bfloat16", quantize="4/3",
+                         offload=OffloadOptions(cpu_layers=3, hybrid="on", serve_cpu_layers="on"))
