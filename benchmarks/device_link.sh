@@ -2,7 +2,7 @@
 # Session 15: where an offloaded prefill's copy link sits idle (profile_decode.py --timeline), the served layers' tests
 # on the GPU, and 4/3 with every layer streamed. Usage on the GPU machine, from the repo root:
 #   OUT=<dir> bash benchmarks/device_link.sh [parts]     parts: tests | timeline | streamed
-# env BUDGETS (timeline; default "2580MiB 9.6GB"), HELD (timeline: "1 0" for an A/B of the held layers' prefill),
+# env BUDGETS (timeline; default "2580MiB 9.6GB"), ON_DEVICE (timeline: "1 0" for an A/B of the prefill routed on the device),
 # TESTS (tests: files beside test_offloading_cuda.py; default test_served.py).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
@@ -15,9 +15,9 @@ tests)
   echo "pytest rc ${PIPESTATUS[0]}" ;;
 timeline)
   for budget in ${BUDGETS:-2580MiB 9.6GB}; do
-    for held in ${HELD:-1}; do
-      echo "== timeline 4/2 $budget MOE_OFFLOAD_HELD_PREFILL=$held"
-      MOE_OFFLOAD_HELD_PREFILL=$held timeout 300 python3 benchmarks/profile_decode.py --preset 4/2 --gpu-memory $budget \
+    for held in ${ON_DEVICE:-1}; do
+      echo "== timeline 4/2 $budget MOE_OFFLOAD_PREFILL_ON_DEVICE=$held"
+      MOE_OFFLOAD_PREFILL_ON_DEVICE=$held timeout 300 python3 benchmarks/profile_decode.py --preset 4/2 --gpu-memory $budget \
         --cpu-layers auto --int8 --max-context 640 --prefill 512 --timeline 2>&1 | grep -v -e Warning -e _warn_once | tail -14
     done
   done ;;

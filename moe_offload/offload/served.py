@@ -113,7 +113,8 @@ class ServedCpuLayers:
             raise MoeOffloadError(f"served CPU layers need {self.gpu_k} scratch slots, the cache has {len(scratch)}")
         # Two sets of slots (by CPU layer parity) let the guess for the next layer land beside this layer's share;
         # with room for one set only, every layer uses it and nothing is guessed.
-        self.sets = 2 if len(scratch) >= 2 * self.gpu_k and self.gpu_k else 1
+        # (A single CPU layer has no next one to guess for: one set.)
+        self.sets = 2 if len(scratch) >= 2 * self.gpu_k and self.gpu_k and len(self.layers) > 1 else 1
         guess = guess and self.sets == 2
         slot_numbers = list(scratch[: self.sets * self.gpu_k])
         # cpu_k 0: the CPU computes nothing (parts None): the server only copies, for experts of any format

@@ -90,6 +90,18 @@ def test_served_cpu_layers_match_resident_and_count_their_work(wide_dir):
 
 
 @needs_int8
+def test_a_single_served_cpu_layer_uses_one_set_of_slots(wide_dir):
+    """One CPU layer has no next one to guess for: one set of scratch slots (two sets made the server refuse)."""
+    resident = load(wide_dir)
+    engine = load(wide_dir, cpu_layers=1, serve_cpu_layers="on", hybrid_cost=ONE_EACH, cpu_layer_copies=True)
+    served = engine.hybrid.served
+    assert served.layers == [0] and served.cpu_k == 1 and served.sets == 1
+    errors, _ = teacher_forced(engine, resident, steps=6)
+    assert within_tolerance(errors), " ".join(f"{e:.4f}" for e in errors)
+    engine.hybrid.close()
+
+
+@needs_int8
 def test_served_cpu_layers_survive_a_second_prefill(wide_dir):
     """A second prompt after a served decode: its prefill streams the CPU layers' experts through the scratch slots
     the server wrote into, and must not trust what it had staged there before (ExpertCache.forget_staged)."""
