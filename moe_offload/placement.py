@@ -108,8 +108,10 @@ class OffloadOptions:
     # the host then enqueues the rest of the step while the CPU works).
     cpu_layers_inline: bool = True
     # CPU layers served without the host (offload/served.py): at decode a C thread handles every CPU layer as the GPU
-    # stream signals it, so a decode step has no host sync. off | auto (CUDA, where it can run) | on (also a CPU
-    # device: tests). ``serve_guess``: the server copies its guess of the next CPU layer's first expert ahead.
+    # stream signals it, so a decode step has no host sync. off | auto (CUDA, where it can run and the fused CPU kernel
+    # computes some experts) | on (also layers whose experts the server only copies, cpu_k 0, and a CPU device: tests).
+    # cpu_k 0 is opt-in: Mixtral 4/3 with every layer streamed stalled in 2 of 3 runs on the H100 (BENCHMARKS.md,
+    # session 15). ``serve_guess``: the server copies its guess of the next CPU layer's first expert ahead.
     serve_cpu_layers: str = "auto"
     serve_guess: bool = True
 
@@ -175,7 +177,7 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
         copies = options.cpu_layer_copies is not False  # on a CUDA device, where auto places CPU layers at all
         share = AUTO_CACHED_SHARE_WITH_COPIES if copies else AUTO_CACHED_SHARE
         cpu_layers = auto_cpu_layers(budget, cached_share=share, **sizes) if pays else 0
-        streams = (cpu_path and options.serve_cpu_layers != "off"
+        streams = (cpu_path and options.serve_cpu_layers == "on"
                    and hybrid_unsupported(config, preset.experts if preset else None) is None)
         if not pays and streams and not _fits(budget, config, options, sizes, host):
             # Nothing fits with a cache: every layer streams its experts through the scratch slots at decode, copied
@@ -357,6 +359,8 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
             raise MoeOffloadError(f"--serve-cpu-layers on cannot run: {reason} (use auto or off)")
         return None
     K = config.top_k
+    if not fused_cpu_layers(hybrid, p) and mode != "on":
+        return None  # copies only (cpu_k 0): opt-in (OffloadOptions.serve_cpu_layers)
     if fused_cpu_layers(hybrid, p):
         max_gpu = cache.scratch_slots // 2 if hybrid.copy_share else 0  # two sets of slots: one per CPU layer parity
         cpu_k = choose_cpu_share(K, lambda n: SERVED_CPU_UNDER_LOAD * hybrid.cost.cpu_call_ms(n), hybrid.cost.copy_ms,

@@ -38,8 +38,16 @@ def llama_row(out: Path, quant: str, budget: str) -> list[str]:
     return [f"{tg:.1f}" if tg else "n/a", f"{pp:.0f}" if pp else "n/a", peak_gib(out / f"{name}.mem")]
 
 
+# Our run at a budget: "2.5GB" is run.sh's 2580MiB (llama.cpp's own peak with every expert on the CPU).
+OURS_BUDGET = {"2.5GB": "2580MiB"}
+
+
+def ours_name(preset: str, budget: str) -> str:
+    return f"ours_{preset}_{OURS_BUDGET.get(budget, budget)}"
+
+
 def ours_row(out: Path, preset: str, budget: str) -> tuple[list[str], dict | None]:
-    name = f"ours_{preset}_{budget}"
+    name = ours_name(preset, budget)
     try:
         r = json.loads((out / f"{name}.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -63,7 +71,7 @@ def main() -> None:
                 print(f"| {budget} | llama.cpp (-ncmoe {NCMOE[quant, budget]}) | {quant.upper()} | " + " | ".join(cells)
                       + f" | {mib:.1f} | - | - | static split, no copies |")
             cells, r = ours_row(out, preset, budget)
-            if r is None and not (out / f"ours_{preset}_{budget}.log").exists():
+            if r is None and not (out / f"{ours_name(preset, budget)}.log").exists():
                 continue
             extra = ["-", "-", "-", "-"] if r is None else [
                 f"{(r['expert_bytes'] / 2**20) or OURS_EXPERT_MIB[preset]:.1f}", f"{r['hit_rate']:.2f}", f"{r.get('cpu_experts_per_token', 0):.1f}",

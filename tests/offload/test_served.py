@@ -220,7 +220,8 @@ def test_cuda_streamed_layers_match_resident(wide_dir):
                                 offload=OffloadOptions(**offload) if offload else None)
 
     resident = load43()
-    engine = load43(cpu_layers=3, hybrid="on")
+    assert load43(cpu_layers=3, hybrid="on").hybrid.served is None  # copies only: opt-in
+    engine = load43(cpu_layers=3, hybrid="on", serve_cpu_layers="on")
     served = engine.hybrid.served
     assert served is not None and served.cpu_k == 0 and served.sets == 1
     errors, _ = teacher_forced(engine, resident, steps=10)
@@ -240,7 +241,7 @@ def test_cuda_the_server_stream_is_no_pool_stream_and_survives_many_streams(wide
         pytest.skip("no stream memory operations")
     resident = moe_offload.load(wide_dir, device="cuda", dtype="bfloat16", quantize="4/3")
     engine = moe_offload.load(wide_dir, device="cuda", dtype="bfloat16", quantize="4/3",
-                              offload=OffloadOptions(cpu_layers=3, hybrid="on"))
+                              offload=OffloadOptions(cpu_layers=3, hybrid="on", serve_cpu_layers="on"))
     served = engine.hybrid.served
     assert served is not None
     pool = {torch.cuda.Stream().cuda_stream for _ in range(96)}
