@@ -24,6 +24,6 @@ timeline)
 streamed)  # SIGABRT on timeout: faulthandler prints every thread's stack
   PYTHONFAULTHANDLER=1 timeout -s ABRT ${STREAMED_TIMEOUT:-200} python3 -m moe_offload bench --synthetic mixtral-8x7b \
     --preset 4/3 --max-context 640 --int8-activations --runs full --new-tokens ${TOKENS:-64} --gpu-memory 2580MiB \
-    --cpu-layers auto --json "$OUT/streamed_4-3_2580MiB.json" 2>&1 | grep -v -e Warning -e _warn_once | tail -40 ;;
+    --cpu-layers auto --serve-cpu-layers on --json "$OUT/streamed_4-3_2580MiB.json" 2>&1 | grep -v -e Warning -e _warn_once | tail -40 ;;
 esac
 done

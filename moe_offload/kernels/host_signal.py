@@ -59,8 +59,10 @@ def _driver() -> ctypes.CDLL:
     lib.cuMemcpyAsync.restype = ctypes.c_int
     lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
     lib.cuCtxGetCurrent.restype = ctypes.c_int
-    lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-    lib.cuStreamCreate.restype = ctypes.c_int
+    lib.cuStreamCreateWithPriority.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint, ctypes.c_int]
+    lib.cuStreamCreateWithPriority.restype = ctypes.c_int
+    lib.cuCtxGetStreamPriorityRange.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+    lib.cuCtxGetStreamPriorityRange.restype = ctypes.c_int
     lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
     lib.cuStreamDestroy_v2.restype = ctypes.c_int
     return lib
@@ -109,16 +111,21 @@ _NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING: no implicit order with the legacy
 
 
 def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
-    """A new non-blocking CUDA stream on ``device`` (cuStreamCreate), outside PyTorch's stream pool; released with
-    ``release_stream``."""
+    """A new non-blocking CUDA stream on ``device`` at the highest priority (cuStreamCreateWithPriority), outside
+    PyTorch's stream pool (whose streams are all of the default priority); released with ``release_stream``. The work
+    on it is what a waiting stream waits for: it should run first, and a priority of its own keeps it off the queues
+    of PyTorch's streams where the driver gives each priority queues of their own."""
     lib = _driver()
     torch.cuda.init()
     with torch.cuda.device(device):
         torch.cuda.current_stream().synchronize()  # the device's primary context is current here
+        least, greatest = ctypes.c_int(), ctypes.c_int()
+        if lib.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest)) != 0:
+            greatest = ctypes.c_int(0)
         handle = ctypes.c_void_p()
-        rc = lib.cuStreamCreate(ctypes.byref(handle), _NON_BLOCKING)
+        rc = lib.cuStreamCreateWithPriority(ctypes.byref(handle), _NON_BLOCKING, greatest.value)
     if rc != 0 or not handle.value:
-        raise MoeOffloadError(f"cuStreamCreate failed (CUDA driver error {rc}); use --serve-cpu-layers off")
+        raise MoeOffloadError(f"cuStreamCreateWithPriority failed (CUDA driver error {rc}); use --serve-cpu-layers off")
     return torch.cuda.ExternalStream(handle.value, device=device)
 
 
