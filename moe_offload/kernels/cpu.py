@@ -56,6 +56,12 @@ class _Matrix(ctypes.Structure):  # mirrors hqq_matrix in cpu_hqq.c
                 ("meta_block", ctypes.c_int)]
 
 
+def _debug_seconds() -> int:
+    """MOE_OFFLOAD_SERVER_DEBUG=N: the layer server reports its flags on stderr every N s that it idles (0: never)."""
+    value = os.environ.get("MOE_OFFLOAD_SERVER_DEBUG", "0")
+    return int(value) if value.isdigit() else 0
+
+
 class _Server(ctypes.Structure):  # mirrors layer_server in cpu_hqq.c
     _fields_ = ([(name, ctypes.c_int) for name in ("layers", "experts", "top_k", "cpu_k", "threads", "chunk", "prefetch",
                                                    "guess", "hidden")]
@@ -65,7 +71,7 @@ class _Server(ctypes.Structure):  # mirrors layer_server in cpu_hqq.c
                                                         "staged", "xq", "xd", "xsum", "g", "u", "hq", "hd", "hsum",
                                                         "ctx", "stream", "ctx_set", "copy", "write", "served", "ms",
                                                         "counters")]
-                + [("stop", ctypes.c_int32), ("thread", ctypes.c_uint64)])
+                + [("stop", ctypes.c_int32), ("debug", ctypes.c_int32), ("thread", ctypes.c_uint64)])
 
 
 def _cache_dir() -> Path:
@@ -501,7 +507,8 @@ class LayerServer:
         self._keep = flat  # the matrices own the store views the structs point into
         s = _Server(layers=layers, experts=n_experts, top_k=top_k, cpu_k=cpu_k, threads=int(threads),
                     chunk=flat[0].chunk if flat else 0, prefetch=PREFETCH_BYTES, guess=int(guess), hidden=d,
-                    src=self._src.data_ptr(), slot=self._slots.data_ptr(), bytes=nbytes)
+                    src=self._src.data_ptr(), slot=self._slots.data_ptr(), bytes=nbytes,
+                    debug=_debug_seconds())
         if flat:
             s.gate, s.up, s.down = self._structs
         for name in ("go", "copied", "done", "mail", "plan_y", "staged", "served", "ms", "counters"):

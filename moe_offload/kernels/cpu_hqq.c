@@ -457,6 +457,7 @@ void hqq_experts_2bit_g16(const hqq_matrix *gate, const hqq_matrix *up, const hq
    worker thread would wait for it (up to the interpreter's switch interval) while the main thread launches GPU work.
    One job at a time; the caller keeps every pointer alive until wait returns. */
 #include <pthread.h>
+#include <stdio.h>
 #include <time.h>
 
 typedef struct {
@@ -590,6 +591,7 @@ typedef struct {
     double *ms;                         /* [layers] */
     int64_t *counters;                  /* [SERVER_COUNTERS] */
     int32_t stop;
+    int32_t debug;                      /* > 0: report the flags on stderr every `debug` s of idling (a stalled step) */
     uint64_t thread;
 } layer_server;
 
@@ -654,13 +656,30 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* One stderr line with every layer's go/copied/done flags and the counters: where a stalled step waits (the GPU for
+   copied[l]: the server's stream did not write it; for go[l]: the GPU never got there). */
+static void server_report(const layer_server *s, double idle_ms) {
+    char go[65], copied[65], done[65];
+    const int n = s->layers < 64 ? s->layers : 64;
+    for (int l = 0; l < n; l++) {
+        go[l] = (char)('0' + (__atomic_load_n(&s->go[l], __ATOMIC_ACQUIRE) & 7));
+        copied[l] = (char)('0' + (__atomic_load_n(&s->copied[l], __ATOMIC_ACQUIRE) & 7));
+        done[l] = (char)('0' + (__atomic_load_n(&s->done[l], __ATOMIC_ACQUIRE) & 7));
+    }
+    go[n] = copied[n] = done[n] = 0;
+    fprintf(stderr, "moe-offload layer server: idle %.0f s; go %s copied %s done %s; served[0] %lld copies %lld "
+            "errors %lld\n", idle_ms / 1000.0, go, copied, done, (long long)s->served[0],
+            (long long)s->counters[SERVER_COPIES], (long long)s->counters[SERVER_ERRORS]);
+}
+
 /* Spin on the go flags while decode is running (a flag seen a microsecond late costs a microsecond); once idle for
    SERVER_SPIN_MS, nap between scans (longer after a second), so an idle engine costs no core. */
 #define SERVER_SPIN_MS 20.0
 static void *server_loop(void *arg) {
     layer_server *s = arg;
     if (s->ctx_set && s->ctx_set(s->ctx) != 0) s->counters[SERVER_ERRORS]++;
-    double idle_since = now_ms();
+    const double every = 1000.0 * s->debug;
+    double idle_since = now_ms(), report_at = every;
     while (!__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
         int any = 0;
         for (int l = 0; l < s->layers; l++) {
@@ -672,8 +691,13 @@ static void *server_loop(void *arg) {
         }
         if (any) {
             idle_since = now_ms();
+            report_at = every;
         } else {
             const double idle = now_ms() - idle_since;
+            if (s->debug > 0 && idle >= report_at) {
+                server_report(s, idle);
+                report_at += every;
+            }
             if (idle < SERVER_SPIN_MS) {
                 cpu_relax();
             } else { /* 50 us naps between decode calls; 1 ms once idle for a second (a chat waiting for input) */

@@ -241,3 +241,26 @@ def test_the_layer_server_follows_its_protocol():
     finally:
         server.stop()
     assert not server.running
+
+
+@pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernels")
+def test_the_layer_server_reports_its_flags_when_idle_with_debug(monkeypatch, capfd):
+    """MOE_OFFLOAD_SERVER_DEBUG=N: every N s of idling the server prints each layer's go/copied/done flags (where a
+    stalled decode step waits). A copies-only server (cpu_k 0), served one layer, then left idle."""
+    import time
+
+    monkeypatch.setenv("MOE_OFFLOAD_SERVER_DEBUG", "1")
+    buffers = [[torch.full((64,), 16 * layer + e, dtype=torch.uint8) for e in range(3)] for layer in range(2)]
+    slots = [torch.zeros(64, dtype=torch.uint8) for _ in range(2)]
+    server = cpu.LayerServer(None, [[b.data_ptr() for b in layer] for layer in buffers], 64,
+                             [s.data_ptr() for s in slots], top_k=2, cpu_k=0, parity=[0, 0], next_layer=[1, -1],
+                             threads=1, guess=False, hidden=32)
+    server.start()
+    try:
+        _serve(server, 1, torch.zeros(32), [2, 0])
+        assert torch.equal(slots[0], buffers[1][2]) and torch.equal(slots[1], buffers[1][0])
+        time.sleep(1.6)
+    finally:
+        server.stop()
+    err = capfd.readouterr().err
+    assert "moe-offload layer server: idle 1 s; go 00 copied 01 done 01; served[0] 0 copies 2 errors 0" in err, err
