@@ -147,6 +147,13 @@ class ServedCpuLayers:
         self._folded = self.server.stats()
         self.last_fold: dict[str, int] = {k: 0 for k in self._counters(self._folded)}
         self.server.start()
+        # The first two passes over the layers (a graph capture's warm-up, or the first eager steps) wait on the host
+        # after each of the stream's waits (``_settle``). A kernel's first launch may load its module, and loading
+        # can synchronize the whole context: with the stream waiting for the server, and the server's driver calls
+        # waiting for that loading, nothing moves. Mixtral 4/3 streamed stalled so at lm_head's first launch in
+        # the capture's warm-up (BENCHMARKS.md, session 15; the CUDA documentation's lazy-loading caveat). Once
+        # every kernel of a step has run, launches load nothing.
+        self._settling = 2 * n if self.cuda else 0
 
     def ok(self, x: torch.Tensor) -> bool:
         return x.shape[0] == 1 and self.server.running
@@ -167,10 +174,15 @@ class ServedCpuLayers:
             sig.write(flag[i:i + 1], 0)
         sig.write(server.go[i:i + 1], 1)
         parts = []
+        settle = self._settling > 0 and not torch.cuda.is_current_stream_capturing()
+        if settle:
+            self._settling -= 1
         if G:
             sig.wait(server.copied[i:i + 1], 1)
+            self._settle(settle)
             parts.append(self._gpu_rows(x, i % self.sets))
         sig.wait(server.done[i:i + 1], 1)
+        self._settle(settle)
         plan_y = self.plan_y[i]
         sig.copy(plan_y, server.plan_y[i])
         if C:
@@ -178,6 +190,12 @@ class ServedCpuLayers:
         rows = torch.cat(parts) if len(parts) > 1 else parts[0]
         ranked = torch.empty_like(rows).index_copy_(0, plan_y[:K].long(), rows)
         return self.sum_rows(ranked, weights)
+
+    @staticmethod
+    def _settle(settle: bool) -> None:
+        """The host waits until the stream has passed its waits: no launch after it finds a wait pending."""
+        if settle:
+            torch.cuda.current_stream().synchronize()
 
     def _gpu_rows(self, x: torch.Tensor, parity: int) -> torch.Tensor:
         if self.rows is not None:
