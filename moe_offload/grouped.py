@@ -42,6 +42,22 @@ def stack_prefill_ok(x: torch.Tensor, expert: nn.Module) -> bool:
     return x.shape[0] > 1 and isinstance(expert, QuantExpert) and expert.prefill_on_kernels(x)
 
 
+def stack_prefill(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, base: QuantExpert, stride: int,
+                  num_experts: int, slot_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Every expert of a prefill chunk in two launches over a stack (experts ``stride`` bytes apart from ``base``), the
+    routing sorted on the device: no host sync, so the host runs ahead of the GPU. ``slot_of`` (int32 [E] on the
+    device): expert e lies at stack index slot_of[e] (the offload cache's slots); else at index e. Rows equal
+    combine_experts' expert by expert (same kernels, same sum)."""
+    order, blocks = kernels.route_blocks(indices, num_experts)
+    if slot_of is not None:
+        blocks[:, 0] = slot_of[blocks[:, 0].long()]
+    pairs = order.numel()
+    y = kernels.expert_rows(x, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt,
+                            out=x.new_empty((pairs, x.shape[1])), blocks=blocks, src=order // indices.shape[1],
+                            dst=order, pairs=pairs, stack_stride=stride)
+    return sum_ranks(y, weights)
+
+
 def grouped_combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, base: QuantExpert,
                     stride: int) -> torch.Tensor:
     """sum_k weights[0, k] * expert_{ids[k]}(x) -> [1, D] for one token, experts at ``stride`` bytes from ``base``.
@@ -97,15 +113,7 @@ class StackedExperts(nn.Module):
         return combine_experts(x, indices, weights, self.experts.__getitem__)
 
     def _prefill(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every expert of a prefill in two launches, the routing sorted on the device: no host sync, so the host
-        runs ahead of the GPU. Rows equal combine_experts' expert by expert (same kernels, same sum)."""
-        base = self.experts[0]
-        order, blocks = kernels.route_blocks(indices, len(self.experts))
-        pairs = order.numel()
-        y = kernels.expert_rows(x, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt,
-                                out=x.new_empty((pairs, x.shape[1])), blocks=blocks, src=order // indices.shape[1],
-                                dst=order, pairs=pairs, stack_stride=self.layout.nbytes)
-        return sum_ranks(y, weights)
+        return stack_prefill(x, indices, weights, self.experts[0], self.layout.nbytes, len(self.experts))
 
 
 @dataclass
@@ -165,20 +173,12 @@ class SlotKernel:
     def prefill(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 slot_of: torch.Tensor) -> torch.Tensor:
         """A prefill chunk of a layer whose every expert has a slot (``slot_of``: int32 [E] on the device, expert ->
-        slot): all its experts in two launches over the slots, the routing sorted on the device, as
-        StackedExperts does for a resident layer. No host sync, so the host runs on and the copies of the layers
-        after it start while it computes. Rows equal combine_experts' expert by expert (same kernels, same sum).
-        Only where ``prefill_ok``."""
-        base = self.base
-        order, blocks = kernels.route_blocks(indices, slot_of.numel())
-        blocks[:, 0] = slot_of[blocks[:, 0].long()]  # expert -> its slot: the stack index
-        pairs = order.numel()
-        y = kernels.expert_rows(x, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt,
-                                out=x.new_empty((pairs, x.shape[1])), blocks=blocks, src=order // indices.shape[1],
-                                dst=order, pairs=pairs, stack_stride=self.stride)
-        return sum_ranks(y, weights)
+        slot): all its experts in two launches over the slots (``stack_prefill``, as a resident layer). No host sync,
+        so the host runs on and the copies of the layers after it start while it computes. Only where
+        ``prefill_ok``."""
+        return stack_prefill(x, indices, weights, self.base, self.stride, slot_of.numel(), slot_of)
 
-    def prefill_route(self, x: torch.Tensor, indices: torch.Tensor, num_experts: int) -> "PrefillRoute":
+    def prefill_route(self, x: torch.Tensor, indices: torch.Tensor, num_experts: int) -> PrefillRoute:
         """A prefill chunk's routing sorted on the device, for its experts one at a time (``prefill_expert``)."""
         order, blocks = kernels.route_blocks(indices, num_experts)
         ids = torch.arange(num_experts, device=blocks.device, dtype=blocks.dtype)
@@ -186,7 +186,7 @@ class SlotKernel:
         tables[:, :, 2] *= blocks[None, :, 0] == ids[:, None]
         return PrefillRoute(order, order // indices.shape[1], tables, x.new_empty((order.numel(), x.shape[1])))
 
-    def prefill_expert(self, x: torch.Tensor, route: "PrefillRoute", expert: int, slot: int) -> None:
+    def prefill_expert(self, x: torch.Tensor, route: PrefillRoute, expert: int, slot: int) -> None:
         """Expert ``expert``'s rows of the chunk, from ``slot``, into the route's output rows."""
         base = self.base
         table = route.tables[expert]
@@ -194,7 +194,7 @@ class SlotKernel:
         kernels.expert_rows(x, base.gate_proj.qt, base.up_proj.qt, base.down_proj.qt, out=route.out, blocks=table,
                             src=route.src, dst=route.order, pairs=route.order.numel(), stack_stride=self.stride)
 
-    def prefill_sum(self, route: "PrefillRoute", weights: torch.Tensor) -> torch.Tensor:
+    def prefill_sum(self, route: PrefillRoute, weights: torch.Tensor) -> torch.Tensor:
         return sum_ranks(route.out, weights)
 
     def mixed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, slots: list[int], ranks: list[int],

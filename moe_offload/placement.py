@@ -110,7 +110,7 @@ class OffloadOptions:
     # CPU layers served without the host (offload/served.py): at decode a C thread handles every CPU layer as the GPU
     # stream signals it, so a decode step has no host sync. off | auto (CUDA, where it can run and the fused CPU kernel
     # computes some experts) | on (also layers whose experts the server only copies, cpu_k 0, and a CPU device: tests).
-    # cpu_k 0 is opt-in: Mixtral 4/3 with every layer streamed stalled in 2 of 3 runs on the H100 (BENCHMARKS.md,
+    # cpu_k 0 is opt-in: Mixtral 4/3 with every layer streamed stalled in 4 of 5 runs on the H100 (BENCHMARKS.md,
     # session 15). ``serve_guess``: the server copies its guess of the next CPU layer's first expert ahead.
     serve_cpu_layers: str = "auto"
     serve_guess: bool = True
@@ -332,6 +332,8 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
 
 
 SERVE_MODES = ("off", "auto", "on")
+# Served CPU layers need the server's stream apart from the waiting one (kernels/host_signal.py); the CUDA default is 8.
+MIN_CONNECTIONS = 8
 # The served layers' stream operations on CUDA (offload/served.py's Signals)
 STREAM_SIGNALS = types.SimpleNamespace(copy=host_signal.copy_async, write=host_signal.write_value,
                                        wait=host_signal.wait_geq)
@@ -358,10 +360,10 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
         if mode == "on":
             raise MoeOffloadError(f"--serve-cpu-layers on cannot run: {reason} (use auto or off)")
         return None
-    K = config.top_k
-    if not fused_cpu_layers(hybrid, p) and mode != "on":
+    K, fused = config.top_k, fused_cpu_layers(hybrid, p)
+    if not fused and mode != "on":
         return None  # copies only (cpu_k 0): opt-in (OffloadOptions.serve_cpu_layers)
-    if fused_cpu_layers(hybrid, p):
+    if fused:
         max_gpu = cache.scratch_slots // 2 if hybrid.copy_share else 0  # two sets of slots: one per CPU layer parity
         cpu_k = choose_cpu_share(K, lambda n: SERVED_CPU_UNDER_LOAD * hybrid.cost.cpu_call_ms(n), hybrid.cost.copy_ms,
                                  max_gpu)
@@ -423,9 +425,6 @@ def served_unsupported(cache: ExpertCache, hybrid: HybridExecutor | None, p: Pla
                     f"could wait behind the stream that waits for them (set it to {MIN_CONNECTIONS} or more)")
     return None
 
-
-# Served CPU layers need the server's stream apart from the waiting one (kernels/host_signal.py); the CUDA default is 8.
-MIN_CONNECTIONS = 8
 
 
 def widened(router: Router, extra: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

@@ -26,6 +26,7 @@ All of these are enqueued on the stream and are captured by CUDA graphs like ker
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
@@ -37,19 +38,25 @@ _GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ
 
 
 @functools.lru_cache(maxsize=None)
-def _wait_value():
-    lib = ctypes.CDLL("libcuda.so.1")
-    fn = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
+def _value_fn(name: str):
+    """cuStreamWaitValue32 or cuStreamWriteValue32 (their _v2 where the driver has it): (stream, address, value,
+    flags) -> CUresult."""
+    lib = _driver()
+    fn = getattr(lib, f"{name}_v2", None) or getattr(lib, name)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
 
 
-def wait_geq(flag: torch.Tensor, value: int) -> None:
+def _stream_value(name: str, flag: torch.Tensor, value: int, flags: int, fallback: str) -> None:
     stream = torch.cuda.current_stream()
-    rc = _wait_value()(ctypes.c_void_p(stream.cuda_stream), flag.data_ptr(), value & 0xFFFFFFFF, _GEQ)
+    rc = _value_fn(name)(ctypes.c_void_p(stream.cuda_stream), flag.data_ptr(), value & 0xFFFFFFFF, flags)
     if rc != 0:
-        raise MoeOffloadError(f"cuStreamWaitValue32 failed (CUDA driver error {rc}); use --hybrid off")
+        raise MoeOffloadError(f"{name} failed (CUDA driver error {rc}); use {fallback}")
+
+
+def wait_geq(flag: torch.Tensor, value: int) -> None:
+    _stream_value("cuStreamWaitValue32", flag, value, _GEQ, "--hybrid off")
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,20 +75,8 @@ def _driver() -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=None)
-def _write_fn():
-    lib = _driver()
-    write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
-    write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-    write.restype = ctypes.c_int
-    return write
-
-
 def write_value(flag: torch.Tensor, value: int) -> None:
-    stream = torch.cuda.current_stream()
-    rc = _write_fn()(ctypes.c_void_p(stream.cuda_stream), flag.data_ptr(), value & 0xFFFFFFFF, 0)
-    if rc != 0:
-        raise MoeOffloadError(f"cuStreamWriteValue32 failed (CUDA driver error {rc}); use --serve-cpu-layers off")
+    _stream_value("cuStreamWriteValue32", flag, value, 0, "--serve-cpu-layers off")
 
 
 def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -93,18 +88,25 @@ def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
         raise MoeOffloadError(f"cuMemcpyAsync failed (CUDA driver error {rc}); use --serve-cpu-layers off")
 
 
+@contextlib.contextmanager
+def _primary_context(device: torch.device):
+    """The device's primary context current on this thread, for driver calls."""
+    torch.cuda.init()
+    with torch.cuda.device(device):
+        torch.cuda.current_stream().synchronize()  # any runtime call on the device makes it current
+        yield
+
+
 def driver_for(stream: torch.cuda.Stream) -> tuple[int, int, int, int, int]:
     """Addresses for C code that issues copies and flag writes on ``stream`` from a thread of its own."""
     lib = _driver()
-    torch.cuda.init()
-    with torch.cuda.device(stream.device):
-        torch.cuda.current_stream().synchronize()  # the device's primary context is current here
+    with _primary_context(stream.device):
         ctx = ctypes.c_void_p()
         if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
             raise MoeOffloadError("no current CUDA context for the CPU layer server")
     address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
     return (ctx.value, stream.cuda_stream, address(lib.cuCtxSetCurrent), address(lib.cuMemcpyHtoDAsync_v2),
-            address(_write_fn()))
+            address(_value_fn("cuStreamWriteValue32")))
 
 
 _NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING: no implicit order with the legacy default stream
@@ -116,9 +118,7 @@ def own_stream(device: torch.device) -> torch.cuda.ExternalStream:
     on it is what a waiting stream waits for: it should run first, and a priority of its own keeps it off the queues
     of PyTorch's streams where the driver gives each priority queues of their own."""
     lib = _driver()
-    torch.cuda.init()
-    with torch.cuda.device(device):
-        torch.cuda.current_stream().synchronize()  # the device's primary context is current here
+    with _primary_context(device):
         least, greatest = ctypes.c_int(), ctypes.c_int()
         if lib.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest)) != 0:
             greatest = ctypes.c_int(0)
