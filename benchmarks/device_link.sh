@@ -3,7 +3,8 @@
 # on the GPU, and 4/3 with every layer streamed. Usage on the GPU machine, from the repo root:
 #   OUT=<dir> bash benchmarks/device_link.sh [parts]     parts: tests | timeline | streamed
 # env BUDGETS (timeline; default "2580MiB 9.6GB"), ON_DEVICE (timeline: "1 0" for an A/B of the prefill routed on the device),
-# TESTS (tests: files beside test_offloading_cuda.py; default test_served.py).
+# TESTS (tests: files beside test_offloading_cuda.py; default test_served.py), RINGS (timeline: MOE_OFFLOAD_PREFILL_RING
+# values, "planned" for the planner's own).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOE_OFFLOAD_CACHE=/tmp/moe-offload-cache
 OUT=${OUT:-benchmarks/results}
@@ -16,10 +17,14 @@ tests)
 timeline)
   for budget in ${BUDGETS:-2580MiB 9.6GB}; do
     for held in ${ON_DEVICE:-1}; do
-      echo "== timeline 4/2 $budget MOE_OFFLOAD_PREFILL_ON_DEVICE=$held"
-      MOE_OFFLOAD_PREFILL_ON_DEVICE=$held timeout 300 python3 benchmarks/profile_decode.py --preset 4/2 --gpu-memory $budget \
-        --cpu-layers auto --int8 --max-context 640 --prefill 512 --timeline 2>&1 | grep -v -e Warning -e _warn_once | tail -14
+      for ring in ${RINGS:-planned}; do  # RINGS: MOE_OFFLOAD_PREFILL_RING values (extra prefill slots); planned: unset
+        [ "$ring" = planned ] && unset MOE_OFFLOAD_PREFILL_RING || export MOE_OFFLOAD_PREFILL_RING=$ring
+        echo "== timeline 4/2 $budget MOE_OFFLOAD_PREFILL_ON_DEVICE=$held ring=$ring"
+        MOE_OFFLOAD_PREFILL_ON_DEVICE=$held timeout 300 python3 benchmarks/profile_decode.py --preset 4/2 --gpu-memory $budget \
+          --cpu-layers auto --int8 --max-context 640 --prefill 512 --timeline 2>&1 | grep -v -e Warning -e _warn_once | tail -${LINES_KEPT:-14}
+      done
     done
+    unset MOE_OFFLOAD_PREFILL_RING
   done ;;
 streamed)  # SIGABRT on timeout: faulthandler prints every thread's stack
   PYTHONFAULTHANDLER=1 timeout -s ABRT ${STREAMED_TIMEOUT:-200} python3 -m moe_offload bench --synthetic mixtral-8x7b \

@@ -58,6 +58,10 @@ def main() -> None:
         session.prefill(prompt)
         torch.cuda.synchronize()
         print(f"prefill {args.prefill}: {args.prefill / (time.perf_counter() - t0):.0f} tok/s unprofiled")
+        free, total = torch.cuda.mem_get_info()
+        cache = engine.expert_cache
+        print(f"prefill ring: {len(cache._prefill_scratch) if cache else 0} slots; device memory in use (every process, "
+              f"as nvidia-smi counts it): {(total - free) >> 20} MiB")
         if args.host:  # the host's share: prefill launches each expert's kernels eagerly, after each layer's sync
             session = engine.new_session()
             prof = cProfile.Profile()

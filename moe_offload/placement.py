@@ -232,7 +232,11 @@ def scratch_slots(config: ModelConfig) -> int:
 def prefill_scratch_slots(config: ModelConfig, p: Plan) -> int:
     """More scratch slots for prefill alone: the budget's spare slots (Plan.spare_slots), up to a whole layer with the
     others. A prefill streams CPU layers' experts through the scratch ring, and with two slots only two copies ran
-    ahead of the computation (BENCHMARKS.md, sessions 10 and 12)."""
+    ahead of the computation (BENCHMARKS.md, sessions 10 and 12). ``MOE_OFFLOAD_PREFILL_RING=N`` (profiling): N of
+    them, whatever the budget."""
+    forced = os.environ.get("MOE_OFFLOAD_PREFILL_RING")
+    if forced is not None:
+        return int(forced)
     return max(0, min(p.spare_slots, config.num_experts - scratch_slots(config)))
 
 

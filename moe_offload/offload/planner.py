@@ -76,9 +76,11 @@ class Plan:
 
     @property
     def spare_slots(self) -> int:
-        """Whole experts' room the budget leaves once every layer with slots holds all its experts (CPU layers):
-        more scratch slots (placement.scratch_slots), so that a prefill streams a CPU layer's experts further ahead."""
-        if self.budget_bytes is None or self.slots_per_layer != self.num_experts:
+        """Whole experts' room the budget leaves once every layer with slots holds all its experts (CPU layers; also
+        where every layer is a CPU layer): more scratch slots (placement.scratch_slots), so that a prefill streams a CPU
+        layer's experts further ahead."""
+        every_layer_whole = self.slots_per_layer == self.num_experts or self.cpu_layers == self.num_layers
+        if self.budget_bytes is None or not every_layer_whole:
             return 0
         return max(self.budget_bytes - self.used_bytes, 0) // self.expert_bytes
 

@@ -214,6 +214,20 @@ def test_spare_room_becomes_prefill_scratch_slots_when_every_gpu_layer_is_whole(
     assert prefill_scratch_slots(config, plan(FIXED + 200 * 66 * MiB, cpu_layers=15, **sizes)) == 6  # up to a layer
     copies = plan(FIXED + 139 * 66 * MiB, **sizes)
     assert copies.total_slots == 139 and copies.spare_slots == 0 and prefill_scratch_slots(config, copies) == 0
+    every_cpu = plan(FIXED + 3 * 66 * MiB + 10 * MiB, cpu_layers=32, **sizes)  # no layer has slots: all is spare
+    assert every_cpu.total_slots == 0 and every_cpu.spare_slots == 3 and prefill_scratch_slots(config, every_cpu) == 3
+
+
+def test_the_prefill_ring_can_be_forced_for_profiling(monkeypatch):
+    from moe_offload.config import ModelConfig
+    from moe_offload.placement import prefill_scratch_slots
+
+    config = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=32,
+                         num_heads=4, num_kv_heads=2, head_dim=16, num_experts=8, top_k=2)
+    p = plan(FIXED + 139 * 66 * MiB, **MODEL)
+    assert prefill_scratch_slots(config, p) == 0
+    monkeypatch.setenv("MOE_OFFLOAD_PREFILL_RING", "5")
+    assert prefill_scratch_slots(config, p) == 5
 
 
 def test_an_offloading_plan_on_a_gpu_keeps_the_embedding_table_in_host_memory(monkeypatch):
