@@ -19,9 +19,9 @@ timeline)
     for held in ${ON_DEVICE:-1}; do
       for ring in ${RINGS:-planned}; do  # RINGS: MOE_OFFLOAD_PREFILL_RING values (extra prefill slots); planned: unset
         [ "$ring" = planned ] && unset MOE_OFFLOAD_PREFILL_RING || export MOE_OFFLOAD_PREFILL_RING=$ring
-        echo "== timeline 4/2 $budget MOE_OFFLOAD_PREFILL_ON_DEVICE=$held ring=$ring"
+        echo "== timeline 4/2 $budget MOE_OFFLOAD_PREFILL_ON_DEVICE=$held ring=$ring ${PROFILE_ARGS:-}"
         MOE_OFFLOAD_PREFILL_ON_DEVICE=$held timeout 300 python3 benchmarks/profile_decode.py --preset 4/2 --gpu-memory $budget \
-          --cpu-layers auto --int8 --max-context 640 --prefill 512 --timeline 2>&1 | grep -v -e Warning -e _warn_once | tail -${LINES_KEPT:-14}
+          --cpu-layers auto --int8 --max-context 640 --prefill 512 --timeline ${PROFILE_ARGS:-} 2>&1 | grep -v -e Warning -e _warn_once | tail -${LINES_KEPT:-14}
       done
     done
     unset MOE_OFFLOAD_PREFILL_RING

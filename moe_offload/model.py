@@ -391,6 +391,9 @@ class MoeTransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Called with the number of new tokens before a forward enqueues anything: whoever provides the experts may
+        # start work that does not depend on this forward (offloading starts a prefill's first expert copies).
+        self.before_forward: Callable[[int], None] | None = None
 
     def moe_blocks(self) -> list[MoEBlock]:
         """The MoE blocks in layer order (dense layers have none); offloading numbers them 0, 1, ..."""
@@ -425,6 +428,8 @@ class MoeTransformer(nn.Module):
         """
         B, S = tokens.shape
         c = self.config
+        if self.before_forward is not None:
+            self.before_forward(B * S)
         positions = torch.arange(start, start + S, device=tokens.device).expand(B, S)
         x = self.embed(tokens)  # [B, S, D]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)

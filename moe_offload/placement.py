@@ -327,7 +327,9 @@ def install_offload(model: MoeTransformer, store: ExpertStore, p: Plan, preset: 
                                            counts_tokens=i == (ordered[0] if lookup else 0),
                                            hybrid=hybrid, grouped=grouped, cpu_only=i in cpu_layers,
                                            num_experts=c.num_experts, last_layer=i == len(blocks) - 1,
-                                           device_lookup=lookup, catch_up=catch_up, stage_ahead=stage_ahead))
+                                           device_lookup=lookup, catch_up=catch_up, stage_ahead=stage_ahead,
+                                           top_k=c.top_k))
+    model.before_forward = blocks[0].experts.begin  # a prefill's first copies start before its first attention
     served = make_served(blocks, cache, hybrid, p, options, c, grouped, lookup, model.dtype)
     if served is not None:
         for i in ordered:

@@ -64,14 +64,15 @@ class OffloadedExperts:
                  lookahead: Sequence[tuple[int, Router]] = (), guesses: dict[int, set[int]] | None = None,
                  counts_tokens: bool = False, hybrid: HybridExecutor | None = None, grouped: SlotKernel | None = None,
                  cpu_only: bool = False, num_experts: int = 0, last_layer: bool = True, device_lookup: bool = False,
-                 catch_up: Sequence[int] = (), stage_ahead: tuple[int, Router] | None = None):
+                 catch_up: Sequence[int] = (), stage_ahead: tuple[int, Router] | None = None, top_k: int = 0):
         self.layer, self.cache, self.combine, self.hybrid, self.grouped = layer, cache, combine, hybrid, grouped
         # A CPU layer: at decode the CPU computes its experts (it has no slots; prefill streams its experts through
         # the scratch slots like any miss, and decode may copy some of them there: HybridExecutor.cpu_layer_share).
         self.cpu_only = cpu_only
         # Prefill: when a chunk is long enough to use every expert, the next layer's experts without a slot are
         # staged into the scratch slots while this layer computes (ExpertCache.stage).
-        self.num_experts, self.last_layer = num_experts, last_layer
+        self.num_experts, self.last_layer, self.top_k = num_experts, last_layer, top_k
+        self._begun = False  # ``begin`` started this forward's copies (and dropped the staged record) already
         assert not cpu_only or hybrid is not None, "a CPU layer needs the CPU path"
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
@@ -133,11 +134,27 @@ class OffloadedExperts:
             self.cache.stage(layer, [expert])
         return y
 
+    def begin(self, tokens: int) -> None:
+        """The model is about to enqueue a forward of ``tokens`` new tokens (MoeTransformer.before_forward; the first
+        MoE layer's provider). A prefill chunk that uses every expert starts copying this layer's experts that have no
+        slot now, so that they cross the link beside the embedding and the attention before them: the copies waited
+        for this layer's attention, 5-6 ms of an idle link per 512-token prefill at 2580 MiB (BENCHMARKS.md, session
+        16)."""
+        if tokens * self.top_k < STAGE_MIN_PICKS_PER_EXPERT * self.num_experts or not self.num_experts:
+            return
+        cache = self.cache
+        if cache.scratch_shared:
+            cache.forget_staged()  # waits for the work enqueued so far: none of it is this forward's yet
+        self._begun = True
+        cache.prefilling = True
+        cache.stage(self.layer, list(range(self.num_experts)))
+
     def _experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, stats = self.cache, self.cache.stats
         if self.served is not None and self.served.ok(x):  # statistics: ServedCpuLayers.fold
             return self.served(self.layer, x, indices, weights)
-        if self.layer == 0 and x.shape[0] > 1 and cache.scratch_shared:
+        begun, self._begun = self._begun, False
+        if self.layer == 0 and x.shape[0] > 1 and cache.scratch_shared and not begun:
             cache.forget_staged()  # a prefill starts: served decode steps may have written into the scratch slots
         cache.prefilling = x.shape[0] > 1  # a prefill streams through the wider scratch ring (placement.py)
         if self.counts_tokens:

@@ -158,20 +158,33 @@ def test_prefill_stages_the_next_layers_streamed_experts(tiny_dir, resident, mon
     staged, used = [], []
     stage, acquire = cache.stage, cache._acquire
 
+    events = []
+    model = engine.model
+    embed = model.embed
+
     def spy_stage(layer, experts):
         stage(layer, experts)
         staged.extend(k for k in cache._staged if k[0] == layer)
+        events.append(("stage", layer))
 
     def spy_acquire(layer, expert):
         if (layer, expert) in cache._staged:
             used.append((layer, expert))
         return acquire(layer, expert)
 
+    def spy_embed(tokens):
+        events.append(("embed", tokens.shape[1]))
+        return embed(tokens)
+
     monkeypatch.setattr(cache, "stage", spy_stage)
     monkeypatch.setattr(cache, "_acquire", spy_acquire)
+    monkeypatch.setattr(model, "embed", spy_embed)
     prefill, _ = run(engine, n=1)
     assert torch.equal(prefill, resident[0])
     assert staged and set(staged) <= set(used)  # every staged expert was used from its scratch slot
+    # The first layer's streamed experts are staged before the prefill's embedding, attention and routing
+    first = events.index(next(e for e in events if e[0] == "embed" and e[1] > 1))
+    assert ("stage", 0) in events[:first] and any(k[0] == 0 for k in staged)
     t = engine.cache_stats.total()
     assert t.bytes_copied == t.misses * cache.store.layout.nbytes  # staging copied nothing extra
 
