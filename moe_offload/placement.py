@@ -108,10 +108,11 @@ class OffloadOptions:
     # the host then enqueues the rest of the step while the CPU works).
     cpu_layers_inline: bool = True
     # CPU layers served without the host (offload/served.py): at decode a C thread handles every CPU layer as the GPU
-    # stream signals it, so a decode step has no host sync. off | auto (CUDA, where it can run and the fused CPU kernel
-    # computes some experts) | on (also layers whose experts the server only copies, cpu_k 0, and a CPU device: tests).
-    # cpu_k 0 is opt-in: Mixtral 4/3 with every layer streamed stalled in 4 of 5 runs on the H100 (BENCHMARKS.md,
-    # session 15). ``serve_guess``: the server copies its guess of the next CPU layer's first expert ahead.
+    # stream signals it, so a decode step has no host sync. off | auto (CUDA, where it can run; also layers whose
+    # experts the server only copies, cpu_k 0) | on (auto, and a CPU device: tests). cpu_k 0 was opt-in in session 15
+    # (Mixtral 4/3 streamed stalled in a graph capture's warm-up); since the served layers' first passes wait on the
+    # host, it ran clean on the H100 (BENCHMARKS.md, session 16). ``serve_guess``: the server copies its guess of the
+    # next CPU layer's first expert ahead.
     serve_cpu_layers: str = "auto"
     serve_guess: bool = True
 
@@ -177,7 +178,7 @@ def plan_placement(config: ModelConfig, preset: QuantPreset | None, device: torc
         copies = options.cpu_layer_copies is not False  # on a CUDA device, where auto places CPU layers at all
         share = AUTO_CACHED_SHARE_WITH_COPIES if copies else AUTO_CACHED_SHARE
         cpu_layers = auto_cpu_layers(budget, cached_share=share, **sizes) if pays else 0
-        streams = (cpu_path and options.serve_cpu_layers == "on"
+        streams = (cpu_path and options.serve_cpu_layers != "off"
                    and hybrid_unsupported(config, preset.experts if preset else None) is None)
         if not pays and streams and not _fits(budget, config, options, sizes, host):
             # Nothing fits with a cache: every layer streams its experts through the scratch slots at decode, copied
@@ -367,8 +368,6 @@ def make_served(blocks: list, cache: ExpertCache, hybrid: HybridExecutor | None,
             raise MoeOffloadError(f"--serve-cpu-layers on cannot run: {reason} (use auto or off)")
         return None
     K, fused = config.top_k, fused_cpu_layers(hybrid, p)
-    if not fused and mode != "on":
-        return None  # copies only (cpu_k 0): opt-in (OffloadOptions.serve_cpu_layers)
     if fused:
         max_gpu = cache.scratch_slots // 2 if hybrid.copy_share else 0  # two sets of slots: one per CPU layer parity
         cpu_k = choose_cpu_share(K, lambda n: SERVED_CPU_UNDER_LOAD * hybrid.cost.cpu_call_ms(n), hybrid.cost.copy_ms,

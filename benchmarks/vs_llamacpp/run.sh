@@ -81,7 +81,6 @@ ours)
         # 4/3: copies only where a cache fits (auto places no CPU layers); where none fits (~2.5 GB), every layer
         # streams its experts, copied by the served layers' thread (session 14)
         args+=(--cpu-layers auto --runs full)
-        [ "$budget" = 2580MiB ] && args+=(--serve-cpu-layers on)  # streamed layers are opt-in
       fi
       pid=$(sample_gpu "$OUT/$name.mem")
       timeout "${OURS_TIMEOUT:-200}" python3 -m moe_offload bench "${args[@]}" > "$OUT/$name.log" 2>&1

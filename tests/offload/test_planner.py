@@ -269,8 +269,8 @@ def test_an_offloading_plan_on_a_gpu_keeps_the_embedding_table_in_host_memory(mo
 
 def test_auto_streams_every_layer_where_no_cache_fits(monkeypatch):
     """Experts without a fast CPU kernel (4/3) get no CPU layers from --cpu-layers auto, except where no cache fits at
-    all, with --serve-cpu-layers on: then every layer streams its experts through the scratch slots (the server copies
-    them), instead of failing. Otherwise (auto: that serving is opt-in) the budget stays too small."""
+    all: then every layer streams its experts through the scratch slots (the server copies them), instead of failing.
+    Without the served layers (off, or no CPU path) the budget stays too small."""
     import torch
 
     from moe_offload import placement
@@ -287,11 +287,11 @@ def test_auto_streams_every_layer_where_no_cache_fits(monkeypatch):
                                         placement.OffloadOptions(gpu_memory=budget, cpu_layers="auto", **options))
 
     assert plan("12GiB").cpu_layers == 0  # a cache fits: 4/3 copies only, as before
-    streamed = plan("2580MiB", serve_cpu_layers="on")
-    assert streamed.cpu_layers == 32 and streamed.total_slots == 0
-    assert streamed.used_bytes <= streamed.budget_bytes
-    for mode in ("auto", "off"):
-        with pytest.raises(MoeOffloadError, match="too small"):
-            plan("2580MiB", serve_cpu_layers=mode)
+    for mode in ("auto", "on"):
+        streamed = plan("2580MiB", serve_cpu_layers=mode)
+        assert streamed.cpu_layers == 32 and streamed.total_slots == 0
+        assert streamed.used_bytes <= streamed.budget_bytes
+    with pytest.raises(MoeOffloadError, match="too small"):
+        plan("2580MiB", serve_cpu_layers="off")
     with pytest.raises(MoeOffloadError, match="too small"):
         plan("2580MiB", hybrid="off", serve_cpu_layers="on")

@@ -221,8 +221,8 @@ def test_cuda_streamed_layers_match_resident(wide_dir):
                                 offload=OffloadOptions(**offload) if offload else None)
 
     resident = load43()
-    assert load43(cpu_layers=3, hybrid="on").hybrid.served is None  # copies only: opt-in
-    engine = load43(cpu_layers=3, hybrid="on", serve_cpu_layers="on")
+    assert load43(cpu_layers=3, hybrid="on", serve_cpu_layers="off").hybrid.served is None
+    engine = load43(cpu_layers=3, hybrid="on")  # auto serves them too
     served = engine.hybrid.served
     assert served is not None and served.cpu_k == 0 and served.sets == 1
     errors, _ = teacher_forced(engine, resident, steps=10)
