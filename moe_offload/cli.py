@@ -157,10 +157,9 @@ DeviceLookup = typer.Option("auto", "--device-lookup", help="With --cpu-layers, 
 ServeCpuLayers = typer.Option("auto", "--serve-cpu-layers", help="With --cpu-layers, a C thread serves the CPU "
                               "layers at decode as the GPU signals it, with no Python or host sync between layers (a "
                               "decode step is one CUDA graph); it computes some of their experts where the fused 4/2 "
-                              "CPU kernel runs: off, auto (on with a CUDA GPU where the other layers hold all their "
-                              "experts and that kernel runs), on (also where it does not: the thread only copies every "
-                              "expert, so that 4/3 runs where no cache fits; experimental, a stall was seen on the "
-                              "H100).")
+                              "CPU kernel runs, and where it does not (4/3) it only copies every expert, so that 4/3 "
+                              "runs where no cache fits: off, auto (on with a CUDA GPU where the other layers hold all "
+                              "their experts), on (auto, and an error where it cannot run).")
 Int8Activations = typer.Option(False, "--int8-activations", help="At decode, round the inputs of 2-, 3- and 4-bit "
                                "experts to int8 per block of 32, as llama.cpp does: faster decode on CUDA, expert "
                                "outputs about 1% different (not exact).")
