@@ -431,7 +431,6 @@ def served_unsupported(cache: ExpertCache, hybrid: HybridExecutor | None, p: Pla
     return None
 
 
-
 def widened(router: Router, extra: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The router, or for a wider prefetch guess its top-(k + extra) experts (softmax keeps the logits' order)."""
     if not extra:

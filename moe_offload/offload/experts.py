@@ -72,7 +72,6 @@ class OffloadedExperts:
         # Prefill: when a chunk is long enough to use every expert, the next layer's experts without a slot are
         # staged into the scratch slots while this layer computes (ExpertCache.stage).
         self.num_experts, self.last_layer, self.top_k = num_experts, last_layer, top_k
-        self._begun = False  # ``begin`` started this forward's copies (and dropped the staged record) already
         assert not cpu_only or hybrid is not None, "a CPU layer needs the CPU path"
         self.lookahead = list(lookahead)  # (layer index, router) of the next layers to prefetch for
         self.guesses = {} if guesses is None else guesses  # shared by all layers: layer -> guessed experts
@@ -136,26 +135,24 @@ class OffloadedExperts:
 
     def begin(self, tokens: int) -> None:
         """The model is about to enqueue a forward of ``tokens`` new tokens (MoeTransformer.before_forward; the first
-        MoE layer's provider). A prefill chunk that uses every expert starts copying this layer's experts that have no
-        slot now, so that they cross the link beside the embedding and the attention before them: the copies waited
-        for this layer's attention, 5-6 ms of an idle link per 512-token prefill at 2580 MiB (BENCHMARKS.md, session
-        16)."""
-        if tokens * self.top_k < STAGE_MIN_PICKS_PER_EXPERT * self.num_experts or not self.num_experts:
+        MoE layer's provider). A prefill first forgets what was staged in the scratch slots (served decode steps may
+        have written there; the copies from now on wait for the work enqueued so far, none of it this forward's). A
+        chunk that uses every expert then starts copying this layer's experts that have no slot, so that they cross
+        the link beside the embedding and the attention before them: they waited for this layer's attention, 5-6 ms of
+        an idle link per 512-token prefill at 2580 MiB (BENCHMARKS.md, session 16)."""
+        if tokens <= 1:
             return
         cache = self.cache
         if cache.scratch_shared:
-            cache.forget_staged()  # waits for the work enqueued so far: none of it is this forward's yet
-        self._begun = True
-        cache.prefilling = True
-        cache.stage(self.layer, list(range(self.num_experts)))
+            cache.forget_staged()
+        if self._uses_all(tokens, tokens * self.top_k):
+            cache.prefilling = True
+            cache.stage(self.layer, list(range(self.num_experts)))
 
     def _experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cache, stats = self.cache, self.cache.stats
         if self.served is not None and self.served.ok(x):  # statistics: ServedCpuLayers.fold
             return self.served(self.layer, x, indices, weights)
-        begun, self._begun = self._begun, False
-        if self.layer == 0 and x.shape[0] > 1 and cache.scratch_shared and not begun:
-            cache.forget_staged()  # a prefill starts: served decode steps may have written into the scratch slots
         cache.prefilling = x.shape[0] > 1  # a prefill streams through the wider scratch ring (placement.py)
         if self.counts_tokens:
             stats.tokens += x.shape[0]
@@ -163,7 +160,7 @@ class OffloadedExperts:
                 cache.cpu_recent = set()  # a new step: the live expert view shows this step's CPU experts
         if self.device_lookup and x.shape[0] == 1:
             return self._looked_up(x, indices, weights)
-        if self._uses_all(x, indices):
+        if self._uses_all(x.shape[0], indices.numel()):
             y = self._prefill_on_device(x, indices, weights)
             if y is not None:
                 return y
@@ -247,19 +244,16 @@ class OffloadedExperts:
                 if slots is not None:
                     return self.grouped(self.layer, x, slots, weights)
             y = self.combine(x, indices, weights, lambda e: cache.module(self.layer, e), flat[:n])
-            if self._stages(x, indices):
+            if not self.last_layer and self._uses_all(x.shape[0], indices.numel()):
                 cache.stage(self.layer + 1, list(range(self.num_experts)))  # all of this layer's work is enqueued
             return y
         return self.combine(x, indices, weights,
                             lambda e: results.expert(e) if e in on_cpu else cache.module(self.layer, e),
                             flat[:n], last=on_cpu)
 
-    def _uses_all(self, x: torch.Tensor, indices: torch.Tensor) -> bool:
-        """A prefill chunk long enough to use every expert of this layer (and of the next)."""
-        return x.shape[0] > 1 and self.num_experts > 0 and indices.numel() >= STAGE_MIN_PICKS_PER_EXPERT * self.num_experts
-
-    def _stages(self, x: torch.Tensor, indices: torch.Tensor) -> bool:
-        return self._uses_all(x, indices) and not self.last_layer
+    def _uses_all(self, tokens: int, picks: int) -> bool:
+        """A prefill chunk (``picks``: tokens x top-k) long enough to use every expert of this layer (and of the next)."""
+        return tokens > 1 and self.num_experts > 0 and picks >= STAGE_MIN_PICKS_PER_EXPERT * self.num_experts
 
     def _prefill_on_device(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         """A prefill chunk that uses every expert, with the routing sorted on the device (SlotKernel.prefill*): no
