@@ -71,7 +71,7 @@ def meta_format(bits: int, groups: int):
     """The quantizer's metadata at ``bits`` (codes still stored one per byte) in blocks of at most ``groups``."""
     levels = float(2**bits - 1)
 
-    def quantize_meta(v: torch.Tensor) -> hqq.QuantizedMeta:
+    def quantize_meta(v: torch.Tensor, _bits: int = 8) -> hqq.QuantizedMeta:  # codes one per byte: any bits
         n, m = v.shape
         vb = v.reshape(n, m // _block(m, groups), -1)
         offset = hqq._f16_round(vb.amin(dim=-1), float("-inf"))

@@ -71,7 +71,7 @@ def write_checkpoint(out: Path, layers: Iterable[LayerWeights], source_dir: Path
                     tensors[f"{module}.{part}"] = t.contiguous()
                 tensors_meta[module] = {"kind": "quantized", "shape": list(qt.shape), "bits": qt.spec.bits,
                                         "group_size": qt.spec.group_size, "quant_meta": qt.spec.quant_meta,
-                                        "shard": shard}
+                                        "meta_bits": qt.spec.meta_bits, "shard": shard}
             for e, flat in layer.experts.items():
                 name = f"experts.{layer.index}.{e}"
                 tensors[name] = layout.pack(flat)
@@ -200,7 +200,7 @@ def iter_checkpoint_layers(manifest: Manifest, on_read: Callable[[], None] | Non
             if entry["kind"] == "quantized" and entry["shard"] == shard:
                 from .quant.hqq import QuantSpec
 
-                spec = QuantSpec(entry["bits"], entry["group_size"], entry["quant_meta"])
+                spec = QuantSpec(entry["bits"], entry["group_size"], entry["quant_meta"], entry.get("meta_bits", 8))
                 names = tensor_layout(tuple(entry["shape"]), spec)
                 try:
                     tensors = {n: parts[f"{module}.{n}"] for n in names}

@@ -132,7 +132,7 @@ Device = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
 Dtype = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
 MaxContext = typer.Option(4096, "--max-context", help="Context window (prompt + answer) to allocate.")
 Stop = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).")
-Quantize = typer.Option(None, "--quantize", help="Quantize an unquantized checkpoint while loading: 4/2, 4/3, 4/4, 8/8.")
+Quantize = typer.Option(None, "--quantize", help="Quantize an unquantized checkpoint while loading: 4/2, 4/2-lean, 4/3, 4/4, 8/8.")
 NoVerify = typer.Option(False, "--no-verify", help="Skip the checksums of a quantized checkpoint (faster).")
 GpuMemory = typer.Option(None, "--gpu-memory", help="GPU memory budget, e.g. 12GiB (default: free memory minus 1 GiB); "
                          "experts that do not fit are offloaded to host memory.")
@@ -268,11 +268,14 @@ def chat(
 def quantize_command(
     src: str = typer.Argument(..., help="Checkpoint to quantize: a model directory or Hub repo id."),
     out: Path = typer.Argument(..., help="Directory to write (must not exist, unless --overwrite)."),
-    preset: str = typer.Option("4/3", help="4/2 (experts 2-bit g16, 8-bit scales), 4/3 (recommended), 4/4, 8/8."),
+    preset: str = typer.Option("4/3", help="4/2 (experts 2-bit g16, 8-bit scales), 4/2-lean (4-bit scales), "
+                                           "4/3 (recommended), 4/4, 8/8."),
     attn_bits: Optional[int] = typer.Option(None, "--attn-bits", help="Override: attention bits."),
     attn_group: Optional[int] = typer.Option(None, "--attn-group", help="Override: attention group size."),
     expert_bits: Optional[int] = typer.Option(None, "--expert-bits", help="Override: expert bits."),
     expert_group: Optional[int] = typer.Option(None, "--expert-group", help="Override: expert group size."),
+    expert_meta_bits: Optional[int] = typer.Option(None, "--expert-meta-bits",
+                                                   help="Override: quantize expert scales/zeros to 8 or 4 bits."),
     lm_head_bits: Optional[int] = typer.Option(None, "--lm-head-bits", help="Quantize lm_head too (8 or 4)."),
     device: str = typer.Option("auto", help="Where to run the quantizer: auto (GPU if present), cpu, cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
@@ -285,7 +288,7 @@ def quantize_command(
     from .quant.presets import make_preset
 
     chosen = make_preset(preset, attn_bits=attn_bits, attn_group=attn_group, expert_bits=expert_bits,
-                         expert_group=expert_group, lm_head_bits=lm_head_bits)
+                         expert_group=expert_group, expert_meta_bits=expert_meta_bits, lm_head_bits=lm_head_bits)
     directory = resolve_model_dir(src)
     config = ModelConfig.from_file(directory / "config.json")
     if out.exists() and not overwrite:
@@ -296,7 +299,8 @@ def quantize_command(
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     err.print(f"wrote {out} ({size / 2**20:.1f} MiB, preset {chosen.name}: attention {chosen.attention.bits}-bit "
               f"g{chosen.attention.group_size}, experts {chosen.experts.bits}-bit g{chosen.experts.group_size}"
-              f"{' with 8-bit scales/zeros' if chosen.experts.quant_meta else ''})", highlight=False, soft_wrap=True)
+              f"{f' with {chosen.experts.meta_bits}-bit scales/zeros' if chosen.experts.quant_meta else ''})",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()

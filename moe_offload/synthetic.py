@@ -76,6 +76,7 @@ def random_quantized(shape: tuple[int, int], spec: QuantSpec, generator: torch.G
     scale = (torch.rand((n, k // spec.group_size), device=device, generator=generator) * 0.5 + 0.75) \
         * (2.0 * 3**0.5 / levels / k**0.5)  # uniform codes have std levels/sqrt(12)
     zero = levels / 2 + (torch.rand(scale.shape, device=device, generator=generator) - 0.5)
+    top = 2**spec.meta_bits - 1
     for name, value in (("scale", scale), ("zero", zero)):
         if not spec.quant_meta:
             tensors[name] = value.half()
@@ -83,9 +84,11 @@ def random_quantized(shape: tuple[int, int], spec: QuantSpec, generator: torch.G
         block = meta_block(value.shape[1])
         v = value.view(n, -1, block)
         lo, hi = v.amin(-1), v.amax(-1)
-        step = ((hi - lo) / 255).clamp_min(1e-6)
-        tensors[f"{name}_q"] = ((v - lo[..., None]) / step[..., None]).round().clamp(0, 255).to(torch.uint8).view(n, -1)
+        step = ((hi - lo) / top).clamp_min(1e-6)
+        tensors[f"{name}_q"] = ((v - lo[..., None]) / step[..., None]).round().clamp(0, top).to(torch.uint8).view(n, -1)
         tensors[f"{name}_step"], tensors[f"{name}_offset"] = step.half(), lo.half()
+    if spec.quant_meta and spec.meta_bits == 4:  # one byte per group: scale's code low, zero's high
+        tensors["meta_q"] = tensors.pop("scale_q") | (tensors.pop("zero_q") << 4)
     return QuantizedTensor.from_tensors(tensors, shape, spec)
 
 

@@ -11,7 +11,7 @@ from moe_offload import MoeOffloadError
 from moe_offload.checkpoint import MANIFEST, write_checkpoint
 from moe_offload.config import ModelConfig
 from moe_offload.engine import open_layers
-from moe_offload.quant.presets import make_preset
+from moe_offload.quant.presets import QuantPreset, make_preset
 
 
 def logits(engine, ids=tuple(range(3, 40))):
@@ -45,6 +45,30 @@ def test_round_trip_equals_quantizing_while_loading(tiny_dir, quantized_dir):
     assert len(experts) == 2 * 4 and all(manifest["tensors"][n]["dtype"] == "uint8" for n in experts)
     # tokenizer and config came along
     assert (quantized_dir / "tokenizer.json").exists() and (quantized_dir / "config.json").exists()
+
+
+def test_lean_metadata_round_trip(tiny_dir, quantized_dir, tmp_path):
+    """4/2-lean (4-bit scale and zero codes sharing a byte) through the manifest and the expert store, and an old
+    manifest without meta_bits still reads as 8-bit."""
+    out = tmp_path / "lean"
+    config = ModelConfig.from_file(tiny_dir / "config.json")
+    preset = make_preset("4/2-lean")
+    layers, _ = open_layers(tiny_dir, config, preset, quantize_device=torch.device("cpu"))
+    write_checkpoint(out, layers, tiny_dir, config, preset)
+    from_disk = load(out)
+    assert from_disk.preset.experts.meta_bits == 4 and from_disk.preset.name == "4/2-lean"
+    torch.testing.assert_close(logits(from_disk), logits(load(tiny_dir, quantize="4/2-lean")), atol=0, rtol=0)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["quantization"]["experts"]["meta_bits"] == 4
+    # smaller experts than 4/2's: the same 2-bit codes, one metadata byte per group instead of two
+    from moe_offload.flat import FlatLayout
+
+    expert_bytes = lambda m: FlatLayout.from_json(m["expert_layout"]).nbytes
+    four_two = json.loads((quantized_dir / MANIFEST).read_text())
+    groups = 3 * config.hidden_size * config.intermediate_size // 16
+    assert expert_bytes(four_two) - expert_bytes(manifest) == groups
+    assert QuantPreset.from_json({**manifest["quantization"], "experts": {"bits": 2, "group_size": 16,
+                                                                          "quant_meta": True}}).experts.meta_bits == 8
 
 
 def copy(src, dst):
@@ -126,7 +150,7 @@ def teacher_forced_agreement(a, b, ids):
     return (logits(a, ids).argmax(-1) == logits(b, ids).argmax(-1)).float().mean().item()
 
 
-@pytest.mark.parametrize("preset", ["8/8", "4/4", "4/3", "4/2"])
+@pytest.mark.parametrize("preset", ["8/8", "4/4", "4/3", "4/2", "4/2-lean"])
 def test_presets_end_to_end(tiny_dir, tiny_engine, preset, record_property):
     quantized = load(tiny_dir, quantize=preset)
     ids = tiny_engine.encode("The quick brown fox jumps over the lazy dog. Mixture of experts models route each token.")

@@ -67,7 +67,7 @@ def test_quantize_command_then_generate(tiny_dir, tmp_path):
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "moe_offload.json").read_text())
-    assert manifest["quantization"]["experts"] == {"bits": 3, "group_size": 64, "quant_meta": False}
+    assert manifest["quantization"]["experts"] == {"bits": 3, "group_size": 64, "quant_meta": False, "meta_bits": 8}
     again = runner.invoke(app, ["quantize", str(tiny_dir), str(out)])
     assert again.exit_code == 1 and "already exists" in again.stderr
     gen = runner.invoke(app, ["generate", str(out), "-p", "Hello", "--temperature", "0", "--max-new-tokens", "4",

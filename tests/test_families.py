@@ -253,8 +253,26 @@ REDUCED = dict(vocab_size=320, hidden_size=64, num_layers=3, num_heads=4, num_kv
                num_experts=16, intermediate_size=64)
 
 
+def test_synthetic_lean_metadata_matches_8bit():
+    """Random 4/2-lean weights are 4/2's with the scales and zeros on a 16-level grid: same codes, metadata within
+    half a 4-bit step (plus half an 8-bit one) of 4/2's."""
+    from moe_offload.quant.hqq import QuantSpec, dequantize_meta
+    from moe_offload.synthetic import random_quantized
+
+    shape = (256, 4096)
+    qts = [random_quantized(shape, QuantSpec(2, 16, True, bits), torch.Generator().manual_seed(0), torch.device("cpu"))
+           for bits in (8, 4)]
+    eight, four = qts
+    assert torch.equal(eight.qweight, four.qweight) and four.scale.q is four.zero.q
+    for a, b in ((eight.scale, four.scale), (eight.zero, four.zero)):
+        blocks = shape[1] // 16 // b.step.shape[1]
+        tol = (b.step.float() / 2 + a.step.float() / 2).repeat_interleave(blocks, dim=1) * 1.01
+        assert bool(((dequantize_meta(a) - dequantize_meta(b)).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("preset", ["4/2", "4/2-lean"])
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b"])
-def test_synthetic_layers_fit_the_model(name):
+def test_synthetic_layers_fit_the_model(name, preset):
     """Every synthetic tensor lands in the model (assemble rejects strays and reports missing ones)."""
     from moe_offload.engine import LoadOptions, _build
 
@@ -262,7 +280,7 @@ def test_synthetic_layers_fit_the_model(name):
     if shapes.get("shared_expert_intermediate_size"):
         shapes.update(shared_expert_intermediate_size=128, mlp_only_layers=(1,), dense_intermediate_size=128)
     config = ModelConfig(**shapes)
-    preset = make_preset("4/2")
+    preset = make_preset(preset)
     layers = synthetic_layers(config, preset, torch.device("cpu"), torch.float32)
     engine = _build(config, None, Path(f"synthetic:{name}"), layers, preset,
                     LoadOptions(torch.device("cpu"), torch.float32, 64, False), OffloadOptions(offload_per_layer=8))

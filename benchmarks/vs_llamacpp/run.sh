@@ -4,7 +4,7 @@
 # PART: build   llama-bench for sm_90 (CUDA + CPU backends) into .llamacpp/build (kept while the machine is warm)
 #       gguf    the Mixtral-8x7B-shaped GGUFs (Q2_K and Q3_K experts, Q8_0 elsewhere) under $GGUF_DIR
 #       llama   llama-bench at the budgets below, GPU memory sampled with nvidia-smi
-#       ours    moe-offload bench at the same budgets, presets 4/2 (offloaded: --cpu-layers auto) and 4/3, int8
+#       ours    moe-offload bench at the same budgets, presets 4/2 and 4/2-lean (offloaded: --cpu-layers auto) and 4/3, int8
 #               activations (OURS_EXTRA), GPU memory sampled the same way
 #       table   the markdown table from the JSON files in $OUT
 # Budgets: llama.cpp keeps the experts of N layers on the CPU (-ncmoe N); N per budget is the for Q2_K
@@ -65,7 +65,7 @@ llama)
   done
   ;;
 ours)
-  for preset in ${OURS_PRESETS:-4/2 4/3}; do
+  for preset in ${OURS_PRESETS:-4/2 4/2-lean 4/3}; do
     # 2580MiB: llama.cpp's own peak with every expert on the CPU (2583 MiB, session 12), the issue's ~2.5 GB.
     # OURS_CONTEXT 640: llama-bench's context (512 prompt + 128 generated tokens); the KV cache is sized to it.
     for budget in ${OURS_BUDGETS:-resident 12GiB 9.6GB 2580MiB}; do
@@ -73,7 +73,7 @@ ours)
       args=(--synthetic mixtral-8x7b --preset "$preset" --max-context "${OURS_CONTEXT:-1024}" --json "$OUT/$name.json"
             ${OURS_EXTRA:---int8-activations})
       [ "$budget" = resident ] || args+=(--gpu-memory "$budget")
-      if [ "$preset" = 4/2 ] && [ "$budget" != resident ]; then
+      if [[ "$preset" == 4/2* ]] && [ "$budget" != resident ]; then  # 4/2 and 4/2-lean: 2-bit g16 experts
         # our fastest placement where the CPU kernel's integer path runs (BENCHMARKS.md, session 10): CPU layers
         # sharing their experts with the copy link, every other layer whole; copies only beside it in one process
         args+=(--cpu-layers "${OURS_CPU_LAYERS:-auto}" --runs "${OURS_RUNS:-full,no hybrid}")

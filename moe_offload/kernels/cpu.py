@@ -48,7 +48,7 @@ ROWS_PER_BLOCK = 16
 
 class _Matrix(ctypes.Structure):  # mirrors hqq_matrix in cpu_hqq.c
     _fields_ = [("n", ctypes.c_int), ("k", ctypes.c_int), ("bits", ctypes.c_int), ("group", ctypes.c_int),
-                ("qweight", ctypes.c_void_p), ("meta_q8", ctypes.c_int),
+                ("qweight", ctypes.c_void_p), ("meta_bits", ctypes.c_int),
                 ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
                 ("scale_q", ctypes.c_void_p), ("zero_q", ctypes.c_void_p),
                 ("scale_step", ctypes.c_void_p), ("scale_offset", ctypes.c_void_p),
@@ -237,12 +237,13 @@ class CpuMatrix:
         m = _Matrix(n=n, k=k, bits=qt.spec.bits, group=qt.spec.group_size, qweight=ptr["qweight"])
         if isinstance(qt.scale, QuantizedMeta):
             assert isinstance(qt.zero, QuantizedMeta)
-            m.meta_q8 = 1
-            m.scale_q, m.scale_step, m.scale_offset = ptr["scale_q"], ptr["scale_step"], ptr["scale_offset"]
-            m.zero_q, m.zero_step, m.zero_offset = ptr["zero_q"], ptr["zero_step"], ptr["zero_offset"]
+            # 4-bit codes: both pointers on the shared byte, the kernel takes the scale's low nibble, the zero's high
+            m.meta_bits = qt.scale.bits
+            m.scale_q, m.scale_step, m.scale_offset = qt.scale.q.data_ptr(), ptr["scale_step"], ptr["scale_offset"]
+            m.zero_q, m.zero_step, m.zero_offset = qt.zero.q.data_ptr(), ptr["zero_step"], ptr["zero_offset"]
             m.meta_block = self.groups // qt.scale.step.shape[1]
         else:
-            m.meta_q8, m.scale, m.zero, m.meta_block = 0, ptr["scale"], ptr["zero"], 1
+            m.meta_bits, m.scale, m.zero, m.meta_block = 0, ptr["scale"], ptr["zero"], 1
         self._struct = m
         self._lib = _library()
         fast = int8_path(qt)

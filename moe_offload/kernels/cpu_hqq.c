@@ -3,7 +3,8 @@
    y[n] = sum_k x[k] * W[n, k],  W[n, k] = (q[n, k] - z[n, m]) * s[n, m],  m = k / G
 
    The layout is moe_offload.quant.pack's (int32 words, row-major [N, K*bits/32]) and hqq's metadata
-   (float16 [N, M], or 8-bit codes [N, M] with float16 step/offset [N, M/B]). Nothing is converted at load
+   (float16 [N, M], or 8-bit codes [N, M] with float16 step/offset [N, M/B], or 4-bit codes sharing one
+   byte per group: the scale's in the low nibble, the zero's in the high one). Nothing is converted at load
    time, so the CPU path costs no host memory beyond the expert store the GPU copies come from.
 
    Per group the zero point factors out: sum_k (q - z) s x = s * (sum_k q x - z * sum_k x), so the inner
@@ -23,9 +24,9 @@
 typedef struct {
     int n, k, bits, group;
     const uint32_t *qweight;
-    int meta_q8; /* 0: float16 scale/zero [N, M]; 1: uint8 codes + float16 step/offset [N, M/B] */
+    int meta_bits; /* 0: float16 scale/zero [N, M]; 8 or 4: codes [N, M] + float16 step/offset [N, M/B] */
     const uint16_t *scale, *zero;
-    const uint8_t *scale_q, *zero_q;
+    const uint8_t *scale_q, *zero_q; /* 4-bit: both point at the shared bytes */
     const uint16_t *scale_step, *scale_offset, *zero_step, *zero_offset;
     int meta_block;
 } hqq_matrix;
@@ -107,9 +108,12 @@ static inline u32x16 gather_u16(const uint16_t *p, size_t stride, size_t col) {
     return v;
 }
 
-static inline f32x16 gather_u8(const uint8_t *p, size_t stride, size_t col) {
+/* A metadata code from its byte. nib: 0 the whole byte (8-bit codes), 1 the low nibble, 2 the high one. */
+static inline int code_of(int byte, int nib) { return nib == 0 ? byte : nib == 1 ? byte & 15 : byte >> 4; }
+
+static inline f32x16 gather_code(const uint8_t *p, size_t stride, size_t col, int nib) {
     i32x16 v;
-    for (int r = 0; r < R; r++) v[r] = p[(size_t)r * stride + col];
+    for (int r = 0; r < R; r++) v[r] = code_of(p[(size_t)r * stride + col], nib);
     return __builtin_convertvector(v, f32x16);
 }
 
@@ -119,7 +123,7 @@ typedef struct { f32x16 s_step, s_offset, z_step, z_offset; size_t block; } meta
 
 static inline void load_meta(const hqq_matrix *w, int n0, size_t m, f32x16 *s, f32x16 *z, meta_cache *mc) {
     const size_t M = w->k / w->group;
-    if (!w->meta_q8) {
+    if (!w->meta_bits) {
         *s = half_to_float(gather_u16(w->scale + n0 * M, M, m));
         *z = half_to_float(gather_u16(w->zero + n0 * M, M, m));
         return;
@@ -132,8 +136,9 @@ static inline void load_meta(const hqq_matrix *w, int n0, size_t m, f32x16 *s, f
         mc->z_step = half_to_float(gather_u16(w->zero_step + n0 * MB, MB, b));
         mc->z_offset = half_to_float(gather_u16(w->zero_offset + n0 * MB, MB, b));
     }
-    *s = gather_u8(w->scale_q + n0 * M, M, m) * mc->s_step + mc->s_offset;
-    *z = gather_u8(w->zero_q + n0 * M, M, m) * mc->z_step + mc->z_offset;
+    const int four = w->meta_bits == 4;
+    *s = gather_code(w->scale_q + n0 * M, M, m, four ? 1 : 0) * mc->s_step + mc->s_offset;
+    *z = gather_code(w->zero_q + n0 * M, M, m, four ? 2 : 0) * mc->z_step + mc->z_offset;
 }
 
 static void row_block(const hqq_matrix *w, int n0, const float *x, const float *xsum, float *y) {
@@ -236,8 +241,12 @@ static inline void meta_f16(const hqq_matrix *w, size_t m, __m256 *s, __m256 *z)
     *z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->zero + m)));
 }
 
-static inline __m256 u8x8(const uint8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+/* Eight consecutive metadata codes as floats (nib as in code_of). */
+static inline __m256 u8x8(const uint8_t *p, int nib) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    if (nib == 1) v = _mm256_and_si256(v, _mm256_set1_epi32(15));
+    else if (nib == 2) v = _mm256_srli_epi32(v, 4);
+    return _mm256_cvtepi32_ps(v);
 }
 
 /* Rows [n0, n1) of a 2-bit group-16 matrix, two rows at a time (each x load serves both). Requires K % 128
@@ -246,7 +255,8 @@ static inline __m256 u8x8(const uint8_t *p) {
 static void rows_2bit_g16(const hqq_matrix *w, int n0, int n1, const int8_t *xp, const float *dx, const float *xs,
                           float *y) {
     const int K = w->k, M = K / 16, chunks = K / 128;
-    const int per_block = w->meta_q8 ? w->meta_block / 8 : chunks; /* chunks per metadata block */
+    const int per_block = w->meta_bits ? w->meta_block / 8 : chunks; /* chunks per metadata block */
+    const int sn = w->meta_bits == 4 ? 1 : 0, zn = w->meta_bits == 4 ? 2 : 0; /* nibbles of 4-bit codes */
     const size_t row_bytes = (size_t)K / 4;
     for (int n = n0; n < n1; n += 2) {
         const int two = n + 1 < n1;
@@ -256,7 +266,7 @@ static void rows_2bit_g16(const hqq_matrix *w, int n0, int n1, const int8_t *xp,
         __m256 acc_a = _mm256_setzero_ps(), acc_b = _mm256_setzero_ps();
         for (int c0 = 0; c0 < chunks; c0 += per_block) {
             __m256 ssa = _mm256_setzero_ps(), soa = ssa, zsa = ssa, zoa = ssa, ssb = ssa, sob = ssa, zsb = ssa, zob = ssa;
-            if (w->meta_q8) {
+            if (w->meta_bits) {
                 const int MB = M / w->meta_block, b = c0 / per_block;
                 const size_t ia = (size_t)n * MB + b, ib = (size_t)n2 * MB + b;
                 ssa = _mm256_set1_ps(half1(w->scale_step[ia])); soa = _mm256_set1_ps(half1(w->scale_offset[ia]));
@@ -274,11 +284,11 @@ static void rows_2bit_g16(const hqq_matrix *w, int n0, int n1, const int8_t *xp,
                 const __m256 db = _mm256_cvtepi32_ps(chunk_dots(qb + 32 * c, x0, x1, x2, x3));
                 const size_t ma = (size_t)n * M + 8 * c, mb = (size_t)n2 * M + 8 * c;
                 __m256 sa, za, sb, zb;
-                if (w->meta_q8) {
-                    sa = _mm256_fmadd_ps(u8x8(w->scale_q + ma), ssa, soa);
-                    za = _mm256_fmadd_ps(u8x8(w->zero_q + ma), zsa, zoa);
-                    sb = _mm256_fmadd_ps(u8x8(w->scale_q + mb), ssb, sob);
-                    zb = _mm256_fmadd_ps(u8x8(w->zero_q + mb), zsb, zob);
+                if (w->meta_bits) {
+                    sa = _mm256_fmadd_ps(u8x8(w->scale_q + ma, sn), ssa, soa);
+                    za = _mm256_fmadd_ps(u8x8(w->zero_q + ma, zn), zsa, zoa);
+                    sb = _mm256_fmadd_ps(u8x8(w->scale_q + mb, sn), ssb, sob);
+                    zb = _mm256_fmadd_ps(u8x8(w->zero_q + mb, zn), zsb, zob);
                 } else {
                     meta_f16(w, ma, &sa, &za);
                     meta_f16(w, mb, &sb, &zb);
@@ -309,14 +319,18 @@ static inline __m512i pair_dots(const uint8_t *q, __m512i x0, __m512i x1, __m512
     return _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(v, 6), mask), x3);
 }
 
-static inline __m512 u8x16(const uint8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+static inline __m512 u8x16(const uint8_t *p, int nib) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    if (nib == 1) v = _mm512_and_si512(v, _mm512_set1_epi32(15));
+    else if (nib == 2) v = _mm512_srli_epi32(v, 4);
+    return _mm512_cvtepi32_ps(v);
 }
 
 static void rows_2bit_g16_512(const hqq_matrix *w, int n0, int n1, const int8_t *xp, const float *dx,
                               const float *xs, float *y, int prefetch) {
     const int K = w->k, M = K / 16, pairs = K / 256;
-    const int per_block = w->meta_q8 ? w->meta_block / 16 : pairs;
+    const int per_block = w->meta_bits ? w->meta_block / 16 : pairs;
+    const int sn = w->meta_bits == 4 ? 1 : 0, zn = w->meta_bits == 4 ? 2 : 0;
     const size_t row_bytes = (size_t)K / 4;
     for (int n = n0; n < n1; n += 2) {
         const int two = n + 1 < n1;
@@ -326,7 +340,7 @@ static void rows_2bit_g16_512(const hqq_matrix *w, int n0, int n1, const int8_t 
         __m512 acc_a = _mm512_setzero_ps(), acc_b = _mm512_setzero_ps();
         for (int c0 = 0; c0 < pairs; c0 += per_block) {
             __m512 ssa = _mm512_setzero_ps(), soa = ssa, zsa = ssa, zoa = ssa, ssb = ssa, sob = ssa, zsb = ssa, zob = ssa;
-            if (w->meta_q8) {
+            if (w->meta_bits) {
                 const int MB = M / w->meta_block, b = c0 / per_block;
                 const size_t ia = (size_t)n * MB + b, ib = (size_t)n2 * MB + b;
                 ssa = _mm512_set1_ps(half1(w->scale_step[ia])); soa = _mm512_set1_ps(half1(w->scale_offset[ia]));
@@ -348,11 +362,11 @@ static void rows_2bit_g16_512(const hqq_matrix *w, int n0, int n1, const int8_t 
                 const __m512 db = _mm512_cvtepi32_ps(pair_dots(qb + 64 * c, x0, x1, x2, x3));
                 const size_t ma = (size_t)n * M + 16 * c, mb = (size_t)n2 * M + 16 * c;
                 __m512 sa, za, sb, zb;
-                if (w->meta_q8) {
-                    sa = _mm512_fmadd_ps(u8x16(w->scale_q + ma), ssa, soa);
-                    za = _mm512_fmadd_ps(u8x16(w->zero_q + ma), zsa, zoa);
-                    sb = _mm512_fmadd_ps(u8x16(w->scale_q + mb), ssb, sob);
-                    zb = _mm512_fmadd_ps(u8x16(w->zero_q + mb), zsb, zob);
+                if (w->meta_bits) {
+                    sa = _mm512_fmadd_ps(u8x16(w->scale_q + ma, sn), ssa, soa);
+                    za = _mm512_fmadd_ps(u8x16(w->zero_q + ma, zn), zsa, zoa);
+                    sb = _mm512_fmadd_ps(u8x16(w->scale_q + mb, sn), ssb, sob);
+                    zb = _mm512_fmadd_ps(u8x16(w->zero_q + mb, zn), zsb, zob);
                 } else {
                     sa = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scale + ma)));
                     za = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->zero + ma)));

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..errors import MoeOffloadError
-from .quant_kernels import _ASM, _SMS, _and_or, _expert_pointers, _meta_block, _split_scratch, _store_rows
+from .quant_kernels import _ASM, _SMS, _and_or, _expert_pointers, _meta_block, _meta_value, _split_scratch, _store_rows
 
 BLOCK = 32  # activations per int8 step
 
@@ -249,9 +249,10 @@ def _fetch(w_ptr, s_ptr, z_ptr, rows, c0, KU, KW, NG, BITS: tl.constexpr, G: tl.
 
 @triton.jit
 def _dequant_meta(raw, q_ptr, off_ptr, rows, g, c0, NB, U: tl.constexpr, G: tl.constexpr, QMETA: tl.constexpr,
-                  MBLK: tl.constexpr, META_CHUNK: tl.constexpr):
-    """Scale or zero as float32 from its raw tile (8-bit metadata: times its block's step, plus its offset)."""
-    v = raw.to(tl.float32)
+                  MBLK: tl.constexpr, META_CHUNK: tl.constexpr, HIGH: tl.constexpr):
+    """Scale or zero as float32 from its raw tile (quantized metadata: its code times its block's step, plus its
+    offset; HIGH: the zero's nibble of 4-bit codes)."""
+    v = _meta_value(raw, QMETA, HIGH)
     if QMETA:
         if META_CHUNK:  # the chunk (first unit c0) lies in one metadata block: one step/offset per row
             blk = (rows * NB + (c0 * U) // G // MBLK)[:, None]
@@ -277,8 +278,8 @@ def _tile_acc(lo, s_raw, z_raw, hi, sh_raw, zh_raw, ss_ptr, so_ptr, zs_ptr, zo_p
     else:
         dot = _plane_dot(lo, xq_row, u[None, :], tl.zeros(lo.shape, tl.int32), 0, KU, BITS, U // 4, ASM).to(tl.float32)
     g = u // (G // U)
-    s = _dequant_meta(s_raw, ss_ptr, so_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK)
-    z = _dequant_meta(z_raw, zs_ptr, zo_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK)
+    s = _dequant_meta(s_raw, ss_ptr, so_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK, False)
+    z = _dequant_meta(z_raw, zs_ptr, zo_ptr, rows, g, c0, NB, U, G, QMETA, MBLK, META_CHUNK, True)
     if EXACT:
         r = s * (dot - z * sq[None, :])
     else:
@@ -286,7 +287,8 @@ def _tile_acc(lo, s_raw, z_raw, hi, sh_raw, zh_raw, ss_ptr, so_ptr, zs_ptr, zo_p
     rh = r
     if BITS == 3:  # the high bit of every code: its sum over x, the zero already taken with the low plane
         uh = c0 // 2 + tl.arange(0, BU // 2)
-        sh = _dequant_meta(sh_raw, ss_ptr, so_ptr, rows, uh // (G // 32), c0, NB, U, G, QMETA, MBLK, META_CHUNK)
+        sh = _dequant_meta(sh_raw, ss_ptr, so_ptr, rows, uh // (G // 32), c0, NB, U, G, QMETA, MBLK,
+                           META_CHUNK, False)
         if EXACT:
             dh = _plane_fma(hi, xq_row, uh[None, :], tl.zeros(hi.shape, tl.float32), 16 * KU, KB, 1, 32, ASM)
             rh = sh * dh

@@ -38,8 +38,8 @@ def _dequant_tile(w_ptr, s_ptr, ss_ptr, so_ptr, z_ptr, zs_ptr, zo_ptr, rows, c, 
     BN: tl.constexpr = rows.shape[0]
     q = tl.reshape(_load_codes(w_ptr, rows, c, KW, K16, BITS, BK), (BN, NGC, G))
     g = c * NGC + tl.arange(0, NGC)
-    s = _load_meta(s_ptr, ss_ptr, so_ptr, rows, g, NG, NB, QMETA, MBLK)
-    z = _load_meta(z_ptr, zs_ptr, zo_ptr, rows, g, NG, NB, QMETA, MBLK)
+    s = _load_meta(s_ptr, ss_ptr, so_ptr, rows, g, NG, NB, QMETA, MBLK, False)
+    z = _load_meta(z_ptr, zs_ptr, zo_ptr, rows, g, NG, NB, QMETA, MBLK, True)
     return tl.reshape((q - z[:, :, None]) * s[:, :, None], (BN, BK)).to(dtype)
 
 

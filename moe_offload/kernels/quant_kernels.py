@@ -117,9 +117,22 @@ def _load_codes(w_ptr, rows, c, KW, K16, BITS: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _load_meta(p_ptr, step_ptr, off_ptr, rows, g, NG, NB, QMETA: tl.constexpr, MBLK: tl.constexpr):
-    """Scale or zero of the given rows and groups -> float32 [BN, NGC] (float16, or uint8 + step/offset)."""
-    v = tl.load(p_ptr + rows[:, None] * NG + g[None, :]).to(tl.float32)
+def _meta_value(raw, QMETA: tl.constexpr, HIGH: tl.constexpr):
+    """A loaded scale or zero element as float32: float16 as is, or its code (QMETA: code bits; 4-bit codes share
+    a byte, the scale's in the low nibble, HIGH=False, the zero's in the high one)."""
+    if QMETA == 4:
+        if HIGH:
+            raw = raw >> 4
+        else:
+            raw = raw & 15
+    return raw.to(tl.float32)
+
+
+@triton.jit
+def _load_meta(p_ptr, step_ptr, off_ptr, rows, g, NG, NB, QMETA: tl.constexpr, MBLK: tl.constexpr,
+               HIGH: tl.constexpr):
+    """Scale or zero of the given rows and groups -> float32 [BN, NGC] (float16, or codes + step/offset)."""
+    v = _meta_value(tl.load(p_ptr + rows[:, None] * NG + g[None, :]), QMETA, HIGH)
     if QMETA:
         b = g // MBLK
         step = tl.load(step_ptr + rows[:, None] * NB + b[None, :]).to(tl.float32)
@@ -220,8 +233,8 @@ def _word_acc(lo, hi, s_raw, z_raw, x0, x1, xs, c, rows, ss_ptr, so_ptr, zs_ptr,
         # Fields above bit 15 come from the upper half (the arithmetic shift's sign bits are masked off).
         d = tl.sum(_fields(lo, BITS, 16 // BITS, ASM) * x0[None, :, :].to(tl.float32), axis=2)
         d += tl.sum(_fields(lo >> 16, BITS, 16 // BITS, ASM) * x1[None, :, :].to(tl.float32), axis=2)
-    s = s_raw.to(tl.float32)
-    z = z_raw.to(tl.float32)
+    s = _meta_value(s_raw, QMETA, False)
+    z = _meta_value(z_raw, QMETA, True)
     if QMETA:
         UNIT: tl.constexpr = 16 if BITS == 3 else 32 // BITS
         b = ((c * (BK // UNIT) + tl.arange(0, BK // UNIT)) * UNIT) // G // MBLK
@@ -379,8 +392,8 @@ def _gemm_kernel(
         x = tl.load(x_ptr + ms[:, None] * stride_xm + c * BK + tl.arange(0, BK)[None, :])
         q = tl.reshape(_load_codes(w_ptr, rows, c, KW, K16, BITS, BK), (BN, NGC, G))
         g = c * NGC + tl.arange(0, NGC)
-        s = _load_meta(s_ptr, ss_ptr, so_ptr, rows, g, NG, NB, QMETA, MBLK)
-        z = _load_meta(z_ptr, zs_ptr, zo_ptr, rows, g, NG, NB, QMETA, MBLK)
+        s = _load_meta(s_ptr, ss_ptr, so_ptr, rows, g, NG, NB, QMETA, MBLK, False)
+        z = _load_meta(z_ptr, zs_ptr, zo_ptr, rows, g, NG, NB, QMETA, MBLK, True)
         w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BN, BK)).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -401,8 +414,8 @@ def _dequant_kernel(
     rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)
     q = tl.reshape(_load_codes(w_ptr, rows, c, KW, K16, BITS, BK), (BN, NGC, G))
     g = c * NGC + tl.arange(0, NGC)
-    s = _load_meta(s_ptr, ss_ptr, so_ptr, rows, g, NG, NB, QMETA, MBLK)
-    z = _load_meta(z_ptr, zs_ptr, zo_ptr, rows, g, NG, NB, QMETA, MBLK)
+    s = _load_meta(s_ptr, ss_ptr, so_ptr, rows, g, NG, NB, QMETA, MBLK, False)
+    z = _load_meta(z_ptr, zs_ptr, zo_ptr, rows, g, NG, NB, QMETA, MBLK, True)
     w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BN, BK))
     offs_n = pid_n * BN + tl.arange(0, BN)
     ptrs = out_ptr + offs_n[:, None] * K + c * BK + tl.arange(0, BK)[None, :]
@@ -545,7 +558,7 @@ def _gemv_ok(bits: int, group: int) -> bool:
 
 
 def _launch_gemv(x2, y2, bits, group, n, k, w1, w2=None, grouped=None) -> None:
-    """w1/w2: (packed, (s, ss, so), (z, zs, zo), quant_meta) tuples. w2 given: gated (silu(w1) * w2).
+    """w1/w2: (packed, (s, ss, so), (z, zs, zo), QMETA) tuples (see _weight). w2 given: gated (silu(w1) * w2).
 
     grouped: (ids, expert_stride_bytes): row m of y uses expert ids[m] of the stack whose first expert
     w1/w2 are; x2 may then be a single row shared by every expert (stride 0)."""
@@ -625,8 +638,14 @@ def _launch_dequant(out: torch.Tensor, bits, group, n, k, w1) -> None:
 
 
 def _weight(packed, scale, zero, bits, group_size, n, k):
+    """(packed, scale args, zero args, QMETA): QMETA 0 for float16 metadata, else the code bits (8 or 4)."""
     ng = k // group_size
-    qmeta = isinstance(scale, QuantizedMeta)
+    qmeta = scale.bits if isinstance(scale, QuantizedMeta) else 0
+    if qmeta == 4 and not (isinstance(zero, QuantizedMeta) and zero.bits == 4 and scale.shift == 0 and zero.shift == 4
+                           and zero.q.data_ptr() == scale.q.data_ptr()):
+        raise MoeOffloadError("4-bit scale and zero codes must share one byte per group (scale low nibble, zero high)")
+    if isinstance(zero, QuantizedMeta) and qmeta != zero.bits:
+        raise MoeOffloadError(f"scale and zero codes must have the same bits, got {qmeta} and {zero.bits}")
     return packed, _meta_args(scale, "scale", n, ng, qmeta), _meta_args(zero, "zero", n, ng, qmeta), qmeta
 
 

@@ -16,6 +16,10 @@ Grouping and dequantization (the contract kernels implement):
   ``v[n, m] = float(q[n, m]) * float(step[n, m // B]) + float(offset[n, m // B])`` in float32.
   The encoder is round-to-nearest min-max per block, with ``offset`` rounded down and ``step``
   rounded up to float16 so the 256-level grid always spans the block's [min, max].
+* 4-bit quantized metadata (``meta_bits=4``): as above with 16 levels, and one byte per group holds both
+  codes: ``meta_q`` uint8 [N, M] with the scale's code in its low nibble and the zero's in its high one
+  (so a kernel loads one byte where it loaded two, then masks or shifts). Step and offset stay
+  ``{name}_step`` / ``{name}_offset``. A third fewer bytes than 8-bit metadata for 2-bit groups of 16.
 * The weight codes are always chosen against the *stored* metadata (nearest grid point after the
   float16 / 8-bit rounding of scale and zero), so storage rounding costs as little as possible.
 
@@ -46,6 +50,7 @@ ITERS = 20
 _MIN_RANGE = 1e-4
 _MAX_INV_SCALE = 2e4
 _META_BLOCK_MAX = 128
+META_BITS = (8, 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,7 @@ class QuantSpec:
     bits: int
     group_size: int
     quant_meta: bool = False
+    meta_bits: int = 8  # bits of each quantized scale/zero code (8, or 4: both codes in one byte)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -60,6 +66,10 @@ class QuantSpec:
         g = self.group_size
         if not isinstance(g, int) or g < 8 or g & (g - 1):
             raise MoeOffloadError(f"group_size={g} must be a power of two >= 8")
+        if self.meta_bits not in META_BITS:
+            raise MoeOffloadError(f"meta_bits={self.meta_bits} is not supported; supported: 8, 4")
+        if self.meta_bits != 8 and not self.quant_meta:
+            raise MoeOffloadError(f"meta_bits={self.meta_bits} needs quantized metadata (quant_meta=True)")
 
     def check(self, k: int) -> None:
         """Raise unless K (in_features) can be stored with this spec."""
@@ -75,11 +85,19 @@ def meta_block(m: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class QuantizedMeta:
-    """A [N, M] metadata matrix stored as uint8 codes with a float16 step and offset per block."""
+    """A [N, M] metadata matrix stored as uint8 codes with a float16 step and offset per block.
+
+    4-bit codes share their bytes with the other matrix's (scale: low nibble, shift 0; zero: high, shift 4)."""
 
     q: torch.Tensor  # uint8 [N, M]
     step: torch.Tensor  # float16 [N, M/B]
     offset: torch.Tensor  # float16 [N, M/B]
+    bits: int = 8
+    shift: int = 0
+
+    def codes(self) -> torch.Tensor:
+        """The codes as uint8 [N, M] (4-bit: this matrix's nibble of each byte)."""
+        return self.q if self.bits == 8 else (self.q >> self.shift) & (2**self.bits - 1)
 
 
 Meta = Union[torch.Tensor, QuantizedMeta]
@@ -91,10 +109,13 @@ def tensor_layout(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tuple[tu
     spec.check(k)
     m = k // spec.group_size
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"qweight": ((n, packed_words(k, spec.bits)), torch.int32)}
+    if spec.quant_meta and spec.meta_bits == 4:
+        layout["meta_q"] = ((n, m), torch.uint8)  # both codes: scale low nibble, zero high nibble
     for name in ("scale", "zero"):
         if spec.quant_meta:
             blocks = m // meta_block(m)
-            layout[f"{name}_q"] = ((n, m), torch.uint8)
+            if spec.meta_bits == 8:
+                layout[f"{name}_q"] = ((n, m), torch.uint8)
             layout[f"{name}_step"] = ((n, blocks), torch.float16)
             layout[f"{name}_offset"] = ((n, blocks), torch.float16)
         else:
@@ -115,7 +136,8 @@ class QuantizedTensor:
         out = {"qweight": self.qweight}
         for name, meta in (("scale", self.scale), ("zero", self.zero)):
             if isinstance(meta, QuantizedMeta):
-                out.update({f"{name}_q": meta.q, f"{name}_step": meta.step, f"{name}_offset": meta.offset})
+                out["meta_q" if meta.bits == 4 else f"{name}_q"] = meta.q
+                out.update({f"{name}_step": meta.step, f"{name}_offset": meta.offset})
             else:
                 out[name] = meta
         return out
@@ -139,12 +161,14 @@ class QuantizedTensor:
     def assemble(cls, d: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec) -> "QuantizedTensor":
         """Like :meth:`from_tensors` without the checks, for hot paths over already-validated tensors."""
 
-        def meta(name: str) -> Meta:
+        def meta(name: str, shift: int) -> Meta:
+            if spec.quant_meta and spec.meta_bits == 4:
+                return QuantizedMeta(d["meta_q"], d[f"{name}_step"], d[f"{name}_offset"], 4, shift)
             if spec.quant_meta:
                 return QuantizedMeta(d[f"{name}_q"], d[f"{name}_step"], d[f"{name}_offset"])
             return d[name]
 
-        return cls(d["qweight"], meta("scale"), meta("zero"), shape, spec)
+        return cls(d["qweight"], meta("scale", 0), meta("zero", 4), shape, spec)
 
     def rows(self, start: int, stop: int) -> "QuantizedTensor":
         """Rows [start, stop) of the matrix (output features): views, no copies. Every stored tensor is row-major
@@ -172,15 +196,23 @@ def _f16_round(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(h, torch.full_like(h, direction)), h)
 
 
-def _quantize_meta(v: torch.Tensor) -> QuantizedMeta:
-    """8-bit min-max quantization of a float32 [N, M] metadata matrix in blocks along M."""
+def _quantize_meta(v: torch.Tensor, bits: int = 8) -> QuantizedMeta:
+    """Min-max quantization of a float32 [N, M] metadata matrix to ``bits``-bit codes in blocks along M
+    (codes one per byte; :func:`quantize` packs two 4-bit ones into a byte)."""
     n, m = v.shape
+    levels = float(2**bits - 1)
     vb = v.reshape(n, m // meta_block(m), -1)
     offset = _f16_round(vb.amin(dim=-1), float("-inf"))
-    step = _f16_round((vb.amax(dim=-1) - offset.float()) / 255.0, float("inf"))
+    step = _f16_round((vb.amax(dim=-1) - offset.float()) / levels, float("inf"))
     step = torch.where(step == 0, torch.ones_like(step), step)  # constant block: any step is exact
-    q = torch.round((vb - offset.float()[..., None]) / step.float()[..., None]).clamp_(0, 255)
+    q = torch.round((vb - offset.float()[..., None]) / step.float()[..., None]).clamp_(0, levels)
     return QuantizedMeta(q.to(torch.uint8).reshape(n, m), step, offset)
+
+
+def _share_byte(scale: QuantizedMeta, zero: QuantizedMeta) -> tuple[QuantizedMeta, QuantizedMeta]:
+    """Two 4-bit code matrices -> one byte per group (scale low nibble, zero high), shared by both."""
+    q = scale.q | (zero.q << 4)
+    return QuantizedMeta(q, scale.step, scale.offset, 4, 0), QuantizedMeta(q, zero.step, zero.offset, 4, 4)
 
 
 def dequantize_meta(meta: Meta) -> torch.Tensor:
@@ -188,7 +220,7 @@ def dequantize_meta(meta: Meta) -> torch.Tensor:
     if not isinstance(meta, QuantizedMeta):
         return meta.float()
     n, m = meta.q.shape
-    q = meta.q.float().reshape(n, meta.step.shape[1], -1)
+    q = meta.codes().float().reshape(n, meta.step.shape[1], -1)
     return (q * meta.step.float()[..., None] + meta.offset.float()[..., None]).reshape(n, m)
 
 
@@ -250,7 +282,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec, *, optimize: bool = True) -> Quan
 
     scale32, zero32 = (1.0 / inv_scale).squeeze(-1), zero.squeeze(-1)
     if spec.quant_meta:
-        scale, zero_st = _quantize_meta(scale32), _quantize_meta(zero32)
+        scale, zero_st = _quantize_meta(scale32, spec.meta_bits), _quantize_meta(zero32, spec.meta_bits)
+        if spec.meta_bits == 4:
+            scale, zero_st = _share_byte(scale, zero_st)
     else:
         scale, zero_st = scale32.to(torch.float16), zero32.to(torch.float16)
 

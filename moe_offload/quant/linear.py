@@ -94,4 +94,5 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={s.bits}, group_size={s.group_size}, quant_meta={s.quant_meta}"
+            + (f", meta_bits={s.meta_bits}" if s.quant_meta else "")
         )

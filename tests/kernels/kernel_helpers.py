@@ -50,3 +50,28 @@ def expert_stack(spec, num_experts: int, d: int, i: int, device, seed: int = 0):
             QuantizedTensor.assemble({k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(proj + ".")},
                                      shape, spec) for proj, shape in shapes))
     return buffer, layout.nbytes, experts
+
+
+def random_meta(scale: torch.Tensor, zero: torch.Tensor, meta_bits: int, g: torch.Generator, device=None):
+    """Quantized scale and zero with random codes and a step and offset per block scaled to each (the kernels only
+    read the storage format), on ``device`` (default: scale's). 4-bit: both codes in one random byte per group, the
+    scale's low, the zero's high."""
+    from moe_offload.quant.hqq import QuantizedMeta, meta_block
+
+    n, ng = scale.shape
+    nb = ng // meta_block(ng)
+    top = 2**meta_bits - 1
+
+    device = scale.device if device is None else device
+
+    def step_offset(v):
+        peak = v.reshape(n, nb, -1).amax(-1)
+        return (peak / top).half().to(device), (-0.1 * peak).half().to(device)
+
+    def codes():
+        return torch.randint(0, 256, (n, ng), generator=g, dtype=torch.uint8, device=g.device).to(device)
+
+    if meta_bits == 8:
+        return QuantizedMeta(codes(), *step_offset(scale)), QuantizedMeta(codes(), *step_offset(zero))
+    shared = codes()
+    return QuantizedMeta(shared, *step_offset(scale), 4, 0), QuantizedMeta(shared, *step_offset(zero), 4, 4)

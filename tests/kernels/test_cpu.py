@@ -9,8 +9,9 @@ from moe_offload.quant.hqq import QuantSpec, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"no CPU kernel: {cpu.unavailable_reason()}")
 
+LEAN = QuantSpec(2, 16, True, meta_bits=4)  # the 4/2-lean preset's experts: both metadata codes in one byte
 SPECS = [QuantSpec(2, 16, True), QuantSpec(2, 32), QuantSpec(3, 64), QuantSpec(4, 64), QuantSpec(8, 64),
-         QuantSpec(4, 128, True), QuantSpec(3, 16, True)]
+         QuantSpec(4, 128, True), QuantSpec(3, 16, True), LEAN, QuantSpec(4, 64, True, meta_bits=4)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -33,7 +34,7 @@ needs_int8 = pytest.mark.skipif(not cpu.available() or not cpu.int8_available(),
 
 @needs_int8
 @pytest.mark.parametrize("simd", ["auto", "avx2"])
-@pytest.mark.parametrize("spec", [QuantSpec(2, 16, True), QuantSpec(2, 16)], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, True), QuantSpec(2, 16), LEAN], ids=str)
 @pytest.mark.parametrize("shape", [(64, 512), (1024, 4096), (256, 14336), (48, 384)])
 def test_int8_fast_path(spec, shape, simd):
     """The integer path is exact given its int8-rounded x, and off from the float product by at most what
@@ -111,13 +112,12 @@ def test_int4_rejects_group_16():
 
 @needs_int8
 @pytest.mark.parametrize("simd", ["auto", "avx2"])
-@pytest.mark.parametrize("n", [1, 3])
-def test_fused_experts_match_matrix_by_matrix(n, simd):
+@pytest.mark.parametrize("n,spec", [(1, QuantSpec(2, 16, True)), (3, QuantSpec(2, 16, True)), (3, LEAN)], ids=str)
+def test_fused_experts_match_matrix_by_matrix(n, spec, simd):
     """One C call for a layer's experts (gate, up, SiLU, h rounded to int8, down) against the same experts matrix by
     matrix, and against float64 with dequantized weights (the SwiGLU reference)."""
     d, i = 256, 768
     torch.manual_seed(n)
-    spec = QuantSpec(2, 16, True)
     mats = [[cpu.CpuMatrix(quantize(torch.randn(*shape) * 0.5, spec, optimize=False), simd=simd)
              for shape in ((i, d), (i, d), (d, i))] for _ in range(n)]
     gates, ups, downs = (list(t) for t in zip(*mats))

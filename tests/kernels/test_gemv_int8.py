@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_offload.quant.hqq import QuantizedMeta, QuantizedTensor, QuantSpec, dequantize, meta_block
+from moe_offload.quant.hqq import QuantizedTensor, QuantSpec, dequantize
 from moe_offload.quant.pack import pack
 
-from kernel_helpers import expert_stack, run_under_interpreter
+from kernel_helpers import expert_stack, random_meta, run_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if INTERPRETED else None
@@ -32,24 +32,19 @@ def test_int8_gemv_under_the_triton_interpreter():
     run_under_interpreter(__file__)
 
 
-def weight(n, k, bits, group, quant_meta=False, seed=0):
+def weight(n, k, bits, group, quant_meta=0, seed=0):
+    """quant_meta: 0 float16 scales/zeros, 8 (or True) 8-bit codes, 4: 4-bit codes sharing a byte per group."""
     g = torch.Generator().manual_seed(seed)
     ng = k // group
     codes = torch.randint(0, 2**bits, (n, k), generator=g)
     scale = (torch.rand(n, ng, generator=g) + 0.5) * (0.05 / 2**bits)
     zero = torch.rand(n, ng, generator=g) * (2**bits - 1)
+    meta_bits = 4 if quant_meta == 4 else 8
     if quant_meta:
-        nb = ng // meta_block(ng)
-
-        def qmeta(v):
-            q = torch.randint(0, 256, (n, ng), generator=g, dtype=torch.uint8)
-            step = (v.reshape(n, nb, -1).amax(-1) / 255).half()
-            return QuantizedMeta(q.to(DEVICE), step.to(DEVICE), (-0.1 * v.reshape(n, nb, -1).amax(-1)).half().to(DEVICE))
-
-        s, z = qmeta(scale), qmeta(zero)
+        s, z = random_meta(scale, zero, meta_bits, g, DEVICE)
     else:
         s, z = scale.half().to(DEVICE), zero.half().to(DEVICE)
-    qt = QuantizedTensor(pack(codes, bits).to(DEVICE), s, z, (n, k), QuantSpec(bits, group, quant_meta))
+    qt = QuantizedTensor(pack(codes, bits).to(DEVICE), s, z, (n, k), QuantSpec(bits, group, bool(quant_meta), meta_bits))
     return qt, dequantize(qt, torch.float32).double()
 
 
@@ -112,8 +107,9 @@ def test_quantize_activations_match_the_reference(bits, m):
 
 
 @on_device
-@pytest.mark.parametrize("bits,group,quant_meta", [(2, 16, True), (2, 32, False), (3, 64, False), (3, 64, True),
-                                                   (4, 64, False), (4, 16, False), (8, 32, False)])
+@pytest.mark.parametrize("bits,group,quant_meta", [(2, 16, True), (2, 16, 4), (2, 32, False), (3, 64, False),
+                                                   (3, 64, True), (3, 64, 4), (4, 64, False), (4, 16, False),
+                                                   (8, 32, False)])
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_matches_the_int8_reference(bits, group, quant_meta, m):
     for y, x, w in gemv_outputs(bits, group, quant_meta, m):
@@ -156,7 +152,8 @@ def test_split_k_sums_in_a_fixed_order(split, prefetch, monkeypatch):
 
 
 @on_device
-@pytest.mark.parametrize("spec", [QuantSpec(2, 16, quant_meta=True)] + [QuantSpec(3, 64), QuantSpec(4, 64)] * (DEVICE == "cuda"),
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, quant_meta=True)] + [QuantSpec(2, 16, True, 4), QuantSpec(3, 64),
+                                                                          QuantSpec(4, 64)] * (DEVICE == "cuda"),
                          ids=str)  # the interpreter takes minutes for the others
 def test_gated_and_grouped(spec):
     """gate+up with silu in the epilogue, then down; the grouped launch equals the per-expert ones bit for bit."""
@@ -192,8 +189,8 @@ def test_gated_and_grouped(spec):
 
 
 @on_device
-@pytest.mark.parametrize("bits,group,quant_meta", [(2, 16, True), (2, 32, False), (3, 64, False), (3, 64, True),
-                                                   (4, 64, False), (8, 32, False)])
+@pytest.mark.parametrize("bits,group,quant_meta", [(2, 16, True), (2, 16, 4), (2, 32, False), (3, 64, False),
+                                                   (3, 64, True), (4, 64, False), (8, 32, False)])
 @pytest.mark.parametrize("m", [1, 2])
 def test_exact_planes_gemv_matches_the_float64_reference(bits, group, quant_meta, m):
     for y, x, w in gemv_outputs(bits, group, quant_meta, m, exact=True):

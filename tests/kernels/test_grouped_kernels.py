@@ -15,7 +15,8 @@ from kernel_helpers import expert_stack
 
 gpu = pytest.mark.skipif(not kernels.available(), reason="needs Triton and a CUDA GPU")
 
-SPECS = [QuantSpec(2, 16, quant_meta=True), QuantSpec(3, 64), QuantSpec(4, 64), QuantSpec(2, 32)]
+SPECS = [QuantSpec(2, 16, quant_meta=True), QuantSpec(2, 16, True, meta_bits=4), QuantSpec(3, 64), QuantSpec(4, 64),
+         QuantSpec(2, 32)]
 
 
 def stack(spec: QuantSpec, num_experts: int, d: int, i: int, seed: int = 0):

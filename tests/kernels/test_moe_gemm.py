@@ -22,7 +22,7 @@ on_device = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU or Trito
 D, I = (4096, 14336) if DEVICE == "cuda" else (128, 192)
 # The interpreter's bfloat16 tl.dot is wrong (Triton 3.9: off by 1e10); float16 runs the same kernel code.
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-SPECS = [QuantSpec(2, 16, True), QuantSpec(3, 64, False), QuantSpec(4, 64, True)]
+SPECS = [QuantSpec(2, 16, True), QuantSpec(3, 64, False), QuantSpec(4, 64, True), QuantSpec(2, 16, True, meta_bits=4)]
 
 
 @pytest.mark.skipif(DEVICE is not None or importlib.util.find_spec("triton") is None,
@@ -37,7 +37,7 @@ def activations(m, seed=1):
 
 
 @on_device
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}bit-g{s.group_size}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}bit-g{s.group_size}" + (f"-meta{s.meta_bits}" if s.quant_meta else ""))
 @pytest.mark.parametrize("m", [2, 70])
 def test_one_expert_matches_dequantize_then_matmul(spec, m):
     from moe_offload.kernels.moe_gemm import expert_rows, moe_gemm_reference
@@ -75,7 +75,7 @@ def test_route_blocks_cover_each_experts_pairs_in_order():
 
 
 @on_device
-@pytest.mark.parametrize("spec", SPECS[:2], ids=lambda s: f"{s.bits}bit-g{s.group_size}")
+@pytest.mark.parametrize("spec", SPECS[:2], ids=lambda s: f"{s.bits}bit-g{s.group_size}" + (f"-meta{s.meta_bits}" if s.quant_meta else ""))
 def test_a_stacked_layer_in_two_launches_equals_its_experts_one_by_one(spec):
     """The resident stack's prefill (one block table, every expert) against each expert alone on its own rows (what
     an offloaded layer runs): the same bits, whatever the block boundaries."""

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 
 from moe_offload import kernels
 from moe_offload.errors import MoeOffloadError
-from moe_offload.quant.hqq import QuantizedMeta, QuantizedTensor, QuantSpec, dequantize, meta_block
+from moe_offload.quant.hqq import QuantizedTensor, QuantSpec, dequantize
 from moe_offload.quant.linear import QuantLinear
 from moe_offload.quant.pack import pack
+
+from kernel_helpers import random_meta
 
 U = 2.0**-8  # bfloat16 unit roundoff
 
@@ -38,22 +40,19 @@ def test_import_needs_no_gpu():
 
 
 @functools.lru_cache(maxsize=2)
-def weight(n: int, k: int, bits: int, group: int, quant_meta: bool = False, seed: int = 0):
-    """Random codes and metadata (no quantizer: the kernels only read the storage format) + fp32 W."""
+def weight(n: int, k: int, bits: int, group: int, quant_meta: int = 0, seed: int = 0):
+    """Random codes and metadata (no quantizer: the kernels only read the storage format) + fp32 W.
+    quant_meta: 0 float16 scales/zeros, 8 (or True) 8-bit codes, 4: 4-bit codes sharing one byte per group."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     ng = k // group
     codes = torch.randint(0, 2**bits, (n, k), device="cuda", generator=g)
     scale = (torch.rand(n, ng, device="cuda", generator=g) + 0.5) * (0.05 / 2**bits)
     zero = torch.rand(n, ng, device="cuda", generator=g) * (2**bits - 1)
     if quant_meta:
-        nb = ng // meta_block(ng)
-
-        def qmeta(v: torch.Tensor) -> QuantizedMeta:
-            q = torch.randint(0, 256, (n, ng), device="cuda", generator=g, dtype=torch.uint8)
-            step = (v.reshape(n, nb, -1).amax(-1) / 255).half()
-            return QuantizedMeta(q, step, (-0.1 * v.reshape(n, nb, -1).amax(-1)).half())
-
-        qt = QuantizedTensor(pack(codes, bits), qmeta(scale), qmeta(zero), (n, k), QuantSpec(bits, group, True))
+        meta_bits = 4 if quant_meta == 4 else 8
+        scale_q, zero_q = random_meta(scale, zero, meta_bits, g)
+        spec = QuantSpec(bits, group, True, meta_bits)
+        qt = QuantizedTensor(pack(codes, bits), scale_q, zero_q, (n, k), spec)
     else:
         qt = QuantizedTensor(pack(codes, bits), scale.half(), zero.half(), (n, k), QuantSpec(bits, group))
     return qt, dequantize(qt, torch.float32)
@@ -105,11 +104,12 @@ def test_other_groups_and_8bit(bits, group, m):
 
 
 @gpu
+@pytest.mark.parametrize("meta_bits", [8, 4])
 @pytest.mark.parametrize("bits,group", [(2, 16), (3, 64), (4, 64)])
 @pytest.mark.parametrize("n,k", [(4096, 14336), (1000, 4096)])
-@pytest.mark.parametrize("m", [1, 7, 64])
-def test_quantized_metadata(n, k, bits, group, m):
-    qt, w = weight(n, k, bits, group, quant_meta=True)
+@pytest.mark.parametrize("m", [1, 7, 64, 512])
+def test_quantized_metadata(n, k, bits, group, m, meta_bits):
+    qt, w = weight(n, k, bits, group, quant_meta=meta_bits)
     x = activations(m, k)
     check(run(x, qt), x, w)
 

@@ -51,7 +51,7 @@ def test_cuda_offloaded_bit_identical(tiny_dir, dtype, options):
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
 
 
-@pytest.mark.parametrize("preset", ["4/2", "4/3"])
+@pytest.mark.parametrize("preset", ["4/2", "4/2-lean", "4/3"])
 def test_cuda_synthetic_quantized_offload_bit_identical(preset):
     prompt = list(range(3, 60))
     resident = load_synthetic("tiny", preset=preset, device="cuda")
@@ -163,7 +163,7 @@ def test_cuda_cpu_work_on_the_kernels_thread(tmp_path, how, gpu_waits):
         assert s["cpu_wait_ms_per_token"] == 0.0  # the host never waited for the CPU
 
 
-@pytest.mark.parametrize("preset", ["4/2", "4/3"])
+@pytest.mark.parametrize("preset", ["4/2", "4/2-lean", "4/3"])
 @pytest.mark.parametrize("options, held", [
     (OffloadOptions(offload_per_layer=0, force=True, hybrid="off"), 2),  # every layer holds all its experts
     (OffloadOptions(offload_per_layer=2, hybrid="off"), 0),  # two slots per layer: two experts stream per prefill

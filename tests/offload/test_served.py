@@ -28,8 +28,8 @@ def wide_dir(tmp_path_factory):
                            num_hidden_layers=4)
 
 
-def load(directory, device="cpu", dtype="float32", **offload):
-    return moe_offload.load(directory, device=device, dtype=dtype, quantize="4/2", offload=OffloadOptions(**offload))
+def load(directory, device="cpu", dtype="float32", preset="4/2", **offload):
+    return moe_offload.load(directory, device=device, dtype=dtype, quantize=preset, offload=OffloadOptions(**offload))
 
 
 def within_tolerance(errors, tol=3e-2):
@@ -65,11 +65,13 @@ def test_the_cpu_share_is_the_split_that_finishes_first(cpu_call, copy, max_gpu,
 
 
 @needs_int8
-def test_served_cpu_layers_match_resident_and_count_their_work(wide_dir):
+@pytest.mark.parametrize("preset", ["4/2", "4/2-lean"])
+def test_served_cpu_layers_match_resident_and_count_their_work(wide_dir, preset):
     """Three served CPU layers (one expert each on the CPU, one copied; guesses copied ahead) stay within the CPU path's
     tolerance of the resident model; the statistics fold in what the server did."""
-    resident = load(wide_dir)
-    engine = load(wide_dir, cpu_layers=3, serve_cpu_layers="on", hybrid_cost=ONE_EACH, cpu_layer_copies=True)
+    resident = load(wide_dir, preset=preset)
+    engine = load(wide_dir, preset=preset, cpu_layers=3, serve_cpu_layers="on", hybrid_cost=ONE_EACH,
+                  cpu_layer_copies=True)
     served = engine.hybrid.served
     assert served is not None and served.cpu_k == 1 and served.layers == engine.plan.cpu_layer_ids == [0, 1, 2]
     assert all((b.experts.served is not None) == (i in served.layers) for i, b in enumerate(engine.model.moe_blocks()))
@@ -167,15 +169,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 @needs_int8
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_cuda_served_decode_is_one_graph_and_matches_copies_only(wide_dir, dtype):
+@pytest.mark.parametrize("dtype, preset", [("bfloat16", "4/2"), ("float16", "4/2"), ("bfloat16", "4/2-lean")])
+def test_cuda_served_decode_is_one_graph_and_matches_copies_only(wide_dir, dtype, preset):
     from moe_offload.graphs import GraphedDecode
     from moe_offload.kernels import host_signal
 
     if not host_signal.available():
         pytest.skip("no stream memory operations")
-    reference = load(wide_dir, device="cuda", dtype=dtype, offload_per_layer=2, hybrid="off")
-    engine = load(wide_dir, device="cuda", dtype=dtype, cpu_layers=3, hybrid_cost=ONE_EACH)  # serve: auto
+    reference = load(wide_dir, device="cuda", dtype=dtype, preset=preset, offload_per_layer=2, hybrid="off")
+    engine = load(wide_dir, device="cuda", dtype=dtype, preset=preset, cpu_layers=3, hybrid_cost=ONE_EACH)  # serve: auto
     served = engine.hybrid.served
     assert served is not None and served.cpu_k == 1
     session = engine.new_session()
@@ -191,7 +193,8 @@ def test_cuda_served_decode_is_one_graph_and_matches_copies_only(wide_dir, dtype
     assert counters["errors"] == 0 and counters["guesses"] > 0
     # 12 steps, and the graph capture's two warm-up steps per session (each session captures its own graphs)
     assert [engine.cache_stats.layers[i].cpu_experts for i in served.layers] == [12 + 2 * 2] * 3
-    host = load(wide_dir, device="cuda", dtype=dtype, cpu_layers=3, hybrid_cost=ONE_EACH, serve_cpu_layers="off")
+    host = load(wide_dir, device="cuda", dtype=dtype, preset=preset, cpu_layers=3, hybrid_cost=ONE_EACH,
+                serve_cpu_layers="off")
     assert host.hybrid.served is None
     errors, _ = teacher_forced(engine, host, steps=12)
     assert within_tolerance(errors, 5e-2), " ".join(f"{e:.4f}" for e in errors)

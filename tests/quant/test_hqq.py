@@ -16,6 +16,11 @@ from moe_offload.quant.pack import unpack
 
 BITS = (2, 3, 4, 8)
 GROUPS = (16, 64, 128)
+METAS = (0, 8, 4)  # float16 scales/zeros, 8-bit codes, 4-bit codes sharing a byte
+
+
+def spec_of(bits: int, group_size: int, meta: int) -> QuantSpec:
+    return QuantSpec(bits, group_size, quant_meta=bool(meta), meta_bits=meta or 8)
 
 
 def weight(kind: str, shape=(256, 512), seed=0) -> torch.Tensor:
@@ -70,6 +75,15 @@ def test_quant_meta_costs_little(bits, group_size):
     assert meta <= plain * (1.02 if bits < 8 else 1.3)
 
 
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_4bit_meta_costs_little_for_2bit_codes(group_size):
+    """4-bit scales/zeros are meant for 2-bit codes, whose own step dwarfs the metadata's rounding."""
+    w = weight("outliers")
+    plain = mae(dequantize(quantize(w, QuantSpec(2, group_size))), w)
+    four = mae(dequantize(quantize(w, spec_of(2, group_size, 4))), w)
+    assert four <= plain * 1.08
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_optimizer_beats_round_to_nearest(bits):
     for kind in ("gaussian", "outliers"):
@@ -99,23 +113,25 @@ def test_half_precision_input(dtype):
     assert torch.linalg.norm(w_r.float() - w.float()) / torch.linalg.norm(w.float()) < 0.15
 
 
-@pytest.mark.parametrize("quant_meta", [False, True])
+@pytest.mark.parametrize("meta", METAS)
 @pytest.mark.parametrize("bits", BITS)
-def test_dequantize_contract(bits, quant_meta):
+def test_dequantize_contract(bits, meta):
     """dequantize == (q - zero[k // G]) * scale[k // G] from the stored tensors, as kernels compute it."""
     n, k, g = 8, 3584, 16  # M = 224 groups: meta block B = 112
     w = weight("outliers", (n, k))
-    qt = quantize(w, QuantSpec(bits, g, quant_meta))
+    qt = quantize(w, spec_of(bits, g, meta))
     t = qt.tensors()
-    if quant_meta:
+    if meta:
         b = meta_block(k // g)
         assert b == 112
+        codes = {"scale": t["meta_q"] & 15, "zero": t["meta_q"] >> 4} if meta == 4 else \
+            {"scale": t["scale_q"], "zero": t["zero_q"]}
 
-        def meta(name: str) -> torch.Tensor:
+        def value(name: str) -> torch.Tensor:
             blk = torch.arange(k // g) // b
-            return t[f"{name}_q"].float() * t[f"{name}_step"].float()[:, blk] + t[f"{name}_offset"].float()[:, blk]
+            return codes[name].float() * t[f"{name}_step"].float()[:, blk] + t[f"{name}_offset"].float()[:, blk]
 
-        scale, zero = meta("scale"), meta("zero")
+        scale, zero = value("scale"), value("zero")
     else:
         scale, zero = t["scale"].float(), t["zero"].float()
     q = unpack(t["qweight"], bits, k).float()
@@ -126,17 +142,18 @@ def test_dequantize_contract(bits, quant_meta):
     assert torch.allclose(dequantize_meta(qt.zero), zero, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("quant_meta", [False, True])
-def test_tensors_round_trip(quant_meta):
-    spec = QuantSpec(3, 64, quant_meta)
+@pytest.mark.parametrize("meta", METAS)
+def test_tensors_round_trip(meta):
+    spec = spec_of(3, 64, meta)
     w = weight("gaussian", (32, 512))
     qt = quantize(w, spec)
     t = qt.tensors()
     layout = tensor_layout((32, 512), spec)
     assert {name: (tuple(x.shape), x.dtype) for name, x in t.items()} == layout
-    assert isinstance(qt.scale, QuantizedMeta) == quant_meta
+    assert isinstance(qt.scale, QuantizedMeta) == bool(meta)
     back = QuantizedTensor.from_tensors({name: x.clone() for name, x in t.items()}, (32, 512), spec)
     assert torch.equal(dequantize(back), dequantize(qt))
+    assert torch.equal(dequantize(qt.rows(8, 24)), dequantize(qt)[8:24])
     assert qt.nbytes == sum(x.numel() * x.element_size() for x in t.values())
     assert qt.to("cpu").shape == (32, 512)
 
@@ -150,11 +167,30 @@ def test_tensors_round_trip(quant_meta):
         QuantizedTensor.from_tensors(wrong, (32, 512), spec)
 
 
+def test_4bit_meta_codes_share_a_byte():
+    """The scale's code is the low nibble and the zero's the high one of one byte per group; each uses all 16 levels
+    of its block (min-max), and the stored values are within half a step of what the quantizer computed."""
+    w = weight("outliers", (64, 2048))
+    spec = spec_of(2, 16, 4)
+    qt = quantize(w, spec)
+    assert set(qt.tensors()) == {"qweight", "meta_q", "scale_step", "scale_offset", "zero_step", "zero_offset"}
+    assert qt.scale.q is qt.zero.q and (qt.scale.shift, qt.zero.shift) == (0, 4)
+    for meta in (qt.scale, qt.zero):
+        codes = meta.codes()
+        assert int(codes.max()) == 15 and int(codes.min()) == 0
+    eight = quantize(w, spec_of(2, 16, 8))
+    for four, ref in ((qt.scale, eight.scale), (qt.zero, eight.zero)):
+        step = four.step.float().repeat_interleave(2048 // 16 // four.step.shape[1], dim=1)
+        assert bool(((dequantize_meta(four) - dequantize_meta(ref)).abs() <= step * 0.5 + ref.step.float().max()).all())
+
+
 def test_nbytes():
     qt = quantize(weight("gaussian"), QuantSpec(4, 64))  # 256 x 512
     assert qt.nbytes == 256 * 512 // 2 + 2 * 256 * 8 * 2  # 4-bit codes + fp16 scale and zero
     qt = quantize(weight("gaussian"), QuantSpec(4, 64, quant_meta=True))  # M = 8, one block per row
     assert qt.nbytes == 256 * 512 // 2 + 2 * (256 * 8 + 256 * 1 * 4)
+    qt = quantize(weight("gaussian"), spec_of(4, 64, 4))  # both codes in one byte per group
+    assert qt.nbytes == 256 * 512 // 2 + 256 * 8 + 2 * 256 * 1 * 4
 
 
 def test_meta_block():
@@ -164,8 +200,8 @@ def test_meta_block():
 def test_degenerate_groups():
     assert torch.equal(dequantize(quantize(torch.zeros(4, 64), QuantSpec(4, 32))), torch.zeros(4, 64))
     w = torch.full((4, 64), 0.37)
-    for quant_meta in (False, True):
-        w_r = dequantize(quantize(w, QuantSpec(2, 32, quant_meta)))
+    for meta in METAS:
+        w_r = dequantize(quantize(w, spec_of(2, 32, meta)))
         assert torch.allclose(w_r, w, atol=1e-3)
 
 
@@ -182,15 +218,19 @@ def test_spec_validation():
         quantize(torch.randn(4, 48), QuantSpec(4, 16))
     with pytest.raises(MoeOffloadError, match="NaN"):
         quantize(torch.full((4, 64), float("nan")), QuantSpec(4, 32))
+    with pytest.raises(MoeOffloadError, match="meta_bits=6"):
+        QuantSpec(2, 16, quant_meta=True, meta_bits=6)
+    with pytest.raises(MoeOffloadError, match="meta_bits=4 needs quantized metadata"):
+        QuantSpec(2, 16, meta_bits=4)
     with pytest.raises(MoeOffloadError, match=r"\[N, K\]"):
         quantize(torch.randn(2, 4, 64), QuantSpec(4, 32))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("quant_meta", [False, True])
-def test_cuda_matches_cpu(quant_meta):
+@pytest.mark.parametrize("meta", METAS)
+def test_cuda_matches_cpu(meta):
     w = weight("outliers")
-    spec = QuantSpec(4, 64, quant_meta)
+    spec = spec_of(4, 64, meta)
     qt = quantize(w.cuda(), spec)
     assert qt.device.type == "cuda"
     on_gpu = mae(dequantize(qt).cpu(), w)
