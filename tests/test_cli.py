@@ -83,6 +83,30 @@ def test_quantize_bad_settings(tiny_dir, tmp_path):
                                     "--device", "cpu"])
     assert bad_group.exit_code == 1 and "group_size=256 must divide K=64" in bad_group.stderr
     assert not (tmp_path / "b").exists()
+    bad_meta = runner.invoke(app, ["quantize", str(tiny_dir), str(tmp_path / "c"), "--expert-meta-bits", "6"])
+    assert bad_meta.exit_code == 1 and "--expert-meta-bits 6 is not supported; choose 8 or 4" in bad_meta.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_quantize_with_4bit_scales(tiny_dir, tmp_path):
+    """--expert-meta-bits 4 on 4/2 is the 4/2-lean preset's experts (one metadata byte per group), and the checkpoint
+    loads to the same logits as quantizing 4/2-lean while loading."""
+    import torch
+
+    import moe_offload
+
+    out = tmp_path / "lean"
+    result = runner.invoke(app, ["quantize", str(tiny_dir), str(out), "--preset", "4/2", "--expert-meta-bits", "4",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "experts 2-bit g16 with 4-bit scales/zeros" in result.stderr
+    manifest = json.loads((out / "moe_offload.json").read_text())
+    assert manifest["quantization"]["experts"] == {"bits": 2, "group_size": 16, "quant_meta": True, "meta_bits": 4}
+    ids = torch.tensor([list(range(3, 30))])
+    a, b = (moe_offload.load(d, device="cpu", dtype="float32", **kw) for d, kw in ((out, {}),
+                                                                                  (tiny_dir, {"quantize": "4/2-lean"})))
+    torch.testing.assert_close(a.model(ids, a.model.new_kv_cache(64), 0), b.model(ids, b.model.new_kv_cache(64), 0),
+                               atol=0, rtol=0)
 
 
 def test_chat_ctrl_c_stops_the_answer_not_the_program(tiny_dir):

@@ -54,6 +54,8 @@ def make_preset(preset: str | None = None, *, attn_bits: int | None = None, attn
     """A named preset, with any of its settings overridden (flags win over the preset)."""
     if preset is not None and preset not in PRESETS:
         raise MoeOffloadError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if expert_meta_bits is not None and expert_meta_bits not in (8, 4):
+        raise MoeOffloadError(f"--expert-meta-bits {expert_meta_bits} is not supported; choose 8 or 4")
     base = PRESETS[preset or "4/3"]
     customized = any(v is not None for v in (attn_bits, attn_group, expert_bits, expert_group, expert_quant_meta,
                                              expert_meta_bits))
