@@ -102,6 +102,7 @@ def test_quantize_with_4bit_scales(tiny_dir, tmp_path):
     assert "experts 2-bit g16 with 4-bit scales/zeros" in result.stderr
     manifest = json.loads((out / "moe_offload.json").read_text())
     assert manifest["quantization"]["experts"] == {"bits": 2, "group_size": 16, "quant_meta": True, "meta_bits": 4}
+    assert manifest["quantization"]["preset"] == "4/2-lean"  # overrides that land on a named preset take its name
     ids = torch.tensor([list(range(3, 30))])
     a, b = (moe_offload.load(d, device="cpu", dtype="float32", **kw) for d, kw in ((out, {}),
                                                                                   (tiny_dir, {"quantize": "4/2-lean"})))

@@ -70,5 +70,8 @@ def make_preset(preset: str | None = None, *, attn_bits: int | None = None, attn
         meta_bits = expert_meta_bits or (base.experts.meta_bits if base.experts.quant_meta else 8)
     experts = QuantSpec(expert_bits or base.experts.bits, expert_group or base.experts.group_size, expert_meta, meta_bits)
     lm_head = QuantSpec(lm_head_bits, 64) if lm_head_bits else None
-    name = base.name if not customized else f"custom({attention.bits}/{experts.bits})"
+    name = base.name
+    if customized:  # overrides that land on a named preset take its name (--preset 4/2 --expert-meta-bits 4: 4/2-lean)
+        same = [p.name for p in PRESETS.values() if (p.attention, p.experts, p.lm_head) == (attention, experts, lm_head)]
+        name = same[0] if same else f"custom({attention.bits}/{experts.bits})"
     return QuantPreset(name, attention, experts, lm_head)
