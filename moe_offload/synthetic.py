@@ -17,7 +17,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import MoeOffloadError
-from .quant.hqq import QuantizedTensor, QuantSpec, meta_block, tensor_layout
+from .quant.hqq import QuantizedTensor, QuantSpec, meta_block, share_byte, tensor_layout
 from .quant.presets import QuantPreset
 from .weights import LayerWeights, expert_shapes, non_expert_shapes, quant_spec
 
@@ -88,7 +88,7 @@ def random_quantized(shape: tuple[int, int], spec: QuantSpec, generator: torch.G
         tensors[f"{name}_q"] = ((v - lo[..., None]) / step[..., None]).round().clamp(0, top).to(torch.uint8).view(n, -1)
         tensors[f"{name}_step"], tensors[f"{name}_offset"] = step.half(), lo.half()
     if spec.quant_meta and spec.meta_bits == 4:  # one byte per group: scale's code low, zero's high
-        tensors["meta_q"] = tensors.pop("scale_q") | (tensors.pop("zero_q") << 4)
+        tensors["meta_q"] = share_byte(tensors.pop("scale_q"), tensors.pop("zero_q"))
     return QuantizedTensor.from_tensors(tensors, shape, spec)
 
 

@@ -111,6 +111,9 @@ static inline u32x16 gather_u16(const uint16_t *p, size_t stride, size_t col) {
 /* A metadata code from its byte. nib: 0 the whole byte (8-bit codes), 1 the low nibble, 2 the high one. */
 static inline int code_of(int byte, int nib) { return nib == 0 ? byte : nib == 1 ? byte & 15 : byte >> 4; }
 
+/* Which part of its byte a matrix's scale (zero = 0) or zero (zero = 1) code is, as code_of's nib. */
+static inline int nib_of(const hqq_matrix *w, int zero) { return w->meta_bits == 4 ? 1 + zero : 0; }
+
 static inline f32x16 gather_code(const uint8_t *p, size_t stride, size_t col, int nib) {
     i32x16 v;
     for (int r = 0; r < R; r++) v[r] = code_of(p[(size_t)r * stride + col], nib);
@@ -136,9 +139,8 @@ static inline void load_meta(const hqq_matrix *w, int n0, size_t m, f32x16 *s, f
         mc->z_step = half_to_float(gather_u16(w->zero_step + n0 * MB, MB, b));
         mc->z_offset = half_to_float(gather_u16(w->zero_offset + n0 * MB, MB, b));
     }
-    const int four = w->meta_bits == 4;
-    *s = gather_code(w->scale_q + n0 * M, M, m, four ? 1 : 0) * mc->s_step + mc->s_offset;
-    *z = gather_code(w->zero_q + n0 * M, M, m, four ? 2 : 0) * mc->z_step + mc->z_offset;
+    *s = gather_code(w->scale_q + n0 * M, M, m, nib_of(w, 0)) * mc->s_step + mc->s_offset;
+    *z = gather_code(w->zero_q + n0 * M, M, m, nib_of(w, 1)) * mc->z_step + mc->z_offset;
 }
 
 static void row_block(const hqq_matrix *w, int n0, const float *x, const float *xsum, float *y) {
@@ -256,7 +258,7 @@ static void rows_2bit_g16(const hqq_matrix *w, int n0, int n1, const int8_t *xp,
                           float *y) {
     const int K = w->k, M = K / 16, chunks = K / 128;
     const int per_block = w->meta_bits ? w->meta_block / 8 : chunks; /* chunks per metadata block */
-    const int sn = w->meta_bits == 4 ? 1 : 0, zn = w->meta_bits == 4 ? 2 : 0; /* nibbles of 4-bit codes */
+    const int sn = nib_of(w, 0), zn = nib_of(w, 1);
     const size_t row_bytes = (size_t)K / 4;
     for (int n = n0; n < n1; n += 2) {
         const int two = n + 1 < n1;
@@ -330,7 +332,7 @@ static void rows_2bit_g16_512(const hqq_matrix *w, int n0, int n1, const int8_t 
                               const float *xs, float *y, int prefetch) {
     const int K = w->k, M = K / 16, pairs = K / 256;
     const int per_block = w->meta_bits ? w->meta_block / 16 : pairs;
-    const int sn = w->meta_bits == 4 ? 1 : 0, zn = w->meta_bits == 4 ? 2 : 0;
+    const int sn = nib_of(w, 0), zn = nib_of(w, 1);
     const size_t row_bytes = (size_t)K / 4;
     for (int n = n0; n < n1; n += 2) {
         const int two = n + 1 < n1;

@@ -209,9 +209,14 @@ def _quantize_meta(v: torch.Tensor, bits: int = 8) -> QuantizedMeta:
     return QuantizedMeta(q.to(torch.uint8).reshape(n, m), step, offset)
 
 
+def share_byte(scale_codes: torch.Tensor, zero_codes: torch.Tensor) -> torch.Tensor:
+    """4-bit scale and zero codes (uint8 [N, M], one per byte) -> ``meta_q``: the scale's low nibble, the zero's high."""
+    return scale_codes | (zero_codes << 4)
+
+
 def _share_byte(scale: QuantizedMeta, zero: QuantizedMeta) -> tuple[QuantizedMeta, QuantizedMeta]:
-    """Two 4-bit code matrices -> one byte per group (scale low nibble, zero high), shared by both."""
-    q = scale.q | (zero.q << 4)
+    """Two 4-bit code matrices -> one byte per group, shared by both."""
+    q = share_byte(scale.q, zero.q)
     return QuantizedMeta(q, scale.step, scale.offset, 4, 0), QuantizedMeta(q, zero.step, zero.offset, 4, 4)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MoeOffloadError
-from .hqq import QuantSpec
+from .hqq import META_BITS, QuantSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +54,9 @@ def make_preset(preset: str | None = None, *, attn_bits: int | None = None, attn
     """A named preset, with any of its settings overridden (flags win over the preset)."""
     if preset is not None and preset not in PRESETS:
         raise MoeOffloadError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    if expert_meta_bits is not None and expert_meta_bits not in (8, 4):
-        raise MoeOffloadError(f"--expert-meta-bits {expert_meta_bits} is not supported; choose 8 or 4")
+    if expert_meta_bits is not None and expert_meta_bits not in META_BITS:
+        raise MoeOffloadError(f"--expert-meta-bits {expert_meta_bits} is not supported; choose "
+                              f"{' or '.join(map(str, META_BITS))}")
     base = PRESETS[preset or "4/3"]
     customized = any(v is not None for v in (attn_bits, attn_group, expert_bits, expert_group, expert_quant_meta,
                                              expert_meta_bits))
@@ -65,9 +66,7 @@ def make_preset(preset: str | None = None, *, attn_bits: int | None = None, attn
         expert_meta = False  # the preset's meta setting belongs to its own bit width
     if expert_meta_bits is not None and expert_meta_bits != 8 and expert_quant_meta is None:
         expert_meta = True  # asking for 4-bit scales/zeros asks for quantized ones
-    meta_bits = 8
-    if expert_meta:
-        meta_bits = expert_meta_bits or (base.experts.meta_bits if base.experts.quant_meta else 8)
+    meta_bits = (expert_meta_bits or base.experts.meta_bits) if expert_meta else 8
     experts = QuantSpec(expert_bits or base.experts.bits, expert_group or base.experts.group_size, expert_meta, meta_bits)
     lm_head = QuantSpec(lm_head_bits, 64) if lm_head_bits else None
     name = base.name
